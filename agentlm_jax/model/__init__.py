@@ -1,0 +1,1 @@
+"""Llama 2 in Flax NNX, in floors: layers (primitives) → attention / mlp → block → llama (the model)."""

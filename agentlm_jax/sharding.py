@@ -1,0 +1,151 @@
+"""Logical axis names → mesh axes, the MaxText way.
+
+Every parameter and activation is annotated with logical axis names (`embed`, `mlp`, `heads`, ...).
+One table of rules (`MeshConfig.rules`, defaults in DEFAULT_RULES) maps each logical name to mesh axes,
+so a new parallelism layout is a config change, not a code change.
+
+Mesh axes:
+  data    pure data parallelism (parameters replicated)
+  fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
+  tensor  tensor (model) parallelism over heads, MLP width and vocabulary
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+DEFAULT_RULES: Rules = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape (-1 = all remaining devices; at most one -1) and the logical→mesh rules."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    rules: tuple[tuple[str, MeshAxes], ...] = DEFAULT_RULES
+
+    def __post_init__(self):
+        # YAML gives lists; normalise to hashable tuples so configs compare and hash.
+        norm = tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in self.rules)
+        object.__setattr__(self, "rules", norm)
+        for logical, axes in self.rules:
+            for ax in (axes,) if isinstance(axes, str) else (axes or ()):
+                if ax not in MESH_AXES:
+                    raise ValueError(f"mesh.rules maps {logical!r} to unknown mesh axis {ax!r}; "
+                                     f"mesh axes are {MESH_AXES}")
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"mesh: at most one axis may be -1, got data={self.data} fsdp={self.fsdp} "
+                             f"tensor={self.tensor}")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"mesh: {num_devices} devices cannot be split with fixed axes of "
+                                 f"product {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(f"mesh data×fsdp×tensor = {sizes} uses {math.prod(sizes)} devices, "
+                             f"but there are {num_devices}")
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over all devices (or the given ones)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = config.shape(len(devices))
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_pspec(logical_axes: Sequence[str | None] | None, rules: Rules) -> PartitionSpec:
+    """PartitionSpec for a tuple of logical axis names; a mesh axis is used at most once."""
+    if logical_axes is None:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in logical_axes:
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def logical_sharding(logical_axes: Sequence[str | None] | None, mesh: Mesh, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_pspec(logical_axes, rules))
+
+
+# ----------------------------------------------------------------------------- activation constraints
+@dataclasses.dataclass(frozen=True)
+class _Active:
+    mesh: Mesh
+    rules: Rules
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("agentlm_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules):
+    """Within this context (while tracing), `constrain` pins activations to the mesh by the rules."""
+    token = _ACTIVE.set(_Active(mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical names; the identity outside `activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_sharding(logical_axes, active.mesh, active.rules))
+
+
+def active_mesh() -> Mesh | None:
+    active = _ACTIVE.get()
+    return active.mesh if active else None
+
+
+def active_rules() -> Rules | None:
+    active = _ACTIVE.get()
+    return active.rules if active else None
