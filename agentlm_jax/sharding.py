@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -88,9 +90,12 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     """A ('data', 'fsdp', 'tensor') mesh over all devices (or the given ones)."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = config.shape(len(devices))
+    # Auto axes: XLA propagates shardings from the parameters and the `constrain` hints (the MaxText way),
+    # rather than JAX's explicit sharding-in-types mode, which `jax.make_mesh` now defaults to.
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, devices=devices)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+        return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_pspec(logical_axes: Sequence[str | None] | None, rules: Rules) -> PartitionSpec:
@@ -111,6 +116,53 @@ def logical_to_pspec(logical_axes: Sequence[str | None] | None, rules: Rules) ->
 
 def logical_sharding(logical_axes: Sequence[str | None] | None, mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, logical_to_pspec(logical_axes, rules))
+
+
+log = logging.getLogger(__name__)
+
+
+def fit_pspec(pspec: PartitionSpec, shape: Sequence[int], mesh: Mesh, what: str = "array") -> PartitionSpec:
+    """`pspec` without the mesh axes that do not divide their dimension (that dimension is then replicated
+    over them), so e.g. 2 KV heads still work with tensor=4. Logged, since it costs memory."""
+    out = []
+    for dim, (size, axes) in enumerate(zip(shape, tuple(pspec) + (None,) * (len(shape) - len(pspec)))):
+        axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = []
+        for ax in axes_t:
+            if size % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[ax]) == 0:
+                kept.append(ax)
+            else:
+                log.info("%s: dimension %d (size %d) is not divisible by mesh axis %r (size %d); "
+                         "replicating it over that axis", what, dim, size, ax, mesh.shape[ax])
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def variable_logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names a parameter was annotated with (`out_sharding` metadata), or None."""
+    return variable.get_metadata().get("out_sharding") or None
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """A tree matching `state` (an nnx.State of arrays or of ShapeDtypeStructs, e.g. from `nnx.eval_shape`)
+    whose values are NamedShardings derived from each variable's logical axis names by `rules`.
+
+    Variables without logical axes (and plain arrays, e.g. a step counter) are replicated. Usable directly as
+    `jax.jit(..., out_shardings=...)` or with `jax.device_put(state, shardings)`.
+    """
+    rules = tuple(rules)
+
+    def sharding_of(path, x):
+        what = jax.tree_util.keystr(path)
+        if isinstance(x, nnx.Variable):
+            value = x.get_value()
+            pspec = logical_to_pspec(variable_logical_axes(x), rules)
+            if hasattr(value, "shape"):
+                pspec = fit_pspec(pspec, value.shape, mesh, what)
+            return x.replace(NamedSharding(mesh, pspec))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 # ----------------------------------------------------------------------------- activation constraints

@@ -6,6 +6,7 @@ import dataclasses
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the (master) parameters
     remat: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = True
+    attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" (CPU/TPU) or "cudnn"
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
@@ -35,6 +37,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model.num_heads ({self.num_heads}) must be a multiple of "
                              f"model.num_kv_heads ({self.num_kv_heads})")

@@ -1,0 +1,71 @@
+"""Grouped-query self-attention with rotary positions, packed-sequence masking and an optional KV cache.
+
+Masking rule (training and decoding alike): a query attends to a key iff the key's slot is not after the
+query's slot (causal) and both carry the same segment id (packed conversations never see each other). Padding
+(segment 0) only sees padding, so its rows are never fully masked and never produce NaN; its outputs are
+ignored by the loss. The boolean mask is [B,1,T,S] (shared by all heads) and built from iota comparisons that
+XLA fuses into the softmax's select, so no [B,N,T,S] float mask is materialised.
+
+`jax.nn.dot_product_attention` runs the XLA implementation on CPU and TPU (cuDNN flash attention on GPU with
+`attention_impl: cudnn`). On TPU, a Pallas splash-attention kernel (jax.experimental.pallas.ops.tpu.
+splash_attention, which takes segment ids directly) would avoid the [B,N,T,S] logits at long sequence lengths;
+it is not wired in because it cannot be tested on this project's CPU CI.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from agentlm_jax.model.config import ModelConfig
+from agentlm_jax.model.kv_cache import LayerCache
+from agentlm_jax.model.layers import apply_rotary, param
+from agentlm_jax.sharding import constrain
+
+
+def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_slots: jax.Array,
+                   kv_slots: jax.Array) -> jax.Array:
+    """Boolean [B,1,T,S]: causal by slot, and only within the same segment."""
+    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B,T,S]
+    causal = kv_slots[None, :] <= q_slots[:, None]  # [T,S]
+    return (same_segment & causal[None])[:, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        init, pdt = jax.nn.initializers.normal(cfg.initializer_range), jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.implementation = cfg.attention_impl
+        self.q_proj = param(rngs, init, (D, N, H), ("embed", "heads", "head_dim"), pdt)
+        self.k_proj = param(rngs, init, (D, K, H), ("embed", "kv_heads", "head_dim"), pdt)
+        self.v_proj = param(rngs, init, (D, K, H), ("embed", "kv_heads", "head_dim"), pdt)
+        self.o_proj = param(rngs, init, (N, H, D), ("heads", "head_dim", "embed"), pdt)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        dt = self.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
+        q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "act_heads", None))
+        k = constrain(apply_rotary(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
+        v = constrain(v, ("batch", "seq", "act_kv_heads", None))
+
+        T = x.shape[1]
+        if cache is None:
+            slots = jnp.arange(T)
+            mask = attention_mask(segment_ids, segment_ids, slots, slots)
+        else:  # write this step's keys/values into their slots, then attend over the whole cache
+            at = (0, cache.start, 0, 0)
+            cache = cache._replace(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
+                                   v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at))
+            k, v = cache.k.astype(dt), cache.v.astype(dt)
+            mask = attention_mask(segment_ids, cache.segment_ids, cache.start + jnp.arange(T),
+                                  jnp.arange(cache.k.shape[1]))
+
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)  # BTNH
+        out = constrain(out, ("batch", "seq", "act_heads", None))
+        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
+        return constrain(out, ("batch", "seq", "act_embed")), cache

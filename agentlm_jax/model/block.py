@@ -1,0 +1,30 @@
+"""One pre-norm decoder block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from agentlm_jax.model.attention import Attention
+from agentlm_jax.model.config import ModelConfig
+from agentlm_jax.model.kv_cache import LayerCache
+from agentlm_jax.model.layers import RMSNorm
+from agentlm_jax.model.mlp import MLP
+from agentlm_jax.sharding import constrain
+
+
+class DecoderBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.rms_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.hidden_size, **norm)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, **norm)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        h, cache = self.attn(self.attn_norm(x), cos, sin, segment_ids, cache)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "seq", "act_embed")), cache

@@ -1,0 +1,43 @@
+"""The key/value cache for decoding: fixed-size slots, so every decode step has the same shapes (one compile).
+
+Prompts of a batch are left-padded to a common length, so all rows fill the same slots at each step and one
+scalar `length` says how many slots are filled. Padding slots have segment id 0 and are never attended to by
+real tokens; positions (which drive the rotary angles) are explicit per token, so left padding does not shift
+them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from agentlm_jax.model.config import ModelConfig
+
+
+class LayerCache(NamedTuple):
+    """One layer's view of the cache while it runs (inside the scan over layers)."""
+
+    k: jax.Array  # [B,S,K,H]
+    v: jax.Array  # [B,S,K,H]
+    segment_ids: jax.Array  # [B,S] int32, already holding the segment ids of the tokens being added
+    start: jax.Array  # [] int32, the slot of the first token being added
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [L,B,S,K,H]
+    v: jax.Array  # [L,B,S,K,H]
+    segment_ids: jax.Array  # [B,S] int32; 0 = empty slot or padding
+    length: jax.Array  # [] int32, slots filled so far
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> "KVCache":
+        shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.resolved_head_dim)
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   segment_ids=jnp.zeros((batch_size, max_length), jnp.int32), length=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_length(self) -> int:
+        return self.segment_ids.shape[1]

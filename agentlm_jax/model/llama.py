@@ -1,0 +1,122 @@
+"""Llama 2: embed → L decoder blocks (scanned) → final RMSNorm → untied output head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from agentlm_jax.model.block import DecoderBlock
+from agentlm_jax.model.config import ModelConfig
+from agentlm_jax.model.kv_cache import KVCache, LayerCache
+from agentlm_jax.model.layers import Embedder, LMHead, RMSNorm, rotary_angles
+from agentlm_jax.sharding import DEFAULT_RULES, Rules, state_shardings
+
+# What the backward pass may keep from the forward pass of a block (the rest is recomputed).
+REMAT_POLICY = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+LAYERS_AXIS = "layers"  # logical name of the stacked-layer axis of scanned parameters
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        init = jax.nn.initializers.normal(cfg.initializer_range)
+        self.embedder = Embedder(cfg.vocab_size, cfg.hidden_size, init=init, dtype=dtype, param_dtype=pdt,
+                                 rngs=rngs)
+        if cfg.scan_layers:  # one block's parameters stacked L times: [L, ...] with leading axis `layers`
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+            def stacked_blocks(rngs: nnx.Rngs) -> DecoderBlock:
+                return DecoderBlock(cfg, rngs=rngs)
+
+            self.layers = stacked_blocks(rngs)
+        else:
+            self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, init=init, dtype=dtype, param_dtype=pdt,
+                              rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """Float32 logits [B,T,V] for int32 tokens, positions and segment ids [B,T] (segment 0 = padding)."""
+        return self.lm_head(self.hidden_states(tokens, positions, segment_ids))
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """The final-norm output [B,T,D] in the compute dtype (what the output head multiplies)."""
+        h, _ = self._forward(tokens, positions, segment_ids, None)
+        return h
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Float32 logits [B,T,V] for T new tokens that follow the `cache.length` cached ones; updated cache."""
+        h, cache = self._forward(tokens, positions, segment_ids, cache)
+        return self.lm_head(h), cache
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _forward(self, tokens, positions, segment_ids, cache: KVCache | None):
+        cfg = self.config
+        x = self.embedder(tokens)
+        cos, sin = rotary_angles(positions, cfg.resolved_head_dim, cfg.rope_theta)
+        kv_segment_ids = start = None
+        if cache is not None:
+            start = cache.length
+            kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                          (0, start))
+        layer_kv = None if cache is None else (cache.k, cache.v)
+        x, layer_kv = self._apply_blocks(x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start)
+        if cache is not None:
+            cache = KVCache(k=layer_kv[0], v=layer_kv[1], segment_ids=kv_segment_ids,
+                            length=start + tokens.shape[1])
+        return self.final_norm(x), cache
+
+    def _apply_blocks(self, x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start):
+        cfg = self.config
+
+        def run_block(block, x, kv):
+            cache = None if kv is None else LayerCache(kv[0], kv[1], kv_segment_ids, start)
+            x, cache = block(x, cos, sin, segment_ids, cache)
+            return x, (None if cache is None else (cache.k, cache.v))
+
+        if cfg.remat != "none":
+            run_block = nnx.remat(run_block, policy=REMAT_POLICY[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+        if cfg.scan_layers:
+            scan = nnx.scan(run_block, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                            transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+            return scan(self.layers, x, layer_kv)
+        new_kv = []
+        for i, block in enumerate(self.layers):
+            x, kv = run_block(block, x, None if layer_kv is None else (layer_kv[0][i], layer_kv[1][i]))
+            new_kv.append(kv)
+        if layer_kv is None:
+            return x, None
+        return x, (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
+
+
+# ----------------------------------------------------------------------------------------------- creation
+def abstract_model(cfg: ModelConfig) -> Llama:
+    """The model with shapes and dtypes but no memory (`jax.eval_shape` underneath)."""
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Number of parameters, computed from shapes only (nothing is allocated)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))
+
+
+def init_model(cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+               rules: Rules = DEFAULT_RULES) -> Llama:
+    """A randomly initialised model; with a mesh, every parameter is created directly on its sharding."""
+    if mesh is None:
+        return Llama(cfg, rngs=nnx.Rngs(seed))
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    @jax.jit(out_shardings=shardings)
+    def init_state():
+        return nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)))
+
+    return nnx.merge(graphdef, init_state())

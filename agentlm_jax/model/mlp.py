@@ -1,0 +1,29 @@
+"""The SwiGLU feed-forward layer: down(silu(gate(x)) * up(x)), no biases."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from agentlm_jax.model.config import ModelConfig
+from agentlm_jax.model.layers import param
+from agentlm_jax.sharding import constrain
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        init, pdt = jax.nn.initializers.normal(cfg.initializer_range), jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.gate_proj = param(rngs, init, (D, F), ("embed", "mlp"), pdt)
+        self.up_proj = param(rngs, init, (D, F), ("embed", "mlp"), pdt)
+        self.down_proj = param(rngs, init, (F, D), ("mlp", "embed"), pdt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(dt))
+        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(dt))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+        out = jnp.einsum("BTF,FD->BTD", hidden, self.down_proj[...].astype(dt))
+        return constrain(out, ("batch", "seq", "act_embed"))
