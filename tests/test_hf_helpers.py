@@ -1,0 +1,74 @@
+"""Shared by the model, HF import/export and generation tests (no tests here): small random reference models
+built with `transformers` + PyTorch, saved as Hugging Face checkpoints, and helpers to run them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agentlm_jax.model.config import ModelConfig
+
+# Small enough for 2 CPU cores, big enough to exercise every path (several heads, GQA, 2 layers).
+SMALL = {
+    "mha": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                       num_kv_heads=4, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5),
+    "gqa": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                       num_kv_heads=2, max_position_embeddings=256, rope_theta=500.0, rms_norm_eps=1e-6),
+}
+
+
+def make_hf_model(cfg: ModelConfig, seed: int = 0):
+    """A float32 `transformers.LlamaForCausalLM` with random weights, norm scales included (so a swapped or
+    untransposed tensor cannot go unnoticed), large enough that logits differ clearly between tokens."""
+    import torch
+    import transformers
+
+    from agentlm_jax.hf_io import hf_config
+
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(hf_config(cfg, "float32")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+def save_hf_model(model, path, *, dtype: str = "float32", max_shard_size: str = "50GB") -> str:
+    import torch
+
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    model.to(torch.float32)
+    return str(path)
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def random_tokens(cfg: ModelConfig, batch: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, cfg.vocab_size, (batch, length)).astype(np.int32)
+
+
+def single_segment_inputs(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """positions and segment ids of unpadded rows (one conversation per row)."""
+    B, T = tokens.shape
+    return np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(), np.ones((B, T), np.int32)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """{'mha'|'gqa': (ModelConfig, torch model, checkpoint dir)}; gqa saved in 3 shards with an index."""
+    out = {}
+    for name, cfg in SMALL.items():
+        model = make_hf_model(cfg, seed=len(out))
+        path = tmp_path_factory.mktemp(f"hf-{name}")
+        save_hf_model(model, path, max_shard_size="100KB" if name == "gqa" else "50GB")
+        out[name] = (cfg, model, str(path))
+    return out
