@@ -1,0 +1,104 @@
+"""Export a trained model as a Hugging Face Llama checkpoint (local or gs://).
+
+    python -m agentlm_jax.export --checkpoint runs/tiny/checkpoints --output runs/tiny/hf \\
+        --tokenizer data/sample/tokenizer [--step N] [--dtype bfloat16] [--max-shard-size 5GB]
+
+The source is a training run's orbax checkpoint directory (latest step unless --step) or a Hugging Face
+directory (re-export: change dtype or shard size). The result loads with
+`transformers.AutoModelForCausalLM.from_pretrained` and serves with vLLM / text-generation-inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import posixpath
+from typing import Sequence
+
+import fsspec
+from flax import nnx
+from jax.sharding import Mesh
+
+from agentlm_jax.hf_io import CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES, export_hf, import_hf
+from agentlm_jax.model.config import ModelConfig
+from agentlm_jax.sharding import DEFAULT_RULES, Rules
+
+log = logging.getLogger("agentlm_jax.export")
+
+
+def is_hf_dir(path: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs.exists(posixpath.join(root, CONFIG_NAME))
+
+
+def load_params(source: str, *, step: int | None = None, base: ModelConfig | None = None,
+                mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                allow_pickle: bool = False) -> tuple[ModelConfig, nnx.State]:
+    """(ModelConfig, params) from a Hugging Face directory or a training run's orbax checkpoint directory."""
+    if is_hf_dir(source):
+        if step is not None:
+            raise ValueError(f"--step applies to orbax checkpoints; {source} is a Hugging Face directory")
+        return import_hf(source, base=base, mesh=mesh, rules=rules, allow_pickle=allow_pickle)
+    try:
+        from agentlm_jax.checkpointing import load_model_params
+    except ImportError as e:
+        raise RuntimeError(f"{source} has no {CONFIG_NAME}, so it would be an orbax checkpoint directory, but "
+                           f"agentlm_jax.checkpointing is unavailable ({e})") from e
+    shardings = None
+    if mesh is not None:
+        from agentlm_jax.sharding import state_shardings
+
+        shardings = lambda abstract_params: state_shardings(abstract_params, mesh, rules)  # noqa: E731
+    cfg, params = load_model_params(source, step=step, shardings=shardings)
+    if base is not None:
+        cfg = cfg.replace(**{f: getattr(base, f) for f in ("dtype", "remat", "scan_layers", "attention_impl")})
+    return cfg, params
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m agentlm_jax.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="training run's orbax checkpoint directory (local or gs://)")
+    src.add_argument("--hf", help="a Hugging Face Llama directory to re-export")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory to save with the model (default: the "
+                   "--hf directory's own tokenizer; for checkpoints, the dataset manifest's tokenizer path)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(EXPORT_DTYPES))
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB (default %(default)s)")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (trusted files only)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    source = args.checkpoint or args.hf
+    cfg, params = load_params(source, step=args.step, allow_pickle=args.allow_pickle)
+    tokenizer = args.tokenizer or (args.hf if args.hf and _has_tokenizer(args.hf) else None)
+    if tokenizer is None and args.checkpoint:
+        tokenizer = _checkpoint_tokenizer(args.checkpoint)
+    index = export_hf(params, cfg, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                      tokenizer_path=tokenizer)
+    log.info("wrote %d tensors (%.2f GB, %s) in %d files to %s", len(index["weight_map"]),
+             index["metadata"]["total_size"] / 1e9, args.dtype, len(set(index["weight_map"].values())), args.output)
+    return index
+
+
+def _has_tokenizer(path: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(path)
+    return any(fs.exists(posixpath.join(root, n)) for n in ("tokenizer.json", "tokenizer.model"))
+
+
+def _checkpoint_tokenizer(checkpoint_dir: str) -> str | None:
+    """The tokenizer the run trained with, if the checkpointing module can tell (else None, with a warning)."""
+    try:
+        from agentlm_jax.checkpointing import tokenizer_path
+    except ImportError:
+        return None
+    return tokenizer_path(checkpoint_dir)
+
+
+if __name__ == "__main__":
+    main()
