@@ -1,0 +1,45 @@
+"""Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p (nucleus)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # keep the k most likely tokens (0 = all)
+    top_p: float = 1.0  # keep the smallest set of most likely tokens whose probability reaches p (1 = all)
+
+    def __post_init__(self):
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling (use greedy instead), got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k} top_p={self.top_p}")
+
+
+def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Float32 logits [B,V] scaled by the temperature, with tokens outside top-k / top-p set to -inf."""
+    logits = logits.astype(jnp.float32) / cfg.temperature
+    if cfg.top_k:
+        kth_largest = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if cfg.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
+        kept = mass_before < cfg.top_p  # always keeps the most likely token
+        threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Next token ids [B] (int32) for logits [B,V]."""
+    if cfg.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, filter_logits(logits, cfg), axis=-1).astype(jnp.int32)

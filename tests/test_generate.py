@@ -1,0 +1,134 @@
+"""KV-cache generation: greedy tokens equal `transformers` generate; cached decoding equals recomputation;
+one compilation for any number of steps; sampling filters keep exactly the tokens they should."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from agentlm_jax.generate import Generator, left_pad
+from agentlm_jax.hf_io import load_hf_model
+from agentlm_jax.model.kv_cache import KVCache
+from agentlm_jax.sampling import SamplingConfig, filter_logits, sample
+from tests.test_hf_helpers import hf_checkpoints  # noqa: F401
+
+PROMPT_LENGTHS = (5, 12, 1, 30)
+forward = nnx.jit(lambda model, tokens, positions, segment_ids: model(tokens, positions, segment_ids))
+decode = nnx.jit(lambda model, tokens, positions, segment_ids, cache: model.decode(tokens, positions, segment_ids,
+                                                                                   cache))
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoints):
+    return {name: load_hf_model(path, show_progress=False)[1] for name, (_, _, path) in hf_checkpoints.items()}
+
+
+def _prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab_size, n).tolist() for n in PROMPT_LENGTHS]
+
+
+def _transformers_greedy(torch_model, prompts, max_new_tokens: int, stop_id: int, pad_id: int = 0):
+    P = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    out = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                               eos_token_id=stop_id, pad_token_id=pad_id)[:, P:].tolist()
+    return [row[: row.index(stop_id) + 1] if stop_id in row else row for row in out]
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa"])
+def test_greedy_matches_transformers_generate(hf_checkpoints, models, name):
+    cfg, torch_model, _ = hf_checkpoints[name]
+    prompts = _prompts(cfg.vocab_size, seed=1)
+    free_run = Generator(models[name], stop_token_ids=[]).__call__(prompts, max_new_tokens=12).tokens
+    # Stop token: a token row 0 produces at step 4 (and not before), so rows stop at different steps.
+    stop_id = next(t for t in free_run[0][4:] if t not in free_run[0][:4])
+    result = Generator(models[name], stop_token_ids=[stop_id])(prompts, max_new_tokens=12)
+    expected = _transformers_greedy(torch_model, prompts, 12, stop_id)
+    assert result.tokens == expected
+    assert result.finished[0] and result.tokens[0][-1] == stop_id
+    assert not all(result.finished)  # other rows ran to max_new_tokens
+    assert all(len(t) <= 12 for t in result.tokens)
+
+
+def test_cached_decoding_equals_full_recomputation(models):
+    """Prefill + one-token steps through the cache give the logits of a full forward pass, left padding included."""
+    model = models["gqa"]
+    cfg = model.config
+    prompts = _prompts(cfg.vocab_size, seed=2)[:3]
+    full_tokens = [p + list(np.random.default_rng(len(p)).integers(3, cfg.vocab_size, 4)) for p in prompts]
+    P = 16
+    tokens, positions, segment_ids = left_pad(full_tokens, P + 4, pad_id=0)
+    expected = np.asarray(forward(model, tokens, positions, segment_ids))
+
+    cache = KVCache.create(cfg, len(prompts), 32)
+    logits, cache = decode(model, tokens[:, :P], positions[:, :P], segment_ids[:, :P], cache)
+    steps = [logits]
+    for t in range(P, P + 4):
+        logits, cache = decode(model, tokens[:, t:t + 1], positions[:, t:t + 1], segment_ids[:, t:t + 1], cache)
+        steps.append(logits)
+    got = np.concatenate([np.asarray(s) for s in steps], axis=1)
+    real = segment_ids.astype(bool)
+    np.testing.assert_allclose(got[real], expected[real], atol=1e-5)
+    assert int(cache.length) == P + 4
+
+    # and end to end: greedy generation = argmax of a full recomputation at every step
+    generated = Generator(model, stop_token_ids=[])(prompts, max_new_tokens=6).tokens
+    rows = [list(p) for p in prompts]
+    for _ in range(6):  # left-padded to one fixed length: one compilation
+        t, pos, seg = left_pad(rows, max(map(len, prompts)) + 6, pad_id=0)
+        nxt = np.asarray(forward(model, t, pos, seg))[:, -1].argmax(-1)
+        rows = [r + [int(n)] for r, n in zip(rows, nxt)]
+    assert generated == [r[len(p):] for r, p in zip(rows, prompts)]
+
+
+def test_decoding_compiles_once(models):
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
+    generator = Generator(models["mha"], stop_token_ids=[])
+    prompts = _prompts(256, seed=3)
+    generator(prompts, max_new_tokens=3)
+    before = len(compiles)
+    for max_new in (5, 20):  # more steps, other prompts of the same length bucket: nothing new to compile
+        result = generator(_prompts(256, seed=max_new), max_new_tokens=max_new)
+        assert result.steps == max_new and all(len(t) == max_new for t in result.tokens)
+    assert len(compiles) == before
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_tokens():
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.07, 0.03]]))
+    kept = lambda cfg: np.isfinite(np.asarray(filter_logits(logits, cfg)))[0].tolist()  # noqa: E731
+    assert kept(SamplingConfig(greedy=False, top_k=2)) == [True, True, False, False, False]
+    assert kept(SamplingConfig(greedy=False, top_p=0.5)) == [True, False, False, False, False]
+    assert kept(SamplingConfig(greedy=False, top_p=0.7)) == [True, True, False, False, False]
+    assert kept(SamplingConfig(greedy=False, top_p=0.76)) == [True, True, True, False, False]
+    assert kept(SamplingConfig(greedy=False, top_k=3, top_p=0.95)) == [True, True, True, False, False]
+
+
+def test_sampling_frequencies_follow_the_tempered_distribution():
+    n = 20000
+    logits = jnp.tile(jnp.log(jnp.array([0.5, 0.25, 0.15, 0.07, 0.03])), (n, 1))
+    for temperature in (1.0, 0.5):
+        tokens = np.asarray(sample(logits, jax.random.key(0), SamplingConfig(greedy=False, temperature=temperature)))
+        want = np.asarray(jax.nn.softmax(logits[0] / temperature))
+        np.testing.assert_allclose(np.bincount(tokens, minlength=5) / n, want, atol=0.015)
+    top_p = np.asarray(sample(logits, jax.random.key(1), SamplingConfig(greedy=False, top_p=0.7)))
+    np.testing.assert_allclose(np.bincount(top_p, minlength=5) / n, [2 / 3, 1 / 3, 0, 0, 0], atol=0.015)
+
+
+def test_sampled_generation_is_seeded(models):
+    generator = Generator(models["gqa"], stop_token_ids=[])
+    prompts = _prompts(256, seed=4)
+    hot = SamplingConfig(greedy=False, temperature=1.5, top_k=50)
+    a = generator(prompts, max_new_tokens=8, sampling=hot, seed=0).tokens
+    assert a == generator(prompts, max_new_tokens=8, sampling=hot, seed=0).tokens
+    assert a != generator(prompts, max_new_tokens=8, sampling=hot, seed=1).tokens
+    top1 = generator(prompts, max_new_tokens=8, sampling=SamplingConfig(greedy=False, top_k=1), seed=0).tokens
+    assert top1 == generator(prompts, max_new_tokens=8).tokens
