@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import weakref
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -74,28 +75,31 @@ def _read_options(paths: Sequence[str], read_threads: int | None) -> grain.ReadO
     return grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(64, 8 * read_threads))
 
 
-class InputIterator:
-    """Endless iterator of host-local training batches with a JSON-able, exactly restorable state."""
+class InputIterator(grain.DatasetIterator):
+    """Endless iterator of host-local training batches with a JSON-able, exactly restorable state.
 
-    def __init__(self, grain_iter, *, fingerprint: dict[str, Any], tasks: list[str], counts: ExampleCounts,
-                 host_batch: int, max_seq_len: int):
-        self._it = grain_iter
+    A grain `DatasetIterator`, so orbax can save it per process with grain's handler:
+    `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))` writes
+    `data/process_{i}-of-{n}.json`, and `grain.checkpoint.CheckpointRestore(it)` restores it in place.
+    """
+
+    def __init__(self, grain_iter: grain.DatasetIterator, *, fingerprint: dict[str, Any], tasks: list[str],
+                 counts: ExampleCounts, host_batch: int, max_seq_len: int):
+        super().__init__(grain_iter)
         self._fingerprint = fingerprint
         self.tasks = tasks
         self.host_batch = host_batch
         self.max_seq_len = max_seq_len
         self._counts = counts
         # Stop grain's prefetch threads when this iterator is dropped or at exit (before modules unload).
-        self._close = weakref.finalize(self, grain_iter.close)
+        self._close_grain = weakref.finalize(self, grain_iter.close)
 
     def close(self) -> None:
-        self._close()
-
-    def __iter__(self) -> "InputIterator":
-        return self
+        self._close_grain()
+        super().close()
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._it)
+        return next(self._parent)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -103,7 +107,7 @@ class InputIterator:
         return self._counts.as_dict()
 
     def get_state(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "config": dict(self._fingerprint), "grain": self._it.get_state()}
+        return {"version": _STATE_VERSION, "config": dict(self._fingerprint), "grain": self._parent.get_state()}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
@@ -115,7 +119,7 @@ class InputIterator:
             detail = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differs.items())
             raise ValueError(f"cannot restore the input iterator: the data or its settings changed ({detail}). "
                              "Restore with the same dataset and data settings, or start the data afresh.")
-        self._it.set_state(state["grain"])
+        self._parent.set_state(state["grain"])
 
 
 def _packed_batches(records: grain.MapDataset, features: NextTokenFeatures, *, paths: Sequence[str],
@@ -228,9 +232,15 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
                          rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
     """Host-local [host_batch, T] arrays -> global [host_batch * process_count, T] jax.Arrays whose batch
     axis is sharded like the logical `batch` axis (and `seq` like `seq`) under `rules`."""
-    sharding = NamedSharding(mesh, logical_to_pspec(("batch", "seq"), rules))
+    pspec = logical_to_pspec(("batch", "seq"), rules)
+    sharding = NamedSharding(mesh, pspec)
+    batch_axes = (pspec[0],) if isinstance(pspec[0], str) else tuple(pspec[0] or ())
+    batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
     out = {}
     for key, local in batch.items():
         global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        if global_shape[0] % batch_shards:
+            raise ValueError(f"global batch {global_shape[0]} cannot be split over the {batch_shards} devices of "
+                             f"mesh axes {batch_axes}; make the global batch a multiple of {batch_shards}")
         out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
     return out

@@ -193,6 +193,8 @@ def test_host_batch_becomes_a_batch_sharded_global_array(data_dir):
         for shard in arr.addressable_shards:  # each device holds its 2 rows, replicated over `tensor`
             np.testing.assert_array_equal(shard.data, batch[k][shard.index])
             assert shard.data.shape == (2, MAX_SEQ_LEN)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        input_pipeline.host_batch_to_global({k: v[:4] for k, v in batch.items()}, make_mesh(MeshConfig(fsdp=8)))
 
 
 def test_missing_shard_is_named(tmp_path):
@@ -217,3 +219,20 @@ def test_corrupt_record_is_named_by_file_and_record(tmp_path):
 def test_missing_manifest_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_pipeline.build"):
         train(str(tmp_path))
+
+
+def test_orbax_saves_and_restores_the_state_per_process(data_dir, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    it = train(data_dir)
+    take(it, 5)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+    expected = take(it, 4)
+    assert (tmp_path / "ckpt" / "5" / "data" / "process_0-of-1.json").exists()
+    resumed = train(data_dir)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    assert_same_batches(take(resumed, 4), expected)
