@@ -20,7 +20,7 @@ Batch arrays (BATCH_KEYS), int32 [host_batch, max_seq_len]:
 Training pipeline (grain), per host:
   all records of the split, in shard order
   -> this host's share: records process_index, process_index + process_count, ... (disjoint, complete)
-  -> shuffled per epoch (grain's index shuffle; epoch e uses seed + e), repeated forever
+  -> shuffled per epoch (grain's index shuffle, a different permutation per epoch), repeated forever
   -> next-token features per conversation (data/packing.py), read and decoded by `read_threads` threads
   -> first-fit packing into rows of max_seq_len -> batches of host_batch rows -> background prefetch.
 Every stage is a checkpointable grain iterator, so the state is a few integers: where the packer's current
@@ -151,13 +151,15 @@ def train_iterator(data_dir: str, *, global_batch: int, max_seq_len: int, seed: 
     paths = split_files(data_dir, split)
     source = TFRecordSource(paths)
     if len(source) < count:
-        raise ValueError(f"{data_dir}: {len(source)} {split} records cannot be shared by {count} processes")
+        raise ValueError(f"{data_dir}: {len(source)} {split} records; need at least one per process ({count})")
     counts = ExampleCounts()
     features = NextTokenFeatures(max_seq_len, manifest["tasks"], overlong=overlong, counts=counts)
     bins = packing_bins or max(host_batch, _DEFAULT_PACKING_BINS)
 
     share = grain.MapDataset.source(source)[index::count]
-    batches = _packed_batches(share.shuffle(seed=seed).repeat(num_epochs), features, paths=paths,
+    # grain shuffles epoch e with seed + e; hashing the seed first keeps run seeds 0 and 1 from sharing epochs.
+    shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0]) // 2
+    batches = _packed_batches(share.shuffle(seed=shuffle_seed).repeat(num_epochs), features, paths=paths,
                               read_threads=read_threads, max_seq_len=max_seq_len, packing_bins=bins,
                               batch_rows=host_batch, shuffle_seed=seed)
     if prefetch_batches:
