@@ -75,8 +75,20 @@ def _read_options(paths: Sequence[str], read_threads: int | None) -> grain.ReadO
     return grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(64, 8 * read_threads))
 
 
+def _close_for_good(it: grain.DatasetIterator) -> None:
+    """Closes a grain iterator chain and turns its later `close` calls into no-ops: grain's thread-prefetch
+    iterator fails when `__del__` closes it again during interpreter teardown (google/grain#1196)."""
+    it.close()
+    chain = [it]
+    while chain:
+        node = chain.pop()
+        node.close = lambda: None
+        chain.extend(getattr(node, "_parents", ()))
+
+
 class InputIterator(grain.DatasetIterator):
-    """Endless iterator of host-local training batches with a JSON-able, exactly restorable state.
+    """Iterator of host-local training batches (endless unless `num_epochs`) with a JSON-able, exactly
+    restorable state.
 
     A grain `DatasetIterator`, so orbax can save it per process with grain's handler:
     `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))` writes
@@ -92,7 +104,7 @@ class InputIterator(grain.DatasetIterator):
         self.max_seq_len = max_seq_len
         self._counts = counts
         # Stop grain's prefetch threads when this iterator is dropped or at exit (before modules unload).
-        self._close_grain = weakref.finalize(self, grain_iter.close)
+        self._close_grain = weakref.finalize(self, _close_for_good, grain_iter)
 
     def close(self) -> None:
         self._close_grain()
