@@ -8,6 +8,8 @@ visible as a change of the thousands digit.
 import logging
 
 import grain
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 
@@ -49,13 +51,10 @@ def test_one_conversation_is_shifted_for_next_token_prediction():
     np.testing.assert_array_equal(task_ids, [TASKS.index("os")] * 4)
 
 
-@pytest.mark.parametrize("max_seq_len,bins", [(64, 4), (256, 16)])
-def test_packed_rows_keep_conversations_apart(max_seq_len, bins):
-    rng = np.random.default_rng(0)
-    recs = [traceable_record(n, int(rng.integers(2, max_seq_len + 2)), rng) for n in range(200)]
-    b, counts = pack_all(recs, max_seq_len, bins)
-    assert counts == {"read": 200, "kept": 200, "truncated": 0, "dropped_overlong": 0, "dropped_too_short": 0}
+def assert_packed_exactly(b, recs, max_seq_len):
+    """Every record appears once, whole (n <= max_seq_len + 1 tokens), shifted, in its own segment."""
     seg, pos, tok, tgt, loss = b["segment_ids"], b["positions"], b["tokens"], b["targets"], b["loss_mask"]
+    assert seg.shape[1] == max_seq_len
     real = seg > 0
     # padding: no loss, no task, nothing but zeros
     assert not loss[~real].any() and (b["task_ids"][~real] == -1).all()
@@ -80,9 +79,30 @@ def test_packed_rows_keep_conversations_apart(max_seq_len, bins):
             assert (b["task_ids"][r][where] == TASKS.index(rec.task)).all()
             assert (b["is_agent"][r][where] == (rec.source == "agent")).all()
             seen.append(convs[0])
-    assert sorted(seen) == list(range(200)), "a conversation was lost or packed twice"
+    assert sorted(seen) == list(range(len(recs))), "a conversation was lost or packed twice"
     # the loss tokens are exactly the records' target tokens, less a mask on the first token
     assert loss.sum() == sum(int(r.loss_mask.sum() - r.loss_mask[0]) for r in recs)
+
+
+@pytest.mark.parametrize("max_seq_len,bins", [(64, 4), (256, 16)])
+def test_packed_rows_keep_conversations_apart(max_seq_len, bins):
+    rng = np.random.default_rng(0)
+    recs = [traceable_record(n, int(rng.integers(2, max_seq_len + 2)), rng) for n in range(200)]
+    b, counts = pack_all(recs, max_seq_len, bins)
+    assert counts == {"read": 200, "kept": 200, "truncated": 0, "dropped_overlong": 0, "dropped_too_short": 0}
+    assert_packed_exactly(b, recs, max_seq_len)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(max_seq_len=st.integers(1, 24), bins=st.integers(1, 5), rows_per_batch=st.integers(1, 3),
+                  lengths=st.lists(st.integers(2, 25), min_size=1, max_size=30), seed=st.integers(0, 99))
+def test_packing_invariants_hold_for_any_lengths(max_seq_len, bins, rows_per_batch, lengths, seed):
+    rng = np.random.default_rng(seed)
+    lengths = [min(n, max_seq_len + 1) for n in lengths]
+    recs = [traceable_record(n, length, rng, mask_first=bool(n % 2)) for n, length in enumerate(lengths)]
+    b, _ = pack_all(recs, max_seq_len, bins, rows_per_batch)
+    assert len(b["tokens"]) % rows_per_batch == 0
+    assert_packed_exactly(b, recs, max_seq_len)
 
 
 def test_shifting_after_packing_would_be_caught():
