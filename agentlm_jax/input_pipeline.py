@@ -1,12 +1,12 @@
 """The trainer's input: TFRecord shards (local or `gs://`) -> host-local packed batches.
 
-    train = train_iterator("gs://bucket/data", global_batch=64, max_seq_len=4096, seed=0)
-    batch = next(train)                  # dict of int32 numpy [global_batch // process_count, 4096]
+    train = train_iterator("gs://bucket/data", global_batch=64, max_seq_len=4096, seed=0, mesh=mesh)
+    batch = next(train)                  # dict of int32 numpy [64 // number of hosts, 4096]
     state = train.get_state()            # JSON-able; save it with the checkpoint
     train.set_state(state)               # the following batches are exactly those after `state`
     arrays = host_batch_to_global(batch, mesh, rules)  # dict of global jax.Arrays, batch-sharded
 
-    for batch in ValidationSet("gs://bucket/data", global_batch=64, max_seq_len=4096): ...
+    for batch in ValidationSet("gs://bucket/data", global_batch=64, max_seq_len=4096, mesh=mesh): ...
 
 Batch arrays (BATCH_KEYS), int32 [host_batch, max_seq_len]:
   tokens       input token ids
@@ -43,7 +43,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agentlm_jax.data import packing
 from agentlm_jax.data.packing import BATCH_KEYS, ExampleCounts, NextTokenFeatures
@@ -52,19 +52,27 @@ from agentlm_jax.sharding import DEFAULT_RULES, Rules, logical_to_pspec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BATCH_KEYS", "InputIterator", "ValidationSet", "train_iterator", "host_batch_to_global"]
+__all__ = ["BATCH_KEYS", "InputIterator", "ValidationSet", "train_iterator", "host_batch_to_global",
+           "host_data_shard"]
 
 _STATE_VERSION = 1
 _DEFAULT_PACKING_BINS = 64
 
 
-def _host_layout(global_batch: int, process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
+def _host_layout(global_batch: int, mesh: Mesh | None, rules: Rules, process_index: int | None,
+                 process_count: int | None) -> tuple[int, int, int]:
+    """(data shard index, data shard count, host batch) of this process."""
+    if mesh is not None:
+        if process_index is not None or process_count is not None:
+            raise ValueError("give either mesh or process_index/process_count, not both")
+        index, count = host_data_shard(mesh, rules)
+    else:
+        index = jax.process_index() if process_index is None else process_index
+        count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
         raise ValueError(f"process_index {index} out of range for process_count {count}")
     if global_batch % count:
-        raise ValueError(f"global_batch {global_batch} is not divisible by the {count} processes")
+        raise ValueError(f"global_batch {global_batch} is not divisible by the {count} data shards (hosts)")
     return index, count, global_batch // count
 
 
@@ -147,7 +155,8 @@ def _packed_batches(records: grain.MapDataset, features: NextTokenFeatures, *, p
 def train_iterator(data_dir: str, *, global_batch: int, max_seq_len: int, seed: int = 0,
                    split: str = "train", num_epochs: int | None = None, overlong: str = "truncate",
                    packing_bins: int | None = None, read_threads: int | None = None, prefetch_batches: int = 2,
-                   process_index: int | None = None, process_count: int | None = None) -> InputIterator:
+                   mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, process_index: int | None = None,
+                   process_count: int | None = None) -> InputIterator:
     """The shuffled, packed training stream of this host (see the module docstring); endless by default.
 
     num_epochs: stop after this many passes over the host's share (the last batch is padded), or None.
@@ -156,9 +165,10 @@ def train_iterator(data_dir: str, *, global_batch: int, max_seq_len: int, seed: 
       padding (uniform 20..1500-token conversations in 2048: 84% of positions used with 8 bins, 96% with 128).
     read_threads: threads reading and decoding records (default 16 for `gs://`, 2 for local files).
     prefetch_batches: batches prepared ahead in a background thread (0: none).
-    process_index/process_count: this host's place (default: jax's); tests pass them to simulate hosts.
+    mesh, rules: the training mesh; this host then reads the share its devices hold (`host_data_shard`).
+    process_index/process_count: this host's share instead (default: jax's); tests use them to simulate hosts.
     """
-    index, count, host_batch = _host_layout(global_batch, process_index, process_count)
+    index, count, host_batch = _host_layout(global_batch, mesh, rules, process_index, process_count)
     manifest = load_manifest(data_dir)
     paths = split_files(data_dir, split)
     source = TFRecordSource(paths)
@@ -197,9 +207,10 @@ class ValidationSet:
 
     def __init__(self, data_dir: str, *, global_batch: int, max_seq_len: int, split: str = "validation",
                  max_batches: int | None = None, overlong: str = "truncate", packing_bins: int | None = None,
-                 read_threads: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, cache: bool = True):
-        self._index, count, self.host_batch = _host_layout(global_batch, process_index, process_count)
+                 read_threads: int | None = None, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                 process_index: int | None = None, process_count: int | None = None, cache: bool = True):
+        self._index, count, self.host_batch = _host_layout(global_batch, mesh, rules, process_index,
+                                                           process_count)
         self.global_batch = global_batch
         self.max_seq_len = max_seq_len
         self.max_batches = max_batches
@@ -242,19 +253,47 @@ class ValidationSet:
             it.close()
 
 
+def _batch_axes(rules: Rules) -> tuple[str, ...]:
+    axes = logical_to_pspec(("batch", "seq"), rules)[0]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def host_data_shard(mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                    devices: Sequence[jax.Device] | None = None) -> tuple[int, int]:
+    """(index, count): this process's devices hold block `index` of the global batch cut into `count` blocks.
+
+    Pass it to `train_iterator`/`ValidationSet` (or give them `mesh=`). On the usual meshes, whose batch axes
+    (`data`, `fsdp`) span the hosts, it is (process_index, process_count). When hosts hold replicas of the
+    same rows (a batch axis inside each host and e.g. `tensor` across hosts), replica hosts get the same
+    block, so they read the same records, as `jax.make_array_from_process_local_data` requires.
+    `devices` stands for the process's devices (tests).
+    """
+    axes = _batch_axes(rules)
+    num_blocks = math.prod(mesh.shape[a] for a in axes)
+    block_of = NamedSharding(mesh, PartitionSpec(axes or None)).devices_indices_map((num_blocks,))
+    if devices is None:
+        devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    held = sorted({block_of[d][0].start or 0 for d in devices})
+    if held != list(range(held[0], held[0] + len(held))) or held[0] % len(held):
+        raise ValueError(f"this process's devices hold batch blocks {held} of {num_blocks} (mesh axes {axes}), "
+                         "not one aligned run; order the mesh so each host's devices are contiguous along them")
+    return held[0] // len(held), num_blocks // len(held)
+
+
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
                          rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
-    """Host-local [host_batch, T] arrays -> global [host_batch * process_count, T] jax.Arrays whose batch
-    axis is sharded like the logical `batch` axis (and `seq` like `seq`) under `rules`."""
-    pspec = logical_to_pspec(("batch", "seq"), rules)
-    sharding = NamedSharding(mesh, pspec)
-    batch_axes = (pspec[0],) if isinstance(pspec[0], str) else tuple(pspec[0] or ())
-    batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
+    """Host-local [host_batch, T] arrays -> global [global_batch, T] jax.Arrays whose batch axis is sharded
+    like the logical `batch` axis (and `seq` like `seq`) under `rules`. The host batch must come from an
+    iterator made with the same mesh (or the same `host_data_shard`)."""
+    sharding = NamedSharding(mesh, logical_to_pspec(("batch", "seq"), rules))
+    axes = _batch_axes(rules)
+    batch_shards = math.prod(mesh.shape[a] for a in axes)
+    _, blocks = host_data_shard(mesh, rules)
     out = {}
     for key, local in batch.items():
-        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        global_shape = (local.shape[0] * blocks,) + local.shape[1:]
         if global_shape[0] % batch_shards:
             raise ValueError(f"global batch {global_shape[0]} cannot be split over the {batch_shards} devices of "
-                             f"mesh axes {batch_axes}; make the global batch a multiple of {batch_shards}")
+                             f"mesh axes {axes}; make the global batch a multiple of {batch_shards}")
         out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
     return out

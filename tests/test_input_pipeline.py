@@ -183,7 +183,7 @@ def test_gcs_reads_equal_local_reads(data_dir, gcs_bucket):
 
 def test_host_batch_becomes_a_batch_sharded_global_array(data_dir):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    batch = next(train(data_dir))
+    batch = next(train(data_dir, process_index=None, process_count=None, mesh=mesh))
     arrays = input_pipeline.host_batch_to_global(batch, mesh, MeshConfig().rules)
     assert set(arrays) == set(batch)
     for k, arr in arrays.items():
@@ -195,6 +195,19 @@ def test_host_batch_becomes_a_batch_sharded_global_array(data_dir):
             assert shard.data.shape == (2, MAX_SEQ_LEN)
     with pytest.raises(ValueError, match="multiple of 8"):
         input_pipeline.host_batch_to_global({k: v[:4] for k, v in batch.items()}, make_mesh(MeshConfig(fsdp=8)))
+
+
+def test_each_host_reads_the_batch_block_its_devices_hold():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))  # batch blocks: data x fsdp = 4
+    rules = MeshConfig().rules
+    assert input_pipeline.host_data_shard(mesh, rules) == (0, 1)  # one process holds everything
+    assert input_pipeline.host_data_shard(mesh, rules, devices=mesh.devices[1].flat) == (1, 2)  # hosts = data
+    # hosts split along `tensor` hold replicas of every row: both read the whole batch, the same records
+    assert input_pipeline.host_data_shard(mesh, rules, devices=mesh.devices[..., 1].flat) == (0, 1)
+    no_batch_sharding = (("batch", None),) + tuple(r for r in rules if r[0] != "batch")
+    assert input_pipeline.host_data_shard(mesh, no_batch_sharding, devices=mesh.devices[1].flat) == (0, 1)
+    with pytest.raises(ValueError, match=r"batch blocks \[0, 2\] of 4"):
+        input_pipeline.host_data_shard(mesh, rules, devices=mesh.devices[:, 0].flat)
 
 
 def test_missing_shard_is_named(tmp_path):
