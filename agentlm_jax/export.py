@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import posixpath
-from typing import Sequence
+from typing import Any, Sequence
 
 import fsspec
 from flax import nnx
@@ -31,14 +31,15 @@ def is_hf_dir(path: str) -> bool:
     return fs.exists(posixpath.join(root, CONFIG_NAME))
 
 
-def load_params(source: str, *, step: int | None = None, base: ModelConfig | None = None,
+def load_params(source: str, *, step: int | None = None, runtime: dict[str, Any] | None = None,
                 mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                 allow_pickle: bool = False) -> tuple[ModelConfig, nnx.State]:
-    """(ModelConfig, params) from a Hugging Face directory or a training run's orbax checkpoint directory."""
+    """(ModelConfig, params) from a Hugging Face directory or a training run's orbax checkpoint directory;
+    `runtime` overrides how the model runs (e.g. {"dtype": "bfloat16"}), never its architecture."""
     if is_hf_dir(source):
         if step is not None:
             raise ValueError(f"--step applies to orbax checkpoints; {source} is a Hugging Face directory")
-        return import_hf(source, base=base, mesh=mesh, rules=rules, allow_pickle=allow_pickle)
+        return import_hf(source, runtime=runtime, mesh=mesh, rules=rules, allow_pickle=allow_pickle)
     try:
         from agentlm_jax.checkpointing import load_model_params
     except ImportError as e:
@@ -50,9 +51,7 @@ def load_params(source: str, *, step: int | None = None, base: ModelConfig | Non
 
         shardings = lambda abstract_params: state_shardings(abstract_params, mesh, rules)  # noqa: E731
     cfg, params = load_model_params(source, step=step, shardings=shardings)
-    if base is not None:
-        cfg = cfg.replace(**{f: getattr(base, f) for f in ("dtype", "remat", "scan_layers", "attention_impl")})
-    return cfg, params
+    return cfg.replace(**(runtime or {})), params
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

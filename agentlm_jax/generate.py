@@ -162,7 +162,7 @@ def load_model(source: str, *, step: int | None = None, dtype: str = "float32") 
     """A Llama from a Hugging Face directory or an orbax checkpoint directory, for inference."""
     from agentlm_jax.export import load_params
 
-    cfg, params = load_params(source, step=step, base=ModelConfig(dtype=dtype))
+    cfg, params = load_params(source, step=step, runtime={"dtype": dtype, "param_dtype": dtype})
     graphdef, _ = nnx.split(abstract_model(cfg))
     return cfg, nnx.merge(graphdef, params)
 
@@ -183,9 +183,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     result = generator(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
     seconds = time.perf_counter() - start
     outputs = []
-    for prompt, ids, finished in zip(args.prompt, result.tokens, result.finished):
+    for prompt, prompt_ids, ids, finished in zip(args.prompt, prompts, result.tokens, result.finished):
         record = {"prompt": prompt, "completion": tokenizer.decode(ids, skip_special_tokens=True),
-                  "tokens": ids, "stopped": finished}
+                  "prompt_tokens": list(prompt_ids), "tokens": ids, "stopped": finished}
         outputs.append(record)
         print(json.dumps(record, ensure_ascii=False) if args.json else f"### {prompt}\n{record['completion']}\n")
     log.info("%d prompts, %d steps, %.1f s (compile included)", len(prompts), result.steps, seconds)

@@ -303,19 +303,20 @@ def default_mesh() -> Mesh:
     return make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
 
 
-def import_hf(model_dir: str, *, base: ModelConfig | None = None, mesh: Mesh | None = None,
-              rules: Rules = DEFAULT_RULES, allow_pickle: bool = False,
+def import_hf(model_dir: str, *, base: ModelConfig | None = None, runtime: dict[str, Any] | None = None,
+              mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, allow_pickle: bool = False,
               show_progress: bool = True) -> tuple[ModelConfig, nnx.State]:
     """Load a Hugging Face Llama checkpoint directory (local or gs://) as (ModelConfig, params nnx.State).
 
-    The architecture comes from config.json; the runtime fields (dtype, param_dtype, remat, scan_layers,
-    attention_impl) from `base` (ModelConfig defaults otherwise). If `base` is given, its architecture must
-    match the checkpoint's. Parameters are created in `param_dtype`, each directly on the sharding its
-    logical axes map to on `mesh` by `rules` (default: one device). Use with `nnx.merge(graphdef, params)` or
-    `nnx.update(model, params)`, or call `load_hf_model`.
+    The architecture comes from config.json. The runtime fields (dtype, param_dtype, remat, scan_layers,
+    attention_impl) come from `base` if given, whose architecture must then match the checkpoint's (a
+    training config naming the model it fine-tunes), updated by `runtime` (e.g. {"dtype": "bfloat16"}).
+    Parameters are created in `param_dtype`, each directly on the sharding its logical axes map to on `mesh`
+    by `rules` (default: one device). Use with `nnx.merge(graphdef, params)` or `nnx.update(model, params)`,
+    or call `load_hf_model`.
     """
-    runtime = {f: getattr(base or ModelConfig(), f) for f in RUNTIME_FIELDS}
-    cfg = load_hf_config(model_dir, **runtime)
+    settings = {f: getattr(base or ModelConfig(), f) for f in RUNTIME_FIELDS} | dict(runtime or {})
+    cfg = load_hf_config(model_dir, **settings)
     if base is not None:
         _check_architecture(cfg, base, model_dir)
     mesh = mesh or default_mesh()

@@ -132,3 +132,60 @@ def test_sampled_generation_is_seeded(models):
     assert a != generator(prompts, max_new_tokens=8, sampling=hot, seed=1).tokens
     top1 = generator(prompts, max_new_tokens=8, sampling=SamplingConfig(greedy=False, top_k=1), seed=0).tokens
     assert top1 == generator(prompts, max_new_tokens=8).tokens
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+@pytest.fixture(scope="module")
+def exported_tiny(tmp_path_factory):
+    """A random model with the bundled tokenizer's vocabulary, exported (with tokenizer) as an HF directory."""
+    from data_pipeline.tokenizer import SAMPLE_TOKENIZER_DIR
+
+    from agentlm_jax.hf_io import export_hf
+    from agentlm_jax.model.config import ModelConfig
+    from agentlm_jax.model.llama import init_model
+
+    cfg = ModelConfig(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                      num_kv_heads=2, initializer_range=0.2)
+    path = tmp_path_factory.mktemp("tiny-hf")
+    export_hf(init_model(cfg, seed=3), cfg, str(path), dtype="float32", tokenizer_path=SAMPLE_TOKENIZER_DIR,
+              show_progress=False)
+    return str(path)
+
+
+def _hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=0)[0, len(prompt_ids):].tolist()
+    return out[: out.index(2) + 1] if 2 in out else out
+
+
+def test_cli_generates_what_transformers_generates_from_the_export(exported_tiny, capsys):
+    import transformers
+
+    from agentlm_jax.generate import main
+
+    records = main(["--model", exported_tiny, "--prompt", "Hello world", "--prompt", "ls -la /tmp",
+                    "--max-new-tokens", "10", "--greedy", "--json"])
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported_tiny)
+    for record in records:
+        assert record["prompt_tokens"] == hf_tokenizer(record["prompt"])["input_ids"]  # BOS + text
+        assert record["tokens"] == _hf_greedy(exported_tiny, record["prompt_tokens"], 10)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["completion"] for r in map(__import__("json").loads, printed)] == [r["completion"] for r in records]
+
+
+def test_cli_chat_mode_uses_the_pipeline_template(exported_tiny):
+    chat_template = pytest.importorskip("data_pipeline.chat_template")
+    from data_pipeline.tokenizer import load_tokenizer
+
+    from agentlm_jax.generate import main
+
+    records = main(["--model", exported_tiny, "--chat", "--prompt", "List the files.", "--max-new-tokens", "6",
+                    "--greedy"])
+    expected_prompt = chat_template.encode_generation_prompt([{"role": "user", "content": "List the files."}],
+                                                             load_tokenizer(exported_tiny))
+    assert records[0]["prompt_tokens"] == expected_prompt
+    assert records[0]["tokens"] == _hf_greedy(exported_tiny, expected_prompt, 6)
