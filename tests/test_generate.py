@@ -178,7 +178,7 @@ def test_cli_generates_what_transformers_generates_from_the_export(exported_tiny
 
 
 def test_cli_chat_mode_uses_the_pipeline_template(exported_tiny):
-    chat_template = pytest.importorskip("data_pipeline.chat_template")
+    from data_pipeline import chat_template
     from data_pipeline.tokenizer import load_tokenizer
 
     from agentlm_jax.generate import main
