@@ -1,0 +1,148 @@
+"""Next-token cross-entropy from the final hidden states and the output head, three ways, one formula.
+
+Every variant computes, per position, nll = logsumexp(logits) - logits[target] with logits = h @ W (float32
+accumulation), where h [B,T,D] are `Llama.hidden_states` and W [D,V] is `lm_head.kernel`:
+
+  full            the whole [B,T,V] float32 logits at once (fastest for small vocabularies and batches).
+  chunked         `chunk_size` positions at a time in a `lax.scan` whose body is rematerialised, so the
+                  backward pass recomputes each chunk's logits: only [B,chunk,V] logits ever exist.
+  vocab_parallel  a `shard_map` over the mesh: each `tensor` shard multiplies h by its own slice W[:, v0:v1]
+                  and gets logits for its vocabulary slice only. The row maximum (`pmax`), the sum of
+                  exponentials and the target's logit (each `psum`) are combined across `tensor`; the
+                  full-vocabulary logits are never gathered. Chunked as well when chunk_size is set.
+
+The reductions to a loss (token-level mean over the loss tokens of the global batch) are in `loss_sums`:
+the train step sums nll·mask and the mask over micro-batches and divides once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from agentlm_jax.sharding import Rules, logical_to_pspec
+
+TENSOR_AXIS = "tensor"
+
+
+def resolve_impl(impl: str, chunk_size: int | None, seq_len: int, tensor_parallel: int) -> str:
+    """The loss implementation `impl="auto"` stands for (see config.LossConfig)."""
+    if impl != "auto":
+        return impl
+    if tensor_parallel > 1:
+        return "vocab_parallel"
+    return "chunked" if chunk_size and chunk_size < seq_len else "full"
+
+
+def _block_nll(h: jax.Array, kernel: jax.Array, targets: jax.Array, vocab_start: jax.Array | int,
+               axis_name: str | None) -> jax.Array:
+    """nll [B,C] of h [B,C,D] against the vocabulary slice kernel [D,v] that starts at `vocab_start`.
+
+    With `axis_name`, the slices of the shards along that mesh axis together form the vocabulary, and the
+    per-row statistics are combined across them.
+    """
+    logits = jnp.einsum("BCD,DV->BCV", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+    # The shift only keeps exp() in range; logsumexp's value and gradient do not depend on it.
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    if axis_name:
+        row_max = jax.lax.pmax(row_max, axis_name)
+    sum_exp = jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1)
+    local = targets - vocab_start
+    in_slice = (local >= 0) & (local < logits.shape[-1])
+    target_logit = jnp.take_along_axis(logits, jnp.clip(local, 0, logits.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+    target_logit = jnp.where(in_slice, target_logit, 0.0)
+    if axis_name:
+        sum_exp = jax.lax.psum(sum_exp, axis_name)
+        target_logit = jax.lax.psum(target_logit, axis_name)
+    return jnp.log(sum_exp) + row_max - target_logit
+
+
+def _chunked_nll(h, kernel, targets, vocab_start, axis_name, chunk_size: int | None) -> jax.Array:
+    """`_block_nll` over the sequence in chunks of `chunk_size` (rematerialised), or at once."""
+    B, T, D = h.shape
+    if not chunk_size or chunk_size >= T:
+        return _block_nll(h, kernel, targets, vocab_start, axis_name)
+    if T % chunk_size:
+        raise ValueError(f"loss chunk_size {chunk_size} does not divide the sequence length {T}")
+    n = T // chunk_size
+    h_chunks = h.reshape(B, n, chunk_size, D).swapaxes(0, 1)  # [n,B,C,D]
+    target_chunks = targets.reshape(B, n, chunk_size).swapaxes(0, 1)  # [n,B,C]
+
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def chunk(_, xs):
+        h_c, t_c = xs
+        return None, _block_nll(h_c, kernel, t_c, vocab_start, axis_name)
+
+    _, nll = jax.lax.scan(chunk, None, (h_chunks, target_chunks))
+    return nll.swapaxes(0, 1).reshape(B, T)
+
+
+def token_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, impl: str = "full",
+              chunk_size: int | None = None, mesh: Mesh | None = None, rules: Rules | None = None) -> jax.Array:
+    """Float32 negative log-likelihood [B,T] of `targets` [B,T] under logits hidden [B,T,D] @ kernel [D,V].
+
+    `impl` is "full", "chunked" or "vocab_parallel" (the latter needs `mesh` and `rules`; `rules` tell which
+    mesh axes the batch is sharded over). The matmul runs in hidden's dtype, accumulating in float32.
+    """
+    if impl == "full":
+        return _block_nll(hidden, kernel, targets, 0, None)
+    if impl == "chunked":
+        return _chunked_nll(hidden, kernel, targets, 0, None, chunk_size)
+    if impl != "vocab_parallel":
+        raise ValueError(f"unknown loss impl {impl!r}")
+    if mesh is None or rules is None:
+        raise ValueError("the vocab_parallel loss needs the mesh and the sharding rules")
+    return vocab_parallel_nll(hidden, kernel, targets, mesh=mesh, rules=rules, chunk_size=chunk_size)
+
+
+def vocab_parallel_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, mesh: Mesh, rules: Rules,
+                       chunk_size: int | None = None) -> jax.Array:
+    """`token_nll` with the vocabulary split over the mesh's `tensor` axis (see the module docstring)."""
+    vocab = kernel.shape[-1]
+    shards = mesh.shape[TENSOR_AXIS]
+    if vocab % shards:
+        raise ValueError(f"vocab_parallel loss: vocabulary {vocab} is not divisible by mesh.tensor={shards}")
+    batch_axes = logical_to_pspec(("batch",), rules)[0]
+    batch_axes = tuple(a for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes or ())
+                       if a != TENSOR_AXIS)
+    rows = PartitionSpec(batch_axes or None)
+
+    def per_shard(h, w, t):
+        vocab_start = jax.lax.axis_index(TENSOR_AXIS) * w.shape[-1]
+        return _chunked_nll(h, w, t, vocab_start, TENSOR_AXIS, chunk_size)
+
+    return jax.shard_map(per_shard, mesh=mesh, out_specs=rows,
+                         in_specs=(rows, PartitionSpec(None, TENSOR_AXIS), rows))(hidden, kernel, targets)
+
+
+# --------------------------------------------------------------------------------------------- reductions
+def loss_sums(nll: jax.Array, batch: Mapping[str, jax.Array], num_tasks: int = 0) -> dict[str, jax.Array]:
+    """Sums of nll over the batch's loss tokens, overall, on agent / general conversations, and per task.
+
+    The caller divides: loss = loss_sum / count. Keeping sums (not means) lets micro-batches, hosts and
+    validation batches be combined exactly into a token-level mean.
+    """
+    mask = batch["loss_mask"] > 0
+    nll = jnp.where(mask, nll, 0.0)  # never let a padding position's value (even inf/nan) into a sum
+    agent = mask & (batch["is_agent"] > 0)
+    f32 = jnp.float32
+    sums = {
+        "loss_sum": nll.sum(), "count": mask.sum(dtype=f32),
+        "agent_loss_sum": jnp.where(agent, nll, 0.0).sum(), "agent_count": agent.sum(dtype=f32),
+    }
+    sums["general_loss_sum"] = sums["loss_sum"] - sums["agent_loss_sum"]
+    sums["general_count"] = sums["count"] - sums["agent_count"]
+    if num_tasks:
+        onehot = jax.nn.one_hot(batch["task_ids"], num_tasks, dtype=f32) * mask[..., None]  # task -1 → zeros
+        sums["task_loss_sum"] = jnp.einsum("BTK,BT->K", onehot, nll)
+        sums["task_count"] = onehot.sum(axis=(0, 1))
+    return sums
+
+
+def mean(total: jax.Array, count: jax.Array) -> jax.Array:
+    """total / count, and 0 where there is nothing to average (a batch without loss tokens)."""
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)

@@ -1,0 +1,213 @@
+"""The training state, its shardings, and the one jitted train step (and the evaluation step).
+
+    state = TrainState(step, params, opt_state, rng)    # params: pure dict of float32 master weights
+    step_fn = TrainStep(model_cfg, optimizer, schedule, mesh=mesh, rules=rules, ...)
+    state, metrics = step_fn(state, batch)             # jax.jit, NamedSharding in/out, state donated
+
+One step = the loss over the global batch, as `micro_batches` pieces in a `lax.scan` (gradient
+accumulation): every piece adds its gradient of Σ nll·mask and its loss-token count; the sum is divided by
+the global count once, so the update equals the one from a single batch of all rows (token-level mean over
+every loss token of the global batch, as the paper's Megatron-LM trainer averages). Then the global
+gradient norm, clipping and AdamW (optimizer.py). Parameters live in `param_dtype` (float32 master weights);
+the model computes in `dtype` (e.g. bfloat16), so gradients arrive in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from agentlm_jax import loss as loss_lib
+from agentlm_jax.model.config import ModelConfig
+from agentlm_jax.model.llama import abstract_model
+from agentlm_jax.sharding import Rules, activation_sharding, logical_to_pspec, state_shardings
+
+Batch = Mapping[str, jax.Array]
+# The batch arrays the step reads (the input pipeline's BATCH_KEYS).
+STEP_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "is_agent", "task_ids")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: dict  # pure dict of the model's nnx.Param values (the master weights)
+    opt_state: Any  # optax state over `params`
+    rng: jax.Array  # uint32 key data; reserved for stochastic layers (dropout), split per step
+
+
+def abstract_params(model_cfg: ModelConfig) -> nnx.State:
+    """The model's parameters as an nnx.State of ShapeDtypeStructs (with their logical-axis metadata)."""
+    return nnx.state(abstract_model(model_cfg), nnx.Param)
+
+
+def init_train_state(params: dict, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def train_state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                          rules: Rules) -> TrainState:
+    """NamedShardings for every leaf of the train state: parameters by their logical axes and the rules;
+    optimizer moments like the parameter they belong to; counters and the rng replicated."""
+    params_abstract = abstract_params(model_cfg)
+    param_shardings = state_shardings(params_abstract, mesh, rules).to_pure_dict()
+    abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0), params_abstract.to_pure_dict())
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_path = {tuple(path): s for path, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+
+    def opt_leaf_sharding(path, leaf):
+        # optax keeps a moment per parameter under the parameter's own path (e.g. `.mu['lm_head']['kernel']`).
+        for n in range(len(path)):
+            sharding = by_path.get(tuple(path[n:]))
+            if sharding is not None and tuple(leaf.shape) == tuple(_get(params_abstract, path[n:]).shape):
+                return sharding
+        return replicated
+
+    return TrainState(step=replicated, params=param_shardings,
+                      opt_state=jax.tree_util.tree_map_with_path(opt_leaf_sharding, abstract.opt_state),
+                      rng=replicated)
+
+
+def _get(state: nnx.State, path) -> Any:
+    node = state
+    for key in path:
+        node = node[key.key]
+    return node
+
+
+def abstract_train_state(shardings: TrainState, model_cfg: ModelConfig,
+                         optimizer: optax.GradientTransformation) -> TrainState:
+    """ShapeDtypeStructs (with shardings) of the train state: the restore target of a checkpoint."""
+    abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, 0),
+                              abstract_params(model_cfg).to_pure_dict())
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_pspec(("batch", "seq"), rules))
+
+
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+    """Into how many pieces the batch axis is split across the mesh."""
+    axes = logical_to_pspec(("batch",), rules)[0]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
+def split_micro_batches(batch: Batch, micro_batches: int, mesh: Mesh, rules: Rules) -> Batch:
+    """[G,T] → [M, G/M, T]. Micro-batch m takes rows m, m+M, m+2M, …, so every device keeps its own rows
+    (no data moves); the rows' order inside the global batch does not change the summed loss."""
+
+    def split(x):
+        g = x.shape[0]
+        x = x.reshape(g // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+        pspec = logical_to_pspec((None, "batch", "seq"), rules)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, pspec))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+class TrainStep:
+    """The compiled train and eval steps for one model, optimizer, mesh and loss configuration."""
+
+    def __init__(self, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                 schedule: optax.Schedule, *, mesh: Mesh, rules: Rules, state_shardings: TrainState,
+                 micro_batches: int = 1, loss_impl: str = "full", loss_chunk_size: int | None = None,
+                 num_tasks: int = 0):
+        self.model_cfg, self.optimizer, self.schedule = model_cfg, optimizer, schedule
+        self.mesh, self.rules = mesh, tuple(rules)
+        self.micro_batches = micro_batches
+        self.loss_impl, self.loss_chunk_size = loss_impl, loss_chunk_size
+        self.num_tasks = num_tasks
+        self.graphdef, _ = nnx.split(abstract_model(model_cfg))
+        self.state_shardings = state_shardings
+        batch_s = {k: batch_sharding(mesh, rules) for k in STEP_KEYS}
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self._train = jax.jit(self._train_step, in_shardings=(state_shardings, batch_s),
+                              out_shardings=(state_shardings, replicated), donate_argnums=0)
+        self._eval = jax.jit(self._eval_sums, in_shardings=(state_shardings.params, batch_s),
+                             out_shardings=replicated)
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        return self._train(state, {k: batch[k] for k in STEP_KEYS})
+
+    def eval_sums(self, params: dict, batch: Batch) -> dict[str, jax.Array]:
+        """Loss sums of one validation batch: overall, agent/general and per task (see loss.loss_sums)."""
+        return self._eval(params, {k: batch[k] for k in STEP_KEYS})
+
+    def lower(self, state: TrainState, batch: Batch):
+        return self._train.lower(state, {k: batch[k] for k in STEP_KEYS})
+
+    # ----------------------------------------------------------------------------------------- traced code
+    def token_nll(self, params: dict, batch: Batch) -> jax.Array:
+        """nll [B,T] of every position's target (masking happens in loss_sums)."""
+        with activation_sharding(self.mesh, self.rules):
+            model = nnx.merge(self.graphdef, params)
+            hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+            return loss_lib.token_nll(hidden, params["lm_head"]["kernel"], batch["targets"], impl=self.loss_impl,
+                                      chunk_size=self.loss_chunk_size, mesh=self.mesh, rules=self.rules)
+
+    def _loss_sum(self, params: dict, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        sums = loss_lib.loss_sums(self.token_nll(params, batch), batch)
+        return sums["loss_sum"], sums
+
+    def _grads_and_sums(self, params: dict, batch: Batch) -> tuple[dict, dict[str, jax.Array]]:
+        """Σ over the global batch of ∇(Σ nll·mask) and of the loss sums, micro-batch by micro-batch."""
+        grad_fn = jax.grad(self._loss_sum, has_aux=True)
+        if self.micro_batches == 1:
+            return grad_fn(params, batch)
+        param_shardings = self.state_shardings.params
+
+        def accumulate(carry, micro):
+            grads, sums = grad_fn(params, micro)
+            grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        micro = split_micro_batches(batch, self.micro_batches, self.mesh, self.rules)
+        _, sums_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+        zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape)
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), micro)
+        return grads, sums
+
+    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        grads, sums = self._grads_and_sums(state.params, batch)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0), grads)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_lib.mean(sums["loss_sum"], sums["count"]),
+            "agent_loss": loss_lib.mean(sums["agent_loss_sum"], sums["agent_count"]),
+            "general_loss": loss_lib.mean(sums["general_loss_sum"], sums["general_count"]),
+            "loss_tokens": sums["count"],
+            "agent_loss_tokens": sums["agent_count"],
+            "grad_norm": optax.global_norm(grads),  # before clipping
+            "learning_rate": self.schedule(state.step),
+        }
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+    def _eval_sums(self, params: dict, batch: Batch) -> dict[str, jax.Array]:
+        return loss_lib.loss_sums(self.token_nll(params, batch), batch, self.num_tasks)
+
+
+def check_batch_layout(global_batch: int, micro_batches: int, mesh: Mesh, rules: Rules) -> None:
+    """Every micro-batch must split evenly over the devices that share the batch axis."""
+    shards = batch_shards(mesh, rules)
+    if (global_batch // micro_batches) % shards:
+        raise ValueError(f"data.global_batch / data.micro_batches = {global_batch // micro_batches} rows per "
+                         f"micro-batch cannot be split over the {shards} devices of the batch mesh axes; make it "
+                         f"a multiple of {shards}")
+
+
+def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+    """Device metrics → Python floats (one transfer)."""
+    return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
