@@ -37,11 +37,12 @@ def make_hf_model(cfg: ModelConfig, seed: int = 0):
 
 
 def save_hf_model(model, path, *, dtype: str = "float32", max_shard_size: str = "50GB") -> str:
+    """Save a copy cast to `dtype` (the model itself, shared by tests, stays float32 and unrounded)."""
+    import copy
+
     import torch
 
-    model = model.to(getattr(torch, dtype))
-    model.save_pretrained(path, max_shard_size=max_shard_size)
-    model.to(torch.float32)
+    copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(path, max_shard_size=max_shard_size)
     return str(path)
 
 

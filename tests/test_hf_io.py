@@ -127,8 +127,7 @@ def test_pickle_weights_refused_unless_allowed(hf_checkpoints, tmp_path):
     cfg, torch_model, _ = hf_checkpoints["mha"]
     path = tmp_path / "pickled"
     path.mkdir()
-    torch.save(torch_model.to(torch.bfloat16).state_dict(), path / "pytorch_model.bin")
-    torch_model.to(torch.float32)
+    torch.save({k: v.to(torch.bfloat16) for k, v in torch_model.state_dict().items()}, path / "pytorch_model.bin")
     (path / "config.json").write_text(hf_io.hf_config(cfg, "bfloat16").to_json_string())
     with pytest.raises(hf_io.PickleCheckpointError, match="pytorch_model.bin.*--allow-pickle"):
         hf_io.import_hf(str(path), show_progress=False)
