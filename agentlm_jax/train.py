@@ -1,0 +1,48 @@
+"""Train: `python -m agentlm_jax.train [--config configs/X.yaml] [key=value ...]`.
+
+With no arguments: the tiny model on the bundled sample dataset (built under data/sample if missing), a
+few hundred CPU steps, then a checkpoint and a Hugging Face export under runs/tiny. Overrides are dotted
+config keys, e.g. `optimizer.learning_rate=2e-5 mesh.tensor=4 data.path=gs://bucket/agentlm-data`.
+Rerunning the same command resumes from the run's latest checkpoint. Exit status: 0 when training finished,
+143 when stopped by SIGTERM (preemption) after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from agentlm_jax.config import ConfigError, load_config
+from agentlm_jax.trainer import EXIT_PREEMPTED, RunResult, TrainingDivergedError, train
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m agentlm_jax.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (default: the built-in tiny CPU demo)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> RunResult:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    try:
+        result = train(cfg)
+    except TrainingDivergedError as e:
+        sys.exit(f"error: {e}")
+    if result.status == "preempted":
+        sys.exit(EXIT_PREEMPTED)
+    return result
+
+
+if __name__ == "__main__":
+    main()
