@@ -66,12 +66,22 @@ class ChatEncoder:
     """Tokenizes conversations block by block in one batched call of the fast tokenizer."""
 
     def __init__(self, tokenizer, max_seq_len: int | None = None):
+        self._setup(*serialize_tokenizer(tokenizer), max_seq_len)
+
+    @classmethod
+    def from_serialized(cls, tokenizer_json: str, bos_id: int, eos_id: int,
+                        max_seq_len: int | None = None) -> "ChatEncoder":
+        """From the Rust tokenizer's JSON (`serialize_tokenizer`): no transformers import, as Beam workers want."""
+        encoder = cls.__new__(cls)
+        encoder._setup(tokenizer_json, bos_id, eos_id, max_seq_len)
+        return encoder
+
+    def _setup(self, tokenizer_json: str, bos_id: int, eos_id: int, max_seq_len: int | None) -> None:
         from tokenizers import Tokenizer
 
-        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        self.max_seq_len = max_seq_len
+        self.bos_id, self.eos_id, self.max_seq_len = bos_id, eos_id, max_seq_len
         # A private copy that encodes special-token text ("</s>", "<s>") as plain text.
-        self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._backend = Tokenizer.from_str(tokenizer_json)
         self._backend.encode_special_tokens = True
 
     def encode_texts(self, texts: Sequence[str]) -> list:
@@ -115,6 +125,11 @@ class ChatEncoder:
         if not any(mask):
             return NO_LOSS_AFTER_TRUNCATION
         return Encoded(np.asarray(ids, np.int32), np.asarray(mask, np.int32), kept, len(blocks) - kept)
+
+
+def serialize_tokenizer(tokenizer) -> tuple[str, int, int]:
+    """(Rust tokenizer JSON, BOS id, EOS id): what `ChatEncoder.from_serialized` needs."""
+    return tokenizer.backend_tokenizer.to_str(), tokenizer.bos_token_id, tokenizer.eos_token_id
 
 
 _encoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -1,0 +1,278 @@
+"""Input sources: which files/splits a source means (in the launcher) and streaming readers (in the workers).
+
+Formats: JSONL (one object per line), JSON arrays (parsed incrementally, never loaded whole; a truncated
+array keeps its complete records and reports the cut tail), Parquet (pyarrow, batch by batch), and
+Hugging Face datasets through `datasets` (one read task per split). Files are local or any fsspec URL
+(`gs://` through gcsfs); `.gz`/`.zst` etc. are decompressed on the fly.
+
+A reader yields `RawItem`s: the parsed record (or `None` with an error and the raw text), its location
+(file, 1-based record number, byte offset where known) and the HF split it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import posixpath
+import re
+from typing import Any, Iterator
+
+import fsspec
+
+from data_pipeline.config import SourceConfig
+
+log = logging.getLogger(__name__)
+
+FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+MAX_RECORD_BYTES = 64 << 20  # a JSON array element larger than this is reported instead of buffered
+READ_CHUNK = 1 << 20
+RAW_TEXT_LIMIT = 20_000  # characters of an unparseable line/tail kept in rejected.jsonl
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+INVALID_JSON = "invalid_json"
+TRUNCATED_JSON_ARRAY = "truncated_json_array"
+NOT_A_JSON_ARRAY = "not_a_json_array"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadTask:
+    """One unit of reading, done by one worker: a file, or one split of a Hugging Face dataset."""
+    source: str  # the source's name
+    kind: str  # "agent" | "general"
+    path: str  # file path/URL, or the hub id
+    format: str  # jsonl | json | parquet | hf
+    split: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RawItem:
+    record: Any  # the parsed JSON value / row; None when `error` is set
+    file: str
+    number: int  # 1-based line (JSONL), element (JSON array) or row (Parquet, HF) number
+    byte_offset: int | None = None
+    split: str | None = None
+    error: str | None = None  # a rejection reason when the input could not be parsed
+    raw: str | None = None  # the unparseable text (shortened to RAW_TEXT_LIMIT)
+
+
+# --------------------------------------------------------------------------- expansion (launcher)
+def expand_source(source: SourceConfig, kind: str) -> list[ReadTask]:
+    """The read tasks of one configured source; raises a clear error when it names nothing readable."""
+    if unset := re.findall(r"\$\{(\w+)\}", source.path):
+        raise ValueError(f"source {source.name}: environment variable {unset[0]} is not set (path {source.path})")
+    if source.format == "hf" or (source.format == "auto" and _looks_like_hub_id(source.path)):
+        return [ReadTask(source.name, kind, source.path, "hf", split) for split in hub_splits(source)]
+    files = list_files(source.path)
+    tasks = []
+    for path in files:
+        fmt = source.format if source.format != "auto" else file_format(path)
+        if fmt is None:
+            if len(files) == 1:
+                raise ValueError(f"{path}: unknown file type; use .jsonl, .json or .parquet (or set format)")
+            continue
+        tasks.append(ReadTask(source.name, kind, path, fmt))
+    if not tasks:
+        raise FileNotFoundError(f"source {source.name}: no .jsonl/.json/.parquet files in {source.path}")
+    return tasks
+
+
+def file_format(path: str) -> str | None:
+    name = path.lower()
+    for ext in COMPRESSIONS:
+        name = name[: -len(ext)] if name.endswith(ext) else name
+    return FILE_FORMATS.get(posixpath.splitext(name)[1])
+
+
+def list_files(path: str) -> list[str]:
+    """A file, every data file under a directory, or a glob; sorted, with the URL scheme kept."""
+    fs, root = fsspec.core.url_to_fs(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    unstrip = (lambda p: p) if protocol in ("file", "local") else (lambda p: f"{protocol}://{p}")
+    if any(c in root for c in "*?["):
+        found = sorted(fs.glob(root))
+    elif fs.isdir(root):
+        found = sorted(p for p in fs.find(root) if file_format(p))
+    elif fs.exists(root):
+        found = [root]
+    else:
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if not found:
+        raise FileNotFoundError(f"{path} matches no files")
+    return [unstrip(p) for p in found]
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    if "://" in path or file_format(path) or not _HUB_ID.match(path):
+        return False
+    return not fsspec.core.url_to_fs(path)[0].exists(path)
+
+
+def hub_splits(source: SourceConfig) -> list[str]:
+    """The chosen splits, or all of the dataset's splits (asks the hub: a clear error when it cannot)."""
+    if source.splits:
+        return list(source.splits)
+    import datasets
+
+    try:
+        return list(datasets.get_dataset_split_names(source.path))
+    except Exception as e:
+        raise RuntimeError(
+            f"source {source.name}: cannot list the splits of Hugging Face dataset {source.path!r} "
+            f"({type(e).__name__}: {e}). Offline? Download its files where the hub is reachable "
+            f"(`hf download {source.path} --repo-type dataset --local-dir DIR`) and pass the local files "
+            "(e.g. DIR/data/*.parquet) instead.") from e
+
+
+# --------------------------------------------------------------------------- readers (workers)
+def read_task(task: ReadTask) -> Iterator[RawItem]:
+    readers = {"jsonl": read_jsonl, "json": read_json_array, "parquet": read_parquet, "hf": read_hub_split}
+    yield from readers[task.format](task)
+
+
+def _open(path: str):
+    return fsspec.open(path, "rb", compression="infer").open()
+
+
+def read_jsonl(task: ReadTask) -> Iterator[RawItem]:
+    offset = 0
+    with _open(task.path) as f:
+        for number, line in enumerate(f, start=1):
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            try:
+                yield RawItem(json.loads(line), task.path, number, start)
+            except ValueError as e:
+                yield RawItem(None, task.path, number, start, error=INVALID_JSON,
+                              raw=_shorten(line.decode("utf-8", "replace")) + f"  [{e}]")
+
+
+def read_json_array(task: ReadTask) -> Iterator[RawItem]:
+    with _open(task.path) as f:
+        yield from iter_json_array(f, task.path)
+
+
+def iter_json_array(f, path: str, chunk_size: int = READ_CHUNK,
+                    max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[RawItem]:
+    """Elements of a top-level JSON array, decoded incrementally (`json.JSONDecoder.raw_decode` over a
+    sliding buffer). Byte offsets are exact. A cut or broken tail is reported once, as a RawItem with an
+    error, its byte offset and the start of its text; everything before it is yielded normally."""
+    reader = _JsonArrayBuffer(f, chunk_size)
+    if not reader.skip_whitespace() or reader.peek() != "[":
+        yield reader.tail(NOT_A_JSON_ARRAY, path, 1, "expected '['")
+        return
+    reader.advance(1)
+    number, expect_value = 0, True
+    while True:
+        if not reader.skip_whitespace():
+            log.warning("%s: JSON array ends after element %d without ']'; no element was cut", path, number)
+            return
+        char = reader.peek()
+        if char == "]":  # (after a ',' too: a trailing comma loses nothing)
+            return
+        if not expect_value:
+            if char != ",":
+                yield reader.tail(TRUNCATED_JSON_ARRAY, path, number + 1, "expected ',' or ']'")
+                return
+            reader.advance(1)
+            expect_value = True
+            continue
+        value = reader.decode_value(max_record_bytes)
+        if value is _INCOMPLETE:
+            yield reader.tail(TRUNCATED_JSON_ARRAY, path, number + 1, "incomplete or invalid JSON element")
+            return
+        number += 1
+        yield RawItem(value[0], path, number, value[1])
+        expect_value = False
+
+
+_INCOMPLETE = object()
+
+
+class _JsonArrayBuffer:
+    """A text window over a binary file that knows the byte offset of its read position."""
+
+    def __init__(self, f, chunk_size: int):
+        import codecs
+
+        self.f, self.chunk_size = f, chunk_size
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.decoder = json.JSONDecoder()
+        self.buf, self.pos, self.byte_pos, self.eof = "", 0, 0, False
+        if self.fill() and self.buf.startswith("\ufeff"):
+            self.advance(1)
+
+    def fill(self) -> bool:
+        if self.eof:
+            return False
+        data = self.f.read(self.chunk_size)
+        self.eof = not data
+        self.buf = self.buf[self.pos:] + self.utf8.decode(data, final=self.eof)
+        self.pos = 0
+        return bool(data)
+
+    def advance(self, n: int) -> None:
+        self.byte_pos += len(self.buf[self.pos:self.pos + n].encode("utf-8"))
+        self.pos += n
+
+    def peek(self) -> str:
+        return self.buf[self.pos]
+
+    def skip_whitespace(self) -> bool:
+        """Moves to the next non-whitespace character; False at the end of the file."""
+        while True:
+            start = self.pos
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            self.byte_pos += self.pos - start  # whitespace is ASCII
+            if self.pos < len(self.buf) or not self.fill():
+                return self.pos < len(self.buf)
+
+    def decode_value(self, max_bytes: int):
+        """(value, byte offset) of the JSON value at the read position, reading more as needed."""
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError:
+                if len(self.buf) - self.pos > max_bytes or not self.fill():
+                    return _INCOMPLETE
+                continue
+            offset = self.byte_pos
+            self.advance(end - self.pos)
+            return value, offset
+
+    def tail(self, reason: str, path: str, number: int, note: str) -> RawItem:
+        while len(self.buf) - self.pos <= RAW_TEXT_LIMIT and self.fill():
+            pass
+        return RawItem(None, path, number, self.byte_pos, error=reason,
+                       raw=_shorten(self.buf[self.pos:]) + f"  [{note} at byte {self.byte_pos}]")
+
+
+def read_parquet(task: ReadTask) -> Iterator[RawItem]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    with fsspec.open(task.path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield RawItem(row, task.path, number)
+
+
+def read_hub_split(task: ReadTask) -> Iterator[RawItem]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(task.path, split=task.split)
+    except Exception as e:
+        raise RuntimeError(
+            f"cannot load split {task.split!r} of Hugging Face dataset {task.path!r} ({type(e).__name__}: {e}). "
+            "Offline? Download the dataset's files where the hub is reachable and pass them as local files.") from e
+    for number, row in enumerate(ds, start=1):
+        yield RawItem(row, f"hf://{task.path}/{task.split}", number, split=task.split)
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= RAW_TEXT_LIMIT else text[:RAW_TEXT_LIMIT] + f"... [{len(text)} characters]"
