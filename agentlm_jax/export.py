@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import posixpath
 from typing import Any, Sequence
 
 import fsspec
+import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
 from agentlm_jax.hf_io import CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES, export_hf, import_hf
 from agentlm_jax.model.config import ModelConfig
-from agentlm_jax.sharding import DEFAULT_RULES, Rules
+from agentlm_jax.sharding import DEFAULT_RULES, MeshConfig, Rules, make_mesh
 
 log = logging.getLogger("agentlm_jax.export")
 
@@ -51,7 +54,11 @@ def load_params(source: str, *, step: int | None = None, runtime: dict[str, Any]
 
         shardings = lambda abstract_params: state_shardings(abstract_params, mesh, rules)  # noqa: E731
     cfg, params = load_model_params(source, step=step, shardings=shardings)
-    return cfg.replace(**(runtime or {})), params
+    cfg = cfg.replace(**(runtime or {}))
+    stored = {x.dtype for x in jax.tree.leaves(params)}
+    if stored != {jnp.dtype(cfg.param_dtype)}:  # e.g. float32 master weights, served in bfloat16
+        params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
+    return cfg, params
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -67,17 +74,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(EXPORT_DTYPES))
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB (default %(default)s)")
     p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (trusted files only)")
+    add_mesh_args(p, fsdp=-1)
     return p.parse_args(argv)
+
+
+def add_mesh_args(p: argparse.ArgumentParser, *, fsdp: int) -> None:
+    p.add_argument("--fsdp", type=int, default=fsdp, help="devices to shard the parameters over "
+                   "(-1 = all the others; default %(default)s)")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices (default %(default)s)")
+
+
+def cli_mesh(args: argparse.Namespace) -> Mesh | None:
+    """The mesh the CLI's --fsdp/--tensor describe (on the first devices if they use fewer); None = 1 device."""
+    known = math.prod(n for n in (args.fsdp, args.tensor) if n != -1)
+    devices = jax.devices() if -1 in (args.fsdp, args.tensor) else jax.devices()[:known]
+    if len(devices) == 1:
+        return None
+    return make_mesh(MeshConfig(data=1, fsdp=args.fsdp, tensor=args.tensor), devices=devices)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     source = args.checkpoint or args.hf
-    cfg, params = load_params(source, step=args.step, allow_pickle=args.allow_pickle)
-    tokenizer = args.tokenizer or (args.hf if args.hf and _has_tokenizer(args.hf) else None)
-    if tokenizer is None and args.checkpoint:
-        tokenizer = _checkpoint_tokenizer(args.checkpoint)
+    cfg, params = load_params(source, step=args.step, mesh=cli_mesh(args), allow_pickle=args.allow_pickle)
+    tokenizer = args.tokenizer or default_tokenizer(source, step=args.step)
     index = export_hf(params, cfg, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                       tokenizer_path=tokenizer)
     log.info("wrote %d tensors (%.2f GB, %s) in %d files to %s", len(index["weight_map"]),
@@ -85,18 +106,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return index
 
 
-def _has_tokenizer(path: str) -> bool:
-    fs, root = fsspec.core.url_to_fs(path)
-    return any(fs.exists(posixpath.join(root, n)) for n in ("tokenizer.json", "tokenizer.model"))
+def default_tokenizer(source: str, *, step: int | None = None) -> str | None:
+    """The tokenizer that goes with a model source: a Hugging Face directory's own tokenizer files, or the
+    tokenizer the training run recorded in its checkpoint; None if neither is known."""
+    if is_hf_dir(source):
+        fs, root = fsspec.core.url_to_fs(source)
+        has_files = any(fs.exists(posixpath.join(root, n)) for n in ("tokenizer.json", "tokenizer.model"))
+        return source if has_files else None
+    from agentlm_jax.checkpointing import tokenizer_path
 
-
-def _checkpoint_tokenizer(checkpoint_dir: str) -> str | None:
-    """The tokenizer the run trained with, if the checkpointing module can tell (else None, with a warning)."""
-    try:
-        from agentlm_jax.checkpointing import tokenizer_path
-    except ImportError:
-        return None
-    return tokenizer_path(checkpoint_dir)
+    return tokenizer_path(source, step)
 
 
 if __name__ == "__main__":

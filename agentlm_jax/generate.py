@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from agentlm_jax.export import add_mesh_args, cli_mesh, default_tokenizer, load_params
 from agentlm_jax.model.config import ModelConfig
 from agentlm_jax.model.kv_cache import KVCache
 from agentlm_jax.model.llama import Llama, abstract_model
@@ -145,6 +147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    add_mesh_args(p, fsdp=1)
     return p.parse_args(argv)
 
 
@@ -158,11 +161,11 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool, system_prom
             for p in prompts]
 
 
-def load_model(source: str, *, step: int | None = None, dtype: str = "float32") -> tuple[ModelConfig, Llama]:
-    """A Llama from a Hugging Face directory or an orbax checkpoint directory, for inference."""
-    from agentlm_jax.export import load_params
-
-    cfg, params = load_params(source, step=step, runtime={"dtype": dtype, "param_dtype": dtype})
+def load_model(source: str, *, step: int | None = None, dtype: str = "float32",
+               mesh: Mesh | None = None) -> tuple[ModelConfig, Llama]:
+    """A Llama from a Hugging Face directory or an orbax checkpoint directory, for inference (parameters
+    stored in the compute dtype, sharded over `mesh` if given)."""
+    cfg, params = load_params(source, step=step, runtime={"dtype": dtype, "param_dtype": dtype}, mesh=mesh)
     graphdef, _ = nnx.split(abstract_model(cfg))
     return cfg, nnx.merge(graphdef, params)
 
@@ -172,8 +175,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     from data_pipeline.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    cfg, model = load_model(args.model, step=args.step, dtype=args.dtype)
+    tokenizer_dir = args.tokenizer or default_tokenizer(args.model, step=args.step)
+    if tokenizer_dir is None:
+        raise SystemExit(f"no tokenizer found with {args.model}; pass --tokenizer DIR")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    cfg, model = load_model(args.model, step=args.step, dtype=args.dtype, mesh=cli_mesh(args))
     prompts = encode_prompts(tokenizer, args.prompt, chat=args.chat, system_prompt=args.system_prompt)
     sampling = (SamplingConfig(greedy=True) if args.greedy else
                 SamplingConfig(greedy=False, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k))

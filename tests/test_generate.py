@@ -14,7 +14,7 @@ from agentlm_jax.generate import Generator, left_pad
 from agentlm_jax.hf_io import load_hf_model
 from agentlm_jax.model.kv_cache import KVCache
 from agentlm_jax.sampling import SamplingConfig, filter_logits, sample
-from tests.test_hf_helpers import hf_checkpoints  # noqa: F401
+from tests.test_hf_helpers import TINY, hf_checkpoints, model_from_params, orbax_run  # noqa: F401
 
 PROMPT_LENGTHS = (5, 12, 1, 30)
 forward = nnx.jit(lambda model, tokens, positions, segment_ids: model(tokens, positions, segment_ids))
@@ -141,13 +141,10 @@ def exported_tiny(tmp_path_factory):
     from data_pipeline.tokenizer import SAMPLE_TOKENIZER_DIR
 
     from agentlm_jax.hf_io import export_hf
-    from agentlm_jax.model.config import ModelConfig
     from agentlm_jax.model.llama import init_model
 
-    cfg = ModelConfig(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                      num_kv_heads=2, initializer_range=0.2)
     path = tmp_path_factory.mktemp("tiny-hf")
-    export_hf(init_model(cfg, seed=3), cfg, str(path), dtype="float32", tokenizer_path=SAMPLE_TOKENIZER_DIR,
+    export_hf(init_model(TINY, seed=3), TINY, str(path), dtype="float32", tokenizer_path=SAMPLE_TOKENIZER_DIR,
               show_progress=False)
     return str(path)
 
@@ -189,3 +186,20 @@ def test_cli_chat_mode_uses_the_pipeline_template(exported_tiny):
                                                              load_tokenizer(exported_tiny))
     assert records[0]["prompt_tokens"] == expected_prompt
     assert records[0]["tokens"] == _hf_greedy(exported_tiny, expected_prompt, 6)
+
+
+def test_cli_generates_from_a_training_checkpoint(orbax_run):
+    from data_pipeline.tokenizer import SAMPLE_TOKENIZER_DIR, load_tokenizer
+
+    from agentlm_jax.generate import main
+
+    directory, saved = orbax_run
+    prompt_ids = load_tokenizer(SAMPLE_TOKENIZER_DIR)("Hello world")["input_ids"]
+    outputs = {}
+    for step, args in ((7, []), (3, ["--step", "3"])):  # tokenizer: the one the run recorded
+        records = main(["--model", directory, "--prompt", "Hello world", "--max-new-tokens", "8", "--greedy", *args])
+        assert records[0]["prompt_tokens"] == prompt_ids
+        expected = Generator(model_from_params(TINY, saved[step]))([prompt_ids], max_new_tokens=8).tokens[0]
+        assert records[0]["tokens"] == expected
+        outputs[step] = expected
+    assert outputs[3] != outputs[7]

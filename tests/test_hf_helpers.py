@@ -73,3 +73,46 @@ def hf_checkpoints(tmp_path_factory):
         save_hf_model(model, path, max_shard_size="100KB" if name == "gqa" else "50GB")
         out[name] = (cfg, model, str(path))
     return out
+
+
+def model_from_params(cfg: ModelConfig, params: dict):
+    """A Llama holding the given parameters (pure dict)."""
+    from flax import nnx
+
+    from agentlm_jax.model.llama import Llama
+
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
+
+
+TINY = ModelConfig(vocab_size=1024, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                   num_kv_heads=2, initializer_range=0.2)  # the bundled tokenizer's vocabulary
+
+
+@pytest.fixture(scope="session")
+def orbax_run(tmp_path_factory):
+    """A training run's checkpoint directory written by the trainer's Checkpointer: steps 3 and 7 with
+    different random parameters. Returns (dir, {step: params pure dict})."""
+    import optax
+    from data_pipeline.tokenizer import SAMPLE_TOKENIZER_DIR
+    from flax import nnx
+
+    from agentlm_jax.checkpointing import Checkpointer
+    from agentlm_jax.config import to_dict
+    from agentlm_jax.model.llama import init_model
+    from agentlm_jax.train_step import init_train_state
+
+    directory = tmp_path_factory.mktemp("run") / "checkpoints"
+    saved = {}
+    with Checkpointer(str(directory), async_save=False) as ckpt:
+        for step, seed in ((3, 1), (7, 2)):
+            params = nnx.state(init_model(TINY, seed=seed), nnx.Param).to_pure_dict()
+            state = init_train_state(params, optax.adamw(1e-3), seed=0)
+            ckpt.save(step, state, run_info={"config": {"model": to_dict(TINY)},
+                                             "tokenizer_path": SAMPLE_TOKENIZER_DIR})
+            saved[step] = params
+        ckpt.wait_until_finished()
+    return str(directory), saved

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from agentlm_jax import hf_io
 from agentlm_jax.export import main as export_main
-from tests.test_hf_helpers import (SMALL, hf_checkpoints, make_hf_model, random_tokens,  # noqa: F401
-                                   save_hf_model, single_segment_inputs, torch_logits)
+from tests.test_hf_helpers import (SMALL, TINY, hf_checkpoints, model_from_params, orbax_run,  # noqa: F401
+                                   random_tokens, save_hf_model, single_segment_inputs, torch_logits)
 
 
 def _hf_tensors(path) -> dict[str, torch.Tensor]:
@@ -201,3 +201,20 @@ def test_exported_real_llama2_tokenizer_matches(hf_checkpoints, imported, tmp_pa
     reference = load_tokenizer(llama2_tokenizer_path)
     for text in TRICKY_TEXTS:
         assert exported(text)["input_ids"] == reference(text)["input_ids"]
+
+
+def test_export_cli_from_training_checkpoint(orbax_run, tmp_path):
+    """Latest step by default, --step picks another; the tokenizer comes from the run; transformers loads it."""
+    from data_pipeline.tokenizer import SAMPLE_TOKENIZER_DIR, load_tokenizer
+
+    directory, saved = orbax_run
+    tokens = random_tokens(TINY, 2, 9, seed=8)
+    for step, args in ((7, []), (3, ["--step", "3"])):
+        out = tmp_path / f"step{step}"
+        export_main(["--checkpoint", directory, "--output", str(out), "--dtype", "float32", *args])
+        loaded, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        expected = model_from_params(TINY, saved[step])(tokens, *single_segment_inputs(tokens))
+        np.testing.assert_allclose(torch_logits(loaded.eval(), tokens), np.asarray(expected), atol=1e-4)
+        exported = transformers.AutoTokenizer.from_pretrained(str(out))
+        assert exported("ls -la")["input_ids"] == load_tokenizer(SAMPLE_TOKENIZER_DIR)("ls -la")["input_ids"]
