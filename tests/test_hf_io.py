@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
 from agentlm_jax import hf_io
 from agentlm_jax.export import main as export_main
-from tests.test_hf_helpers import (SMALL, TINY, hf_checkpoints, model_from_params, orbax_run,  # noqa: F401
+from tests.test_hf_helpers import (TINY, hf_checkpoints, model_from_params, orbax_run,  # noqa: F401
                                    random_tokens, save_hf_model, single_segment_inputs, torch_logits)
 
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from agentlm_jax.hf_io import load_hf_model
-from tests.test_hf_helpers import SMALL, hf_checkpoints, random_tokens, single_segment_inputs, torch_logits  # noqa: F401
+from tests.test_hf_helpers import hf_checkpoints, random_tokens, single_segment_inputs, torch_logits  # noqa: F401
 
 forward = nnx.jit(lambda model, tokens, positions, segment_ids: model(tokens, positions, segment_ids))
 
