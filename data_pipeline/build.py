@@ -138,9 +138,12 @@ def prepare_output(output: str) -> None:
 
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
-    stale = [p for p in fs.ls(root, detail=False)
-             if records.parse_shard_filename(p) or posixpath.basename(p) in (records.MANIFEST_NAME,
-                                                                             records.REJECTED_NAME)]
+    try:
+        existing = fs.ls(root, detail=False)
+    except FileNotFoundError:  # object stores have no empty directories
+        existing = []
+    stale = [p for p in existing if records.parse_shard_filename(p)
+             or posixpath.basename(p) in (records.MANIFEST_NAME, records.REJECTED_NAME)]
     if stale:
         log.info("removing %d files of an earlier build in %s", len(stale), output)
         fs.rm(stale)

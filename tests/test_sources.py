@@ -1,0 +1,108 @@
+"""Input sources: streaming JSON arrays (truncated tails), JSONL, Parquet, Hugging Face datasets, expansion."""
+
+import gzip
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_pipeline.config import SourceConfig
+from data_pipeline.sources import (INVALID_JSON, NOT_A_JSON_ARRAY, TRUNCATED_JSON_ARRAY, ReadTask, expand_source,
+                                   iter_json_array, read_task)
+
+ROWS = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i} ünï 漢 {'x' * i}"},
+                                          {"from": "gpt", "value": f"a{i}"}]} for i in range(40)]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1 << 20])
+def test_json_array_streams_every_element_with_exact_byte_offsets(chunk_size):
+    data = json.dumps(ROWS, indent=1, ensure_ascii=False).encode()
+    items = list(iter_json_array(io.BytesIO(data), "x.json", chunk_size=chunk_size))
+    assert [i.record for i in items] == ROWS and all(i.error is None for i in items)
+    assert [i.number for i in items] == list(range(1, 41))
+    decoder = json.JSONDecoder()
+    for item in items:
+        assert decoder.raw_decode(data[item.byte_offset:].decode())[0] == item.record
+
+
+@pytest.mark.parametrize("chunk_size", [3, 1 << 20])
+def test_truncated_json_array_keeps_complete_records_and_reports_the_tail(chunk_size):
+    data = json.dumps(ROWS, ensure_ascii=False).encode()
+    cut_at = data.index(b'{"id": "r30"') + 25  # in the middle of element 31
+    items = list(iter_json_array(io.BytesIO(data[:cut_at]), "x.json", chunk_size=chunk_size))
+    good, tail = items[:-1], items[-1]
+    assert [i.record for i in good] == ROWS[:30]
+    assert (tail.error, tail.number, tail.byte_offset) == (TRUNCATED_JSON_ARRAY, 31, data.index(b'{"id": "r30"'))
+    assert tail.raw.startswith('{"id": "r30"') and f"byte {tail.byte_offset}" in tail.raw
+
+
+def test_json_array_edge_cases():
+    def read(data: bytes):
+        return list(iter_json_array(io.BytesIO(data), "x.json", chunk_size=4))
+    assert read(b"[]") == [] and read(b"  [ ]  ") == []
+    assert [i.record for i in read(b'\xef\xbb\xbf[{"a": 1}]')] == [{"a": 1}]  # UTF-8 BOM
+    assert [i.record for i in read(b'[{"a": 1},')] == [{"a": 1}]  # cut after a comma: nothing lost
+    bad = read(b'[{"a": 1}, {"a": tru}, {"a": 3}]')
+    assert bad[0].record == {"a": 1} and bad[1].error == TRUNCATED_JSON_ARRAY and bad[1].byte_offset == 11
+    assert read(b'{"a": 1}')[0].error == NOT_A_JSON_ARRAY
+    assert read(b'[{"a": 1} {"a": 2}]')[1].error == TRUNCATED_JSON_ARRAY  # missing comma
+    huge = list(iter_json_array(io.BytesIO(b'[{"a": "' + b"x" * 5000), "x.json", chunk_size=64,
+                                max_record_bytes=1000))
+    assert huge[0].error == TRUNCATED_JSON_ARRAY and len(huge[0].raw) < 25_000
+
+
+def test_jsonl_reports_bad_lines_with_numbers(tmp_path):
+    path = tmp_path / "a.jsonl"
+    lines = [json.dumps(ROWS[0]), "", "{not json", json.dumps(ROWS[1])]
+    path.write_text("\n".join(lines) + "\n")
+    items = list(read_task(ReadTask("s", "general", str(path), "jsonl")))
+    assert [(i.number, i.error) for i in items] == [(1, None), (3, INVALID_JSON), (4, None)]
+    assert items[1].raw.startswith("{not json") and items[1].byte_offset == len(lines[0]) + 2
+    assert items[2].record == ROWS[1]
+
+
+def test_compressed_and_parquet_files(tmp_path):
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in ROWS[:5])
+    pq.write_table(pa.Table.from_pylist(ROWS[5:9]), tmp_path / "b.parquet", row_group_size=2)
+    tasks = expand_source(SourceConfig(str(tmp_path)), "agent")
+    assert [(t.format, t.path.rsplit("/", 1)[-1]) for t in tasks] == [("jsonl", "a.jsonl.gz"), ("parquet", "b.parquet")]
+    got = [i.record for t in tasks for i in read_task(t)]
+    assert got == ROWS[:9]
+    glob_tasks = expand_source(SourceConfig(str(tmp_path / "*.parquet")), "agent")
+    assert [t.format for t in glob_tasks] == ["parquet"]
+
+
+def test_source_specs_and_missing_inputs(tmp_path):
+    assert SourceConfig.parse("gpt4=gs://b/x=1/s.json") == SourceConfig("gs://b/x=1/s.json", "gpt4")
+    assert SourceConfig.parse("THUDM/AgentInstruct:os,db") == SourceConfig("THUDM/AgentInstruct", "THUDM_AgentInstruct",
+                                                                           "hf", ("os", "db"))
+    assert SourceConfig.parse("data/raw/sharegpt.json").name == "sharegpt"
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        expand_source(SourceConfig(str(tmp_path / "missing.jsonl")), "agent")
+    with pytest.raises(ValueError, match="SHAREGPT_UNSET_VAR is not set"):
+        expand_source(SourceConfig("${SHAREGPT_UNSET_VAR}/x.json"), "general")
+
+
+def test_hub_dataset_offline_is_a_clear_error():
+    # tests run with HF_HUB_OFFLINE=1: the hub is unreachable
+    with pytest.raises(RuntimeError, match="cannot list the splits.*THUDM/AgentInstruct.*hf download"):
+        expand_source(SourceConfig("THUDM/AgentInstruct"), "agent")
+
+
+def test_hub_style_dataset_all_or_chosen_splits(tmp_path):
+    """A dataset in the hub's layout (data/{split}-*.parquet, as THUDM/AgentInstruct), read by `datasets`."""
+    (tmp_path / "data").mkdir()
+    for split in ("os", "db", "mind2web"):
+        rows = [{"id": f"{split}_{i}", "conversations": [{"from": "human", "loss": None, "value": "q"},
+                                                         {"from": "gpt", "loss": True, "value": "a"}]}
+                for i in range(3)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+    every = expand_source(SourceConfig.parse(f"hf:{tmp_path}"), "agent")
+    assert sorted(t.split for t in every) == ["db", "mind2web", "os"]
+    chosen = expand_source(SourceConfig.parse(f"ai=hf:{tmp_path}:os,db"), "agent")
+    assert [(t.source, t.split, t.format) for t in chosen] == [("ai", "os", "hf"), ("ai", "db", "hf")]
+    items = list(read_task(chosen[1]))
+    assert [i.record["id"] for i in items] == ["db_0", "db_1", "db_2"] and {i.split for i in items} == {"db"}
