@@ -89,17 +89,23 @@ def test_cached_decoding_equals_full_recomputation(models):
 
 def test_decoding_compiles_once(models):
     compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
-        else None)
+
+    def on_event(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
     generator = Generator(models["mha"], stop_token_ids=[])
-    prompts = _prompts(256, seed=3)
-    generator(prompts, max_new_tokens=3)
-    before = len(compiles)
-    for max_new in (5, 20):  # more steps, other prompts of the same length bucket: nothing new to compile
-        result = generator(_prompts(256, seed=max_new), max_new_tokens=max_new)
-        assert result.steps == max_new and all(len(t) == max_new for t in result.tokens)
-    assert len(compiles) == before
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        generator(_prompts(256, seed=3)[1:], max_new_tokens=3)  # batch of 3: a shape no other test compiles
+        assert compiles  # the listener sees compilations
+        before = len(compiles)
+        for max_new in (5, 20):  # more steps, other prompts of the same length bucket: nothing new to compile
+            result = generator(_prompts(256, seed=max_new)[1:], max_new_tokens=max_new)
+            assert result.steps == max_new and all(len(t) == max_new for t in result.tokens)
+        assert len(compiles) == before
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
 
 
 def test_top_k_and_top_p_keep_exactly_the_right_tokens():
