@@ -105,7 +105,7 @@ def _generate(graphdef, state, tokens, positions, segment_ids, max_new_tokens, s
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
     cache = KVCache.create(model.config, B, capacity)
-    logits, cache = model.decode(tokens, positions, segment_ids, cache)
+    logits, cache = model.decode(tokens, positions, segment_ids, cache, last_only=True)
     rng, step_rng = jax.random.split(rng)
     first = sample(logits[:, -1], step_rng, sampling)
     out = jnp.full((B, capacity - P), pad_id, jnp.int32).at[:, 0].set(first)

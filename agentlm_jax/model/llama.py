@@ -49,11 +49,12 @@ class Llama(nnx.Module):
         h, _ = self._forward(tokens, positions, segment_ids, None)
         return h
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Float32 logits [B,T,V] for T new tokens that follow the `cache.length` cached ones; updated cache."""
+    def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache, *,
+               last_only: bool = False) -> tuple[jax.Array, KVCache]:
+        """Float32 logits [B,T,V] for T new tokens that follow the `cache.length` cached ones; updated cache.
+        `last_only`: logits of the last position only ([B,1,V]; all that sampling needs after a prefill)."""
         h, cache = self._forward(tokens, positions, segment_ids, cache)
-        return self.lm_head(h), cache
+        return self.lm_head(h[:, -1:] if last_only else h), cache
 
     # ------------------------------------------------------------------------------------------- internals
     def _forward(self, tokens, positions, segment_ids, cache: KVCache | None):
