@@ -180,7 +180,11 @@ def write_manifest(_, *, output: str, config: dict, tokenizer: dict, sources: di
 
     manifest = mf.build_manifest(config=config, tokenizer=tokenizer, tally=tally, sources=sources, plan=plan,
                                  shards=shards, shard_counts=shard_counts, rejected_written=rejected_written)
-    with fsspec.open(posixpath.join(output, records.MANIFEST_NAME), "w") as f:
+    for name, content in ((mf.TFDS_FEATURES, mf.tfds_features()),
+                          (mf.TFDS_DATASET_INFO, mf.tfds_dataset_info(manifest))):
+        with fsspec.open(posixpath.join(output, name), "w") as f:
+            f.write(mf.dumps(content))
+    with fsspec.open(posixpath.join(output, records.MANIFEST_NAME), "w") as f:  # last: marks a complete build
         f.write(mf.dumps(manifest))
     return manifest
 

@@ -16,6 +16,7 @@ import time
 from typing import Sequence
 
 from data_pipeline import records
+from data_pipeline.manifest import TFDS_DATASET_INFO, TFDS_FEATURES
 from data_pipeline.config import DEFAULT_OUTPUT, PipelineConfig, SourceConfig, expand_path, load_config
 
 log = logging.getLogger("data_pipeline.build")
@@ -24,6 +25,7 @@ DEFAULT_RUNNER = "DirectRunner"
 DEFAULT_DIRECT_MODE = "multi_processing"
 DEFAULT_DIRECT_WORKERS = 2
 TOKENIZER_SUBDIR = "tokenizer"
+OUTPUT_FILES = (records.MANIFEST_NAME, records.REJECTED_NAME, TFDS_DATASET_INFO, TFDS_FEATURES)
 QUIET_BEAM_LOGGERS = ("apache_beam",)  # Beam's INFO lines (and its workers' relayed warnings) unless --verbose
 
 __all__ = ["DEFAULT_OUTPUT", "build_sample_dataset", "main", "parse_args", "run"]
@@ -142,8 +144,7 @@ def prepare_output(output: str) -> None:
         existing = fs.ls(root, detail=False)
     except FileNotFoundError:  # object stores have no empty directories
         existing = []
-    stale = [p for p in existing if records.parse_shard_filename(p)
-             or posixpath.basename(p) in (records.MANIFEST_NAME, records.REJECTED_NAME)]
+    stale = [p for p in existing if records.parse_shard_filename(p) or posixpath.basename(p) in OUTPUT_FILES]
     if stale:
         log.info("removing %d files of an earlier build in %s", len(stale), output)
         fs.rm(stale)

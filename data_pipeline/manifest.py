@@ -15,6 +15,15 @@ from typing import Iterable
 READ, KEPT, FILTERED, REJECTED, REPAIR, TASK = "read", "kept", "filtered", "rejected", "repair", "task"
 MANIFEST_VERSION = 1
 
+# TensorFlow Datasets metadata, so `tfds.builder_from_directory(OUTPUT)` reads the shards as they are
+# (SplitInfo's `filepathTemplate` matches our file names). Plain JSON: no TensorFlow at runtime.
+TFDS_DATASET_INFO, TFDS_FEATURES = "dataset_info.json", "features.json"
+TFDS_NAME, TFDS_VERSION = "agentlm_data", "1.0.0"
+TFDS_FILEPATH_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.tfrecord"
+_TFDS_TEXT = {"pythonClassName": "tensorflow_datasets.core.features.text_feature.Text", "text": {}}
+_TFDS_INT64_SEQUENCE = {"pythonClassName": "tensorflow_datasets.core.features.tensor_feature.Tensor",
+                        "tensor": {"dtype": "int64", "encoding": "none", "shape": {"dimensions": ["-1"]}}}
+
 
 class Tally(collections.Counter):
     """Event counts keyed by tuples: (READ|KEPT, source), (FILTERED|REJECTED|REPAIR, source, reason),
@@ -86,6 +95,22 @@ def build_manifest(*, config: dict, tokenizer: dict, tally: Tally, sources: dict
         "mix": plan["mix"],
         "splits": split_stats(shards, shard_counts),
     }
+
+
+def tfds_features() -> dict:
+    return {"pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+            "featuresDict": {"features": {"input_ids": _TFDS_INT64_SEQUENCE, "loss_mask": _TFDS_INT64_SEQUENCE,
+                                          "source": _TFDS_TEXT, "task": _TFDS_TEXT, "id": _TFDS_TEXT}}}
+
+
+def tfds_dataset_info(manifest: dict) -> dict:
+    splits = [{"name": split, "filepathTemplate": TFDS_FILEPATH_TEMPLATE,
+               "shardLengths": [str(f["examples"]) for f in entry["files"]],
+               "numBytes": str(sum(f["bytes"] for f in entry["files"]))}
+              for split, entry in manifest["splits"].items()]
+    return {"name": TFDS_NAME, "version": TFDS_VERSION, "fileFormat": "tfrecord", "splits": splits,
+            "description": "agentlm-jax training data: one tokenized, loss-masked conversation per example "
+                           "(see manifest.json)."}
 
 
 def dumps(manifest: dict) -> str:

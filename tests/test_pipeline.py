@@ -78,6 +78,24 @@ def test_every_record_parses_with_tensorflow(sample_build):
         assert tokens == manifest["splits"][split]["tokens"]
 
 
+def test_output_loads_with_tensorflow_datasets(sample_build, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("EPATH_USE_TF", "false")
+    out, manifest = sample_build
+    builder = tfds.builder_from_directory(str(out))
+    for split in ("train", "validation"):
+        assert builder.info.splits[split].num_examples == manifest["splits"][split]["examples"]
+        assert builder.info.splits[split].num_shards == manifest["splits"][split]["shards"]
+    ours = {r.id: r for r in read_records(out, "validation")}
+    theirs = list(tfds.as_numpy(builder.as_dataset(split="validation")))
+    assert len(theirs) == len(ours)
+    for ex in theirs:
+        rec = ours[ex["id"].decode()]
+        np.testing.assert_array_equal(ex["input_ids"], rec.input_ids)
+        np.testing.assert_array_equal(ex["loss_mask"], rec.loss_mask)
+        assert (ex["source"].decode(), ex["task"].decode()) == (rec.source, rec.task)
+
+
 def expected_answers(row: dict) -> list[tuple[str, bool]] | None:
     """(answer, trained) per pair of a clean raw record (strict human/gpt alternation), else None."""
     turns = row["conversations"]
