@@ -35,8 +35,8 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     path: str = "data/sample"  # a data_pipeline output dir (local or gs://); the default is built if missing
-    global_batch: int = 8  # packed sequences per optimizer step, over all hosts
-    max_seq_len: int = 256
+    global_batch: int = 2  # packed sequences per optimizer step, over all hosts
+    max_seq_len: int = 1024  # the sample's agent conversations are 360-1,180 tokens long
     micro_batches: int = 1  # gradient accumulation: the global batch is processed in this many pieces
     packing_bins: int | None = None  # rows open at once for first-fit packing (None: the input pipeline's)
     overlong: str = "truncate"  # conversations longer than max_seq_len + 1 tokens: "truncate" or "drop"
@@ -79,7 +79,7 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 100  # also saved at the end, and on SIGTERM (preemption)
+    every_steps: int = 50  # also saved at the end, and on SIGTERM (preemption)
     keep: int = 2  # the latest checkpoints kept
     async_save: bool = True  # write in the background while training continues
     resume: bool = True  # continue from the latest checkpoint in run_dir/checkpoints if there is one
@@ -88,7 +88,7 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     every_steps: int = 10  # metrics.jsonl / TensorBoard / progress-bar postfix
-    eval_every_steps: int = 100  # validation loss per task; 0 = only at the end; -1 = never
+    eval_every_steps: int = 50  # validation loss per task; 0 = only at the end; -1 = never
     eval_batches: int | None = 8  # validation batches per evaluation (None: the whole split)
     tensorboard: bool = True
     progress_bar: bool = True
@@ -116,7 +116,7 @@ class TrainConfig:
     logging: LoggingConfig = LoggingConfig()
     export: ExportConfig = ExportConfig()
     run_dir: str = "runs/tiny"  # checkpoints/, metrics.jsonl, tensorboard/, config.yaml, hf/ (local or gs://)
-    steps: int = 300  # optimizer steps
+    steps: int = 150  # optimizer steps
     seed: int = 0  # parameter init (random) and data order
     init_from: str | None = None  # a Hugging Face Llama directory (local or gs://); None: random init
     distributed: str = "auto"  # jax.distributed.initialize(): auto (on TPU pods / cluster env), on, off

@@ -152,7 +152,14 @@ class Trainer:
         """Parameters from `init_from` (a Hugging Face Llama dir) or random, and a fresh optimizer state."""
         cfg = self.cfg
         if cfg.init_from:
-            from agentlm_jax.hf_io import import_hf
+            from agentlm_jax.hf_io import CONFIG_NAME, import_hf
+
+            fs, root = fsspec.core.url_to_fs(cfg.init_from)
+            if not fs.exists(posixpath.join(root, CONFIG_NAME)):
+                raise FileNotFoundError(
+                    f"init_from={cfg.init_from}: no {CONFIG_NAME} there. Point it at a Hugging Face Llama "
+                    f"directory, e.g. `hf download meta-llama/Llama-2-7b-chat-hf --local-dir DIR`, or set "
+                    f"init_from=null for random weights")
 
             _, params = import_hf(cfg.init_from, base=cfg.model, mesh=self.mesh, rules=self.rules,
                                   show_progress=self.is_main)
