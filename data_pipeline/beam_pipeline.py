@@ -1,12 +1,15 @@
-"""The Apache Beam graph: read → normalise → de-duplicate → tokenize → mix → split → write shards + manifest.
+"""The Apache Beam graph: read → (spread) → parse, normalise, tokenize → plan → place → write shards + manifest.
 
-    ReadTasks ─Reshuffle─► ReadAndNormalize ─► GroupByKey(source, id) ─► KeepFirst ─► BatchElements ─► Encode
-                                 │ rejected rows                │ duplicates            │ too long
-    Encode ─► keys ─► CombineGlobally(list) ─► make_plan ══════(side input)══╗
-    Encode ─────────────────────────────────────────────────────────────► Place ─► GroupByKey(split, shard)
-                                                                                  ─► WriteShard ─► stats
-    all accounting tallies ─► CombineGlobally(sum) ═╗   rejected rows ─► WriteRejected
-                                                    ╚═► WriteManifest (after every shard is written)
+    ReadTasks ─► ReadBatches ─Reshuffle─► Encode ─┬─► keys ─► CombineGlobally(concat) ─► make_plan ═╗ (side input)
+                                                  │                                                 ║
+                                                  └─► Place (drops duplicates and undrawn examples) ◄╝
+                                                        ─► GroupByKey(split, shard) ─► WriteShard ─► shard stats
+    tallies (every step) ─► CombineGlobally(sum) ═╗   rejected rows ─► WriteRejected (one file, sorted)
+                                                  ╚═► WriteManifest (after every shard is written)
+
+Elements are batches of records, not records: Beam's cost per element (pickling, gRPC between worker
+processes, DoFn dispatch) is then paid once per few hundred conversations, and each tokenizer call
+gets a whole batch. Reading is sequential per file (streamed); everything after it runs on all workers.
 
 Every decision that could depend on the runner is a function of (seed, source, id) (see mixing.py), and
 each shard's records are sorted by a hash before writing, so the output bytes are the same on any runner
@@ -15,35 +18,49 @@ with any number of workers. Shards are written by us through fsspec (local or gs
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import posixpath
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import apache_beam as beam
-from apache_beam.transforms.window import GlobalWindows
 
 from data_pipeline import manifest as mf
 from data_pipeline import mixing, records
 from data_pipeline.chat_template import ChatEncoder
 from data_pipeline.config import PipelineConfig
 from data_pipeline.normalize import REJECTED, Conversation, Dropped, normalize
-from data_pipeline.sources import ReadTask, RawItem, read_task
+from data_pipeline.sources import RawItem, ReadTask, read_task
 
 log = logging.getLogger(__name__)
 
-DUPLICATE_ID = "duplicate_id"
 TRUNCATED_TRAILING_PAIRS = "dropped_trailing_pairs_over_max_seq_len"
-SPLIT_SHARDS = ("train", "validation")
+READ_BATCH = 256  # records per element between the reader and the encoder
 
 
 @dataclasses.dataclass(frozen=True)
-class EncodedExample:
-    key: mixing.ExampleKey
+class RawBatch:
+    task: ReadTask
+    items: list[RawItem]
+
+
+class EncodedRow(NamedTuple):
+    """One encoded conversation. Only str/bytes/int fields, so Beam's coder encodes it without pickling."""
+    source: str
+    kind: str
+    task: str
+    id: str
+    file: str  # (file, number): the record's place in the input; decides which of duplicate ids is kept
+    number: int
     payload: bytes  # the serialized tf.train.Example
     tokens: int
     loss_tokens: int
+
+    @property
+    def key(self) -> mixing.ExampleKey:
+        return mixing.ExampleKey(self.source, self.kind, self.task, self.id)
 
 
 def rejected_row(item: RawItem, source: str, dropped: Dropped) -> dict:
@@ -60,91 +77,96 @@ def rejected_row(item: RawItem, source: str, dropped: Dropped) -> dict:
     return row
 
 
-class ReadAndNormalize(beam.DoFn):
-    """One read task → ((source, id), Conversation); rejected rows and the tally on tagged outputs."""
-    REJECTED_ROWS, TALLY = "rejected", "tally"
+class ReadBatches(beam.DoFn):
+    """A read task → RawBatches of up to `batch_size` records (streamed, so a file is never held whole)."""
 
-    def __init__(self, reward_thresholds: dict[str, float]):
-        self.reward_thresholds = reward_thresholds
+    def __init__(self, batch_size: int = READ_BATCH):
+        self.batch_size = batch_size
 
-    def threshold(self, task: str) -> float:
-        return self.reward_thresholds.get(task, self.reward_thresholds["default"])
-
-    def process(self, task: ReadTask) -> Iterator:
-        tally = mf.Tally()
+    def process(self, task: ReadTask) -> Iterator[RawBatch]:
+        batch = []
         for item in read_task(task):
-            tally.read(task.source)
-            result, repairs = normalize(item, task.source, task.kind, self.threshold)
-            tally.repairs(task.source, repairs)
-            if isinstance(result, Conversation):
-                yield (result.source, result.id), result
-                continue
-            tally.drop(result.bucket, task.source, result.reason)
-            if result.bucket == REJECTED:
-                yield beam.pvalue.TaggedOutput(self.REJECTED_ROWS, rejected_row(item, task.source, result))
-        yield beam.pvalue.TaggedOutput(self.TALLY, tally)
-
-
-class KeepFirstOfDuplicates(beam.DoFn):
-    """Of records sharing (source, id), keeps the first in input order (file, record number)."""
-
-    def process(self, keyed) -> Iterator:
-        _, convs = keyed
-        convs = sorted(convs, key=lambda c: c.location)
-        yield convs[0]
-        if len(convs) > 1:
-            tally = mf.Tally()
-            for dup in convs[1:]:
-                tally.drop(mf.FILTERED, dup.source, DUPLICATE_ID)
-            yield beam.pvalue.TaggedOutput("tally", tally)
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield RawBatch(task, batch)
+                batch = []
+        if batch:
+            yield RawBatch(task, batch)
 
 
 class Encode(beam.DoFn):
-    """A batch of conversations → EncodedExamples, one batched call of the fast tokenizer."""
+    """A RawBatch → its EncodedRows (one list element): parse, validate/normalise, reward filter, then one
+    batched call of the fast tokenizer for the chat template and loss mask. Rejected rows and the tally go
+    to tagged outputs."""
+    REJECTED_ROWS, TALLY = "rejected", "tally"
 
-    def __init__(self, tokenizer: tuple[str, int, int], max_seq_len: int, system_prompt: str):
+    def __init__(self, tokenizer: tuple[str, int, int], max_seq_len: int, system_prompt: str,
+                 reward_thresholds: dict[str, float]):
         self.tokenizer, self.max_seq_len, self.system_prompt = tokenizer, max_seq_len, system_prompt
+        self.reward_thresholds = reward_thresholds
         self.encoder = None
 
     def setup(self):
         self.encoder = ChatEncoder.from_serialized(*self.tokenizer, max_seq_len=self.max_seq_len)
 
-    def process(self, batch: list[Conversation]) -> Iterator:
-        tally = mf.Tally()
-        encoded = self.encoder.encode_batch([(c.pairs, c.system or self.system_prompt) for c in batch])
-        for conv, enc in zip(batch, encoded):
+    def threshold(self, task: str) -> float:
+        return self.reward_thresholds.get(task, self.reward_thresholds["default"])
+
+    def process(self, batch: RawBatch) -> Iterator:
+        source, kind = batch.task.source, batch.task.kind
+        tally, rejected, convs = mf.Tally(), [], []
+        tally.read(source, len(batch.items))
+        for item in batch.items:
+            item = item.parsed()
+            result, repairs = normalize(item, source, kind, self.threshold)
+            tally.repairs(source, repairs)
+            if isinstance(result, Conversation):
+                convs.append(result)
+                continue
+            tally.drop(result.bucket, source, result.reason)
+            if result.bucket == REJECTED:
+                rejected.append(rejected_row(item, source, result))
+        rows = []
+        encoded = self.encoder.encode_batch([(c.pairs, c.system or self.system_prompt) for c in convs])
+        for conv, enc in zip(convs, encoded):
             if isinstance(enc, str):
-                tally.drop(mf.FILTERED, conv.source, enc)
+                tally.drop(mf.FILTERED, source, enc)
                 continue
             if enc.pairs_dropped:
-                tally.repairs(conv.source, [TRUNCATED_TRAILING_PAIRS])
-            record = records.Record(enc.input_ids, enc.loss_mask, conv.kind, conv.task, conv.id)
-            key = mixing.ExampleKey(conv.source, conv.kind, conv.task, conv.id)
-            yield EncodedExample(key, records.encode_example(record), len(enc.input_ids), int(enc.loss_mask.sum()))
-        yield beam.pvalue.TaggedOutput("tally", tally)
+                tally.repairs(source, [TRUNCATED_TRAILING_PAIRS])
+            payload = records.encode_fields(enc.ids, enc.mask, kind, conv.task, conv.id)
+            rows.append(tuple(EncodedRow(source, kind, conv.task, conv.id, conv.file, conv.number, payload,
+                                         len(enc.ids), enc.mask.count(1))))
+        yield rows
+        if rejected:
+            yield beam.pvalue.TaggedOutput(self.REJECTED_ROWS, rejected)
+        yield beam.pvalue.TaggedOutput(self.TALLY, tally)
 
 
 class Place(beam.DoFn):
-    """Applies the plan: drops examples the mix does not draw, assigns split and shard, orders by hash."""
+    """Applies the plan to a batch: drops duplicates and examples the mix does not draw, assigns split and
+    shard; emits ((split, shard), rows) per shard the batch touches."""
 
-    def __init__(self, seed: int, shard_counts: dict[str, int]):
-        self.seed, self.shard_counts = seed, shard_counts
+    def __init__(self, shard_counts: dict[str, int]):
+        self.shard_counts = shard_counts
 
-    def start_bundle(self):
-        self.tally = mf.Tally()
-
-    def process(self, example: EncodedExample, plan: dict) -> Iterator:
-        key = example.key
-        if not mixing.is_selected(plan["mix_threshold"], self.seed, key):
-            self.tally.drop(mf.FILTERED, key.source, mixing.NOT_SAMPLED)
-            return
-        self.tally.kept(key.source, key.task)
-        split = mixing.split_of(plan, key)
-        shard = mixing.shard_of(self.seed, key, self.shard_counts[split])
-        yield (split, shard), (mixing.order_key(self.seed, key), example.payload, example.tokens, example.loss_tokens)
-
-    def finish_bundle(self):
-        yield beam.pvalue.TaggedOutput("tally", GlobalWindows.windowed_value(self.tally))
+    def process(self, rows: list[tuple], plan: dict) -> Iterator:
+        seed, tally = plan["seed"], mf.Tally()
+        shards = collections.defaultdict(list)
+        for row in map(EncodedRow._make, rows):
+            key = row.key
+            if (key.source, key.id, row.file, row.number) in plan["duplicates"]:
+                tally.drop(mf.FILTERED, key.source, mixing.DUPLICATE_ID)
+                continue
+            if not mixing.is_selected(plan["mix_threshold"], seed, key):
+                tally.drop(mf.FILTERED, key.source, mixing.NOT_SAMPLED)
+                continue
+            tally.kept(key.source, key.task)
+            split = mixing.split_of(plan, key)
+            shard = mixing.shard_of(seed, key, self.shard_counts[split])
+            shards[(split, shard)].append((mixing.order_key(seed, key), row.payload, row.tokens, row.loss_tokens))
+        yield from shards.items()
+        yield beam.pvalue.TaggedOutput("tally", tally)
 
 
 class WriteShard(beam.DoFn):
@@ -154,8 +176,8 @@ class WriteShard(beam.DoFn):
     def process(self, keyed) -> Iterator[dict]:
         import fsspec
 
-        (split, index), values = keyed
-        rows = sorted((v for v in values if v is not None), key=lambda v: v[0])
+        (split, index), groups = keyed
+        rows = sorted((row for group in groups for row in group), key=lambda r: r[0])
         data = b"".join(records.frame_record(payload) for _, payload, _, _ in rows)
         name = records.shard_filename(split, index, self.shard_counts[split])
         with fsspec.open(posixpath.join(self.output, name), "wb") as f:
@@ -167,7 +189,7 @@ class WriteShard(beam.DoFn):
 def write_rejected(keyed, output: str) -> int:
     import fsspec
 
-    rows = sorted((r for r in keyed[1] if r is not None), key=lambda r: (r["source"], r["file"], r["number"]))
+    rows = sorted((r for group in keyed[1] for r in group), key=lambda r: (r["source"], r["file"], r["number"]))
     with fsspec.open(posixpath.join(output, records.REJECTED_NAME), "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, default=repr) + "\n")
@@ -207,6 +229,30 @@ class SumTallies(beam.CombineFn):
         return acc
 
 
+class ConcatLists(beam.CombineFn):
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, items):
+        acc.extend(items)
+        return acc
+
+    def merge_accumulators(self, accs):
+        return [x for acc in accs for x in acc]
+
+    def extract_output(self, acc):
+        return acc
+
+
+def plan_from_keys(keys: list[tuple], cfg: PipelineConfig) -> dict:
+    """The plan from every row's (source, kind, task, id, file, number)."""
+    keys, duplicates = mixing.drop_duplicates((mixing.ExampleKey(*k[:4]), k[4:]) for k in keys)
+    weights = dict(zip([s.name for s in cfg.general], cfg.general_weights)) if cfg.general_weights else None
+    return mixing.make_plan(keys, seed=cfg.seed, eta=cfg.eta, general_weights=weights,
+                            validation_fraction=cfg.validation_fraction, agent_sources=[s.name for s in cfg.agent],
+                            general_sources=[s.name for s in cfg.general], duplicates=duplicates)
+
+
 def shard_counts(cfg: PipelineConfig) -> dict[str, int]:
     return {"train": cfg.num_shards, "validation": cfg.num_validation_shards}
 
@@ -217,36 +263,27 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
     `tokenizer`: `chat_template.serialize_tokenizer(...)` (workers need neither transformers nor the files)."""
     counts = shard_counts(cfg)
     sources = {s.name: "agent" for s in cfg.agent} | {s.name: "general" for s in cfg.general}
-    weights = dict(zip([s.name for s in cfg.general], cfg.general_weights)) if cfg.general_weights else None
 
-    read = (p | "ReadTasks" >> beam.Create(read_tasks) | "SpreadTasks" >> beam.Reshuffle()
-            | "ReadAndNormalize" >> beam.ParDo(ReadAndNormalize(cfg.reward_thresholds)).with_outputs(
-                ReadAndNormalize.REJECTED_ROWS, ReadAndNormalize.TALLY, main="conversations"))
-    unique = (read.conversations | "GroupById" >> beam.GroupByKey()
-              | "KeepFirst" >> beam.ParDo(KeepFirstOfDuplicates()).with_outputs("tally", main="conversations"))
-    encoded = (unique.conversations
-               | "Batch" >> beam.BatchElements(min_batch_size=8, max_batch_size=cfg.tokenize_batch_size)
-               | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt))
-               .with_outputs("tally", main="examples"))
-    plan = (encoded.examples | "Keys" >> beam.Map(lambda e: e.key)
-            | "GatherKeys" >> beam.combiners.ToList()
-            | "Plan" >> beam.Map(lambda keys: mixing.make_plan(
-                keys, seed=cfg.seed, eta=cfg.eta, general_weights=weights,
-                validation_fraction=cfg.validation_fraction, agent_sources=[s.name for s in cfg.agent],
-                general_sources=[s.name for s in cfg.general])))
-    placed = (encoded.examples | "Place" >> beam.ParDo(Place(cfg.seed, counts), beam.pvalue.AsSingleton(plan))
+    encoded = (p | "ReadTasks" >> beam.Create(read_tasks) | "SpreadTasks" >> beam.Reshuffle()
+               | "ReadBatches" >> beam.ParDo(ReadBatches()) | "SpreadBatches" >> beam.Reshuffle()
+               | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds))
+               .with_outputs(Encode.REJECTED_ROWS, Encode.TALLY, main="rows"))
+    plan = (encoded.rows | "Keys" >> beam.Map(lambda rows: [r[:6] for r in rows])
+            | "GatherKeys" >> beam.CombineGlobally(ConcatLists())
+            | "Plan" >> beam.Map(plan_from_keys, cfg=cfg))
+    placed = (encoded.rows | "Place" >> beam.ParDo(Place(counts), beam.pvalue.AsSingleton(plan))
               .with_outputs("tally", main="placed"))
-    every_shard = p | "AllShards" >> beam.Create([((split, i), None) for split, n in counts.items() for i in range(n)])
+    every_shard = p | "AllShards" >> beam.Create([((split, i), []) for split, n in counts.items() for i in range(n)])
     shards = ((placed.placed, every_shard) | "WithEmptyShards" >> beam.Flatten()
               | "GroupByShard" >> beam.GroupByKey()
               | "WriteShard" >> beam.ParDo(WriteShard(cfg.output, counts)))
-    rejected_written = ((read[ReadAndNormalize.REJECTED_ROWS] | "KeyRejected" >> beam.Map(lambda r: (None, r)),
-                         p | "RejectedFile" >> beam.Create([(None, None)]))  # written even when empty
+    rejected_written = ((encoded[Encode.REJECTED_ROWS] | "KeyRejected" >> beam.Map(lambda rows: (None, rows)),
+                         p | "RejectedFile" >> beam.Create([(None, [])]))  # written even when empty
                         | "FlattenRejected" >> beam.Flatten()
                         | "GatherRejected" >> beam.GroupByKey()
                         | "WriteRejected" >> beam.Map(write_rejected, output=cfg.output))
     rejected_count = rejected_written | "CountRejected" >> beam.CombineGlobally(sum)
-    tally = ((read[ReadAndNormalize.TALLY], unique.tally, encoded.tally, placed.tally)
+    tally = ((encoded[Encode.TALLY], placed.tally)
              | "FlattenTallies" >> beam.Flatten() | "SumTallies" >> beam.CombineGlobally(SumTallies()))
     _ = (p | "Once" >> beam.Create([None])
          | "WriteManifest" >> beam.Map(
@@ -258,4 +295,3 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
 
 def manifest_config(cfg: PipelineConfig) -> dict:
     return json.loads(json.dumps(cfg.to_dict()))
-

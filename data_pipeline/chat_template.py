@@ -40,10 +40,18 @@ class Pair:
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-    input_ids: np.ndarray  # int32 [T]
-    loss_mask: np.ndarray  # int32 [T]
+    ids: list[int]  # the tokenized conversation (plain lists: what the record encoder consumes)
+    mask: list[int]  # 0/1 loss mask, same length
     pairs_kept: int
     pairs_dropped: int  # trailing pairs dropped to fit max_seq_len
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return np.asarray(self.ids, np.int32)
+
+    @property
+    def loss_mask(self) -> np.ndarray:
+        return np.asarray(self.mask, np.int32)
 
 
 def user_prompt(user: str, system_prompt: str | None) -> str:
@@ -106,11 +114,10 @@ class ChatEncoder:
 
     def _block(self, encoding, answer_start: int, loss: bool) -> tuple[list[int], list[int]]:
         ids = [self.bos_id, *encoding.ids, self.eos_id]
-        if loss:
-            mask = [0] + [int(begin >= answer_start) for begin, _ in encoding.offsets] + [1]
-        else:
-            mask = [0] * len(ids)
-        return ids, mask
+        if not loss:
+            return ids, [0] * len(ids)
+        first = answer_token(encoding, answer_start)
+        return ids, [0] * (first + 1) + [1] * (len(ids) - first - 1)
 
     def _join(self, blocks: list[tuple[list[int], list[int]]]) -> Encoded | str:
         ids, mask, kept = [], [], 0
@@ -122,14 +129,24 @@ class ChatEncoder:
             kept += 1
         if kept == 0:
             return FIRST_PAIR_TOO_LONG
-        if not any(mask):
+        if 1 not in mask:
             return NO_LOSS_AFTER_TRUNCATION
-        return Encoded(np.asarray(ids, np.int32), np.asarray(mask, np.int32), kept, len(blocks) - kept)
+        return Encoded(ids, mask, kept, len(blocks) - kept)
 
 
 def serialize_tokenizer(tokenizer) -> tuple[str, int, int]:
     """(Rust tokenizer JSON, BOS id, EOS id): what `ChatEncoder.from_serialized` needs."""
     return tokenizer.backend_tokenizer.to_str(), tokenizer.bos_token_id, tokenizer.eos_token_id
+
+
+def answer_token(encoding, answer_start: int) -> int:
+    """Index of the first token that begins at or after character `answer_start` (the space before the
+    answer), from the tokenizer's character offsets; the token count if there is none."""
+    n = len(encoding.ids)
+    k = encoding.char_to_token(answer_start)
+    if k is None:  # the character maps to no token (e.g. dropped by a normalizer): scan the offsets
+        return next((i for i, (begin, _) in enumerate(encoding.offsets) if begin >= answer_start), n)
+    return k if encoding.token_to_chars(k)[0] >= answer_start else k + 1
 
 
 _encoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -168,6 +185,6 @@ def encode_generation_prompt(messages: Sequence[dict], tokenizer,
     ids: list[int] = []
     if pairs:
         done = encoder.encode_batch([(pairs, system_prompt)])[0]
-        ids = done.input_ids.tolist()
+        ids = done.ids
     last = render_generation_prompt(messages[-1]["content"], system_prompt if not pairs else None)
     return ids + [encoder.bos_id, *encoder.encode_texts([last])[0].ids]

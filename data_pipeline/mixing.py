@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MIX, SPLIT, SHARD, ORDER = "mix", "validation", "shard", "order"
 NOT_SAMPLED = "not_sampled_for_mix"
+DUPLICATE_ID = "duplicate_id"
 
 
 def stable_hash(seed: int, purpose: str, source: str, record_id: str) -> int:
@@ -97,10 +98,28 @@ def validation_count(n: int, fraction: float) -> int:
     return min(n - 1, max(1, round(fraction * n)))
 
 
+def drop_duplicates(keyed: Iterable[tuple[ExampleKey, tuple[str, int]]]) -> tuple[list[ExampleKey], set[tuple]]:
+    """Of examples sharing (source, id), keeps the first in input order (its (file, record number)
+    location); returns (the kept keys, {(source, id, file, number)} of the others)."""
+    first: dict[tuple[str, str], tuple[tuple[str, int], ExampleKey]] = {}
+    duplicates = set()
+    for key, location in keyed:
+        name = (key.source, key.id)
+        if name in first and first[name][0] <= tuple(location):
+            duplicates.add((*name, *location))
+            continue
+        if name in first:
+            duplicates.add((*name, *first[name][0]))
+        first[name] = (tuple(location), key)
+    return [key for _, key in first.values()], duplicates
+
+
 def make_plan(keys: Iterable[ExampleKey], *, seed: int, eta: float, general_weights: dict[str, float] | None,
-              validation_fraction: float, agent_sources: list[str], general_sources: list[str]) -> dict:
-    """The global decisions from the keys of all encoded examples: per-source mix thresholds (or
-    "all"/"none"), per-task validation thresholds, and the mix's numbers for the manifest."""
+              validation_fraction: float, agent_sources: list[str], general_sources: list[str],
+              duplicates: set[tuple] = frozenset()) -> dict:
+    """The global decisions from the keys of all (de-duplicated) encoded examples: per-source mix
+    thresholds (or "all"/"none"), per-task validation thresholds, and the mix's numbers for the manifest.
+    `duplicates` (from drop_duplicates) is carried along for the placement step."""
     keys = list(keys)
     by_source: dict[str, list[ExampleKey]] = {s: [] for s in agent_sources + general_sources}
     for key in keys:
@@ -138,6 +157,7 @@ def make_plan(keys: Iterable[ExampleKey], *, seed: int, eta: float, general_weig
                   for task, ks in sorted(selected.items())}
     return {
         "seed": seed,
+        "duplicates": set(duplicates),
         "mix_threshold": mix,
         "validation_threshold": validation,
         "mix": {

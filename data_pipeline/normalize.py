@@ -73,6 +73,7 @@ class _Reject(Exception):
 
 def normalize(item: RawItem, source: str, kind: str, reward_thresholds) -> tuple[Conversation | Dropped, tuple[str, ...]]:
     """(Conversation or Dropped, sorted repair kinds). `reward_thresholds(task) -> float`."""
+    item = item.parsed()
     if item.error:
         return Dropped(REJECTED, item.error), ()
     repairs: set[str] = set()

@@ -5,8 +5,9 @@ array keeps its complete records and reports the cut tail), Parquet (pyarrow, ba
 Hugging Face datasets through `datasets` (one read task per split). Files are local or any fsspec URL
 (`gs://` through gcsfs); `.gz`/`.zst` etc. are decompressed on the fly.
 
-A reader yields `RawItem`s: the parsed record (or `None` with an error and the raw text), its location
-(file, 1-based record number, byte offset where known) and the HF split it came from.
+A reader yields `RawItem`s: the parsed record (or `None` with an error and the raw text; JSONL lines are
+parsed later, by `RawItem.parsed()` on the workers), its location (file, 1-based record number, byte
+offset where known) and the HF split it came from.
 """
 
 from __future__ import annotations
@@ -55,6 +56,17 @@ class RawItem:
     split: str | None = None
     error: str | None = None  # a rejection reason when the input could not be parsed
     raw: str | None = None  # the unparseable text (shortened to RAW_TEXT_LIMIT)
+    line: bytes | None = None  # a JSONL line not parsed yet (parsing happens on the workers: `parsed()`)
+
+    def parsed(self) -> "RawItem":
+        """This item with `line` parsed into `record`, or with an `invalid_json` error."""
+        if self.line is None:
+            return self
+        try:
+            return RawItem(json.loads(self.line), self.file, self.number, self.byte_offset, self.split)
+        except ValueError as e:
+            return dataclasses.replace(self, line=None, error=INVALID_JSON,
+                                       raw=_shorten(self.line.decode("utf-8", "replace").rstrip("\n")) + f"  [{e}]")
 
 
 # --------------------------------------------------------------------------- expansion (launcher)
@@ -140,13 +152,8 @@ def read_jsonl(task: ReadTask) -> Iterator[RawItem]:
     with _open(task.path) as f:
         for number, line in enumerate(f, start=1):
             start, offset = offset, offset + len(line)
-            if not line.strip():
-                continue
-            try:
-                yield RawItem(json.loads(line), task.path, number, start)
-            except ValueError as e:
-                yield RawItem(None, task.path, number, start, error=INVALID_JSON,
-                              raw=_shorten(line.decode("utf-8", "replace")) + f"  [{e}]")
+            if line.strip():
+                yield RawItem(None, task.path, number, start, line=line)
 
 
 def read_json_array(task: ReadTask) -> Iterator[RawItem]:

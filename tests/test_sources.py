@@ -57,7 +57,7 @@ def test_jsonl_reports_bad_lines_with_numbers(tmp_path):
     path = tmp_path / "a.jsonl"
     lines = [json.dumps(ROWS[0]), "", "{not json", json.dumps(ROWS[1])]
     path.write_text("\n".join(lines) + "\n")
-    items = list(read_task(ReadTask("s", "general", str(path), "jsonl")))
+    items = [i.parsed() for i in read_task(ReadTask("s", "general", str(path), "jsonl"))]
     assert [(i.number, i.error) for i in items] == [(1, None), (3, INVALID_JSON), (4, None)]
     assert items[1].raw.startswith("{not json") and items[1].byte_offset == len(lines[0]) + 2
     assert items[2].record == ROWS[1]
@@ -69,7 +69,7 @@ def test_compressed_and_parquet_files(tmp_path):
     pq.write_table(pa.Table.from_pylist(ROWS[5:9]), tmp_path / "b.parquet", row_group_size=2)
     tasks = expand_source(SourceConfig(str(tmp_path)), "agent")
     assert [(t.format, t.path.rsplit("/", 1)[-1]) for t in tasks] == [("jsonl", "a.jsonl.gz"), ("parquet", "b.parquet")]
-    got = [i.record for t in tasks for i in read_task(t)]
+    got = [i.parsed().record for t in tasks for i in read_task(t)]
     assert got == ROWS[:9]
     glob_tasks = expand_source(SourceConfig(str(tmp_path / "*.parquet")), "agent")
     assert [t.format for t in glob_tasks] == ["parquet"]

@@ -1,0 +1,158 @@
+"""Preprocessing benchmark: the Beam pipeline versus a plain single-process `datasets.map`.
+
+    python -m bench.bench_pipeline                                # 1k, 10k, 40k conversations, tiny tokenizer
+    python -m bench.bench_pipeline --tokenizer $AGENTLM_LLAMA2_TOKENIZER   # the real Llama 2 tokenizer
+    python -m bench.bench_pipeline --sizes 500,2000               # a quick smoke run
+
+Input: the bundled sample's conversations that the pipeline keeps (AgentInstruct format: agent trajectories
+with their `loss` flags, ShareGPT chats), repeated with fresh ids to N conversations in one JSONL file.
+
+  datasets.map   `datasets.load_dataset("json")` + `Dataset.map(batched=True)` in one process, doing the same
+                 tokenize + mask (the same ChatEncoder: one batched fast-tokenizer call per batch); caching off,
+                 in memory. This is what a user would write without a pipeline.
+  Beam           the whole `python -m data_pipeline.build` run on that file with η = 1 (every conversation
+                 is kept): read, validate, de-duplicate, tokenize + mask, mix, split, write TFRecord shards
+                 and the manifest. DirectRunner with `--direct_running_mode` multi_processing and 2 workers
+                 (the default); with `--modes` also in_memory (one process).
+Times are wall-clock seconds including start-up (Beam's worker processes). Both sides must produce the same
+number of tokens (checked). Records/s = conversations / seconds; tokens/s = output tokens / seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+
+from data_pipeline.sample_data import make_sample_data as sample
+
+log = logging.getLogger("bench_pipeline")
+
+
+def sample_conversations() -> list[dict]:
+    """The sample records the pipeline keeps, in AgentInstruct format (human/gpt turns with `loss`)."""
+    from data_pipeline.config import PipelineConfig
+    from data_pipeline.normalize import Conversation, normalize
+    from data_pipeline.sources import ReadTask, read_task
+
+    cfg = PipelineConfig()
+    out = []
+    for src, kind in [(s, "agent") for s in cfg.agent] + [(s, "general") for s in cfg.general]:
+        fmt = "jsonl" if src.path.endswith(".jsonl") else "json"
+        for item in read_task(ReadTask(src.name, kind, src.path, fmt)):
+            conv, _ = normalize(item, src.name, kind, cfg.reward_threshold)
+            if isinstance(conv, Conversation):
+                turns = []
+                for p in conv.pairs:
+                    turns += [{"from": "human", "loss": None, "value": p.user},
+                              {"from": "gpt", "loss": p.loss, "value": p.assistant}]
+                out.append({"id": conv.id, "task": conv.task, "conversations": turns})
+    return out
+
+
+def write_scaled(rows: list[dict], n: int, path: str) -> None:
+    with open(path, "w") as f:
+        for i in range(n):
+            row = rows[i % len(rows)]
+            f.write(json.dumps({**row, "id": f"{row['id']}_r{i // len(rows)}"}, ensure_ascii=False) + "\n")
+
+
+def run_datasets_map(path: str, tokenizer_path: str, max_seq_len: int, batch_size: int) -> tuple[float, int]:
+    import datasets
+
+    from data_pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, ChatEncoder, Pair
+    from data_pipeline.tokenizer import load_tokenizer
+
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    start = time.perf_counter()
+    encoder = ChatEncoder(load_tokenizer(tokenizer_path), max_seq_len)
+
+    def encode(batch):
+        convs = []
+        for turns in batch["conversations"]:
+            pairs = [Pair(u["value"], a["value"], a["loss"] is not False) for u, a in zip(turns[::2], turns[1::2])]
+            convs.append((pairs, DEFAULT_SYSTEM_PROMPT))
+        encoded = [e for e in encoder.encode_batch(convs) if not isinstance(e, str)]
+        return {"input_ids": [e.input_ids for e in encoded], "loss_mask": [e.loss_mask for e in encoded]}
+
+    ds = datasets.load_dataset("json", data_files=path, split="train", keep_in_memory=True)
+    ds = ds.map(encode, batched=True, batch_size=batch_size, remove_columns=ds.column_names, keep_in_memory=True)
+    tokens = sum(len(x) for x in ds["input_ids"])
+    return time.perf_counter() - start, tokens
+
+
+def run_beam(path: str, tokenizer_path: str, max_seq_len: int, mode: str, workers: int, output: str):
+    from data_pipeline.build import run
+    from data_pipeline.config import PipelineConfig, SourceConfig
+
+    cfg = PipelineConfig(agent=(SourceConfig(path, "bench", "jsonl"),), general=(), general_weights=(), eta=1.0,
+                         tokenizer=tokenizer_path, max_seq_len=max_seq_len, validation_fraction=0.0,
+                         num_shards=8, output=output)
+    start = time.perf_counter()
+    manifest = run(cfg, ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"])
+    seconds = time.perf_counter() - start
+    return seconds, sum(s["tokens"] for s in manifest["splits"].values()), manifest["totals"]["kept"]
+
+
+def main(argv=None) -> list[dict]:
+    from data_pipeline.tokenizer import SAMPLE_TOKENIZER_DIR
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1000,10000,40000", help="conversation counts")
+    p.add_argument("--tokenizer", default=SAMPLE_TOKENIZER_DIR)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--workers", type=int, default=2, help="Beam worker processes")
+    p.add_argument("--modes", default="multi_processing", help="Beam DirectRunner modes, comma-separated "
+                   "(multi_processing, in_memory, multi_threading)")
+    p.add_argument("--batch-size", type=int, default=256, help="datasets.map batch size (the pipeline's too)")
+    p.add_argument("--workdir", default=None, help="where inputs and outputs go (default: a temp dir)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    modes = [m for m in args.modes.split(",") if m]
+    import apache_beam  # noqa: F401  (imports are not what we time: both sides start with them loaded)
+    import datasets  # noqa: F401
+    import transformers  # noqa: F401
+
+    import data_pipeline.beam_pipeline  # noqa: F401
+    rows = sample_conversations()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-", dir=args.workdir) as tmp:
+        for n in (int(s) for s in args.sizes.split(",")):
+            path = os.path.join(tmp, f"convs-{n}.jsonl")
+            write_scaled(rows, n, path)
+            ds_seconds, ds_tokens = run_datasets_map(path, args.tokenizer, args.max_seq_len, args.batch_size)
+            result = {"conversations": n, "datasets_s": ds_seconds, "tokens": ds_tokens}
+            for mode in modes:
+                seconds, tokens, kept = run_beam(path, args.tokenizer, args.max_seq_len, mode, args.workers,
+                                                 os.path.join(tmp, f"out-{n}-{mode}"))
+                if tokens != ds_tokens:
+                    raise AssertionError(f"Beam produced {tokens} tokens, datasets.map {ds_tokens}")
+                result[f"beam_{mode}_s"] = seconds
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    print(markdown_table(results, modes, args.workers, os.path.basename(os.path.normpath(args.tokenizer))))
+    return results
+
+
+def markdown_table(results: list[dict], modes: list[str], workers: int, tokenizer: str) -> str:
+    head = ["conversations", "tokens", "datasets.map rec/s", "datasets.map tok/s"]
+    for mode in modes:
+        label = f"Beam {mode} ({workers} workers)" if mode == "multi_processing" else f"Beam {mode}"
+        head += [f"{label} rec/s", f"{label} tok/s", f"{label} / datasets.map"]
+    lines = [f"tokenizer: {tokenizer}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        n, tokens, ds = r["conversations"], r["tokens"], r["datasets_s"]
+        cells = [f"{n:,}", f"{tokens:,}", f"{n / ds:,.0f}", f"{tokens / ds:,.0f}"]
+        for mode in modes:
+            s = r[f"beam_{mode}_s"]
+            cells += [f"{n / s:,.0f}", f"{tokens / s:,.0f}", f"{ds / s:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
