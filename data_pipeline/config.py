@@ -111,7 +111,7 @@ class PipelineConfig:
     general_weights: tuple[float, ...] = (0.2, 0.8)
     tokenizer: str = f"{SAMPLE_DATA}/tiny_tokenizer"
     eta: float = 0.2  # agent / (agent + general) examples
-    max_seq_len: int = 4096
+    max_seq_len: int = 1024  # the tiny default model's context; the paper's 4096: configs/data/agenttuning.yaml
     validation_fraction: float = 0.05  # per task
     num_shards: int = 4  # train split
     num_validation_shards: int = 1
