@@ -37,6 +37,11 @@ from data_pipeline.sources import RawItem, ReadTask, read_task
 log = logging.getLogger(__name__)
 
 TRUNCATED_TRAILING_PAIRS = "dropped_trailing_pairs_over_max_seq_len"
+# Live progress in the Dataflow UI (and the runner's metrics); the manifest has the exact final accounting.
+RECORDS_READ = beam.metrics.Metrics.counter("data_pipeline", "records_read")
+CONVERSATIONS_ENCODED = beam.metrics.Metrics.counter("data_pipeline", "conversations_encoded")
+TOKENS_ENCODED = beam.metrics.Metrics.counter("data_pipeline", "tokens_encoded")
+EXAMPLES_WRITTEN = beam.metrics.Metrics.counter("data_pipeline", "examples_written")
 READ_BATCH = 256  # records per element between the reader and the encoder
 
 
@@ -137,6 +142,9 @@ class Encode(beam.DoFn):
             payload = records.encode_fields(enc.ids, enc.mask, kind, conv.task, conv.id)
             rows.append(tuple(EncodedRow(source, kind, conv.task, conv.id, conv.file, conv.number, payload,
                                          len(enc.ids), enc.mask.count(1))))
+        RECORDS_READ.inc(len(batch.items))
+        CONVERSATIONS_ENCODED.inc(len(rows))
+        TOKENS_ENCODED.inc(sum(row[EncodedRow._fields.index("tokens")] for row in rows))
         yield rows
         if rejected:
             yield beam.pvalue.TaggedOutput(self.REJECTED_ROWS, rejected)
@@ -182,6 +190,7 @@ class WriteShard(beam.DoFn):
         name = records.shard_filename(split, index, self.shard_counts[split])
         with fsspec.open(posixpath.join(self.output, name), "wb") as f:
             f.write(data)
+        EXAMPLES_WRITTEN.inc(len(rows))
         yield {"split": split, "index": index, "name": name, "examples": len(rows), "bytes": len(data),
                "tokens": sum(r[2] for r in rows), "loss_tokens": sum(r[3] for r in rows)}
 
