@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import posixpath
+import time
 from typing import Iterator, NamedTuple
 
 import apache_beam as beam
@@ -82,21 +83,44 @@ def rejected_row(item: RawItem, source: str, dropped: Dropped) -> dict:
     return row
 
 
+def worker_progress_log() -> logging.Logger:
+    """A logger that writes straight to the worker's stderr (the terminal, for the local runner; the worker
+    log on Dataflow) instead of through Beam's log relay."""
+    logger = logging.getLogger("data_pipeline.progress")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s INFO data_pipeline: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
 class ReadBatches(beam.DoFn):
     """A read task → RawBatches of up to `batch_size` records (streamed, so a file is never held whole)."""
 
-    def __init__(self, batch_size: int = READ_BATCH):
-        self.batch_size = batch_size
+    def __init__(self, batch_size: int = READ_BATCH, progress_every_s: float = 15.0):
+        self.batch_size, self.progress_every_s = batch_size, progress_every_s
+
+    def setup(self):
+        self.log = worker_progress_log()
 
     def process(self, task: ReadTask) -> Iterator[RawBatch]:
-        batch = []
+        name = task.path if task.split is None else f"{task.path} [{task.split}]"
+        start = last = time.monotonic()
+        batch, count = [], 0
         for item in read_task(task):
             batch.append(item)
+            count += 1
             if len(batch) == self.batch_size:
                 yield RawBatch(task, batch)
                 batch = []
+                if time.monotonic() - last > self.progress_every_s:
+                    last = time.monotonic()
+                    self.log.info("reading %s: %d records so far", name, count)
         if batch:
             yield RawBatch(task, batch)
+        self.log.info("read %d records from %s in %.1f s", count, name, time.monotonic() - start)
 
 
 class Encode(beam.DoFn):
@@ -113,6 +137,14 @@ class Encode(beam.DoFn):
 
     def setup(self):
         self.encoder = ChatEncoder.from_serialized(*self.tokenizer, max_seq_len=self.max_seq_len)
+        self.log, self.last_log, self.done = worker_progress_log(), time.monotonic(), [0, 0]
+
+    def progress(self, conversations: int, tokens: int) -> None:
+        self.done[0] += conversations
+        self.done[1] += tokens
+        if time.monotonic() - self.last_log > 15.0:
+            self.last_log = time.monotonic()
+            self.log.info("this worker encoded %d conversations (%d tokens) so far", *self.done)
 
     def threshold(self, task: str) -> float:
         return self.reward_thresholds.get(task, self.reward_thresholds["default"])
@@ -142,9 +174,11 @@ class Encode(beam.DoFn):
             payload = records.encode_fields(enc.ids, enc.mask, kind, conv.task, conv.id)
             rows.append(tuple(EncodedRow(source, kind, conv.task, conv.id, conv.file, conv.number, payload,
                                          len(enc.ids), enc.mask.count(1))))
+        tokens = sum(row[EncodedRow._fields.index("tokens")] for row in rows)
         RECORDS_READ.inc(len(batch.items))
         CONVERSATIONS_ENCODED.inc(len(rows))
-        TOKENS_ENCODED.inc(sum(row[EncodedRow._fields.index("tokens")] for row in rows))
+        TOKENS_ENCODED.inc(tokens)
+        self.progress(len(rows), tokens)
         yield rows
         if rejected:
             yield beam.pvalue.TaggedOutput(self.REJECTED_ROWS, rejected)
