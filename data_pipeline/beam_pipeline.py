@@ -43,7 +43,6 @@ RECORDS_READ = beam.metrics.Metrics.counter("data_pipeline", "records_read")
 CONVERSATIONS_ENCODED = beam.metrics.Metrics.counter("data_pipeline", "conversations_encoded")
 TOKENS_ENCODED = beam.metrics.Metrics.counter("data_pipeline", "tokens_encoded")
 EXAMPLES_WRITTEN = beam.metrics.Metrics.counter("data_pipeline", "examples_written")
-READ_BATCH = 256  # records per element between the reader and the encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +98,7 @@ def worker_progress_log() -> logging.Logger:
 class ReadBatches(beam.DoFn):
     """A read task → RawBatches of up to `batch_size` records (streamed, so a file is never held whole)."""
 
-    def __init__(self, batch_size: int = READ_BATCH, progress_every_s: float = 15.0):
+    def __init__(self, batch_size: int, progress_every_s: float = 15.0):
         self.batch_size, self.progress_every_s = batch_size, progress_every_s
 
     def setup(self):
@@ -308,7 +307,7 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
     sources = {s.name: "agent" for s in cfg.agent} | {s.name: "general" for s in cfg.general}
 
     encoded = (p | "ReadTasks" >> beam.Create(read_tasks) | "SpreadTasks" >> beam.Reshuffle()
-               | "ReadBatches" >> beam.ParDo(ReadBatches()) | "SpreadBatches" >> beam.Reshuffle()
+               | "ReadBatches" >> beam.ParDo(ReadBatches(cfg.tokenize_batch_size)) | "SpreadBatches" >> beam.Reshuffle()
                | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds))
                .with_outputs(Encode.REJECTED_ROWS, Encode.TALLY, main="rows"))
     plan = (encoded.rows | "Keys" >> beam.Map(lambda rows: [r[:6] for r in rows])

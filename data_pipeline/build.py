@@ -76,7 +76,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward-threshold", type=_threshold, action="append", metavar="TASK=VALUE",
                    help="keep records whose reward >= VALUE for TASK ('default' for all other tasks); "
                         f"repeatable (default {d.reward_thresholds})")
-    g.add_argument("--tokenize-batch-size", type=int, help=f"conversations per tokenizer call (default {d.tokenize_batch_size})")
+    g.add_argument("--tokenize-batch-size", type=int, help="records per batch handed from the reader to the encoder, one fast-tokenizer call "
+                        f"each (default {d.tokenize_batch_size})")
     b = p.add_argument_group("Apache Beam (any other Beam option is passed through as well)")
     b.add_argument("--runner", default=DEFAULT_RUNNER, help=f"Beam runner (default {DEFAULT_RUNNER}; "
                    "DataflowRunner for scale)")

@@ -120,7 +120,7 @@ class PipelineConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # A record with a reward is kept when reward >= its task's threshold ("default" for other tasks).
     reward_thresholds: dict[str, float] = dataclasses.field(default_factory=_agenttuning_thresholds)
-    tokenize_batch_size: int = 256
+    tokenize_batch_size: int = 256  # records per batch from reader to encoder: one tokenizer call each
 
     def __post_init__(self):
         for key in ("agent", "general", "general_weights"):

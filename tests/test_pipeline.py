@@ -207,13 +207,15 @@ def test_manifest_tokenizer_entry_loads(sample_build):
 
 def test_same_output_bytes_with_another_worker_count(sample_build, tmp_path):
     out, manifest = sample_build
-    again = run(PipelineConfig(output=str(tmp_path)), ["--runner=DirectRunner", "--direct_num_workers=1",
-                                                       "--direct_running_mode=multi_processing"])
+    # another worker count and other batch boundaries between reader and encoder
+    again = run(PipelineConfig(output=str(tmp_path), tokenize_batch_size=7),
+                ["--runner=DirectRunner", "--direct_num_workers=1", "--direct_running_mode=multi_processing"])
     names = [Path(p).name for p in shard_files(out)]
     assert names == [Path(p).name for p in shard_files(tmp_path)] and len(names) == 5
     for name in names + [records.REJECTED_NAME]:
         assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
-    strip = lambda m: {**m, "tokenizer": {**m["tokenizer"], "path": None}, "config": {**m["config"], "output": None}}
+    strip = lambda m: {**m, "tokenizer": {**m["tokenizer"], "path": None},
+                       "config": {**m["config"], "output": None, "tokenize_batch_size": None}}
     assert strip(again) == strip(manifest)
 
 
