@@ -153,26 +153,34 @@ def prepare_output(output: str) -> None:
         fs.rm(posixpath.join(root, TOKENIZER_SUBDIR), recursive=True)
 
 
-def copy_tokenizer(cfg: PipelineConfig):
-    """Copies the tokenizer's files into OUTPUT/tokenizer (the dataset is self-contained: trainer and
-    export load the tokenizer from there); returns (the loaded tokenizer, the manifest's tokenizer entry)."""
+def load_pipeline_tokenizer(cfg: PipelineConfig):
+    """(the fast tokenizer, the manifest's tokenizer entry, {file name: bytes} of its defining files)."""
     import os
-
-    import fsspec
 
     from data_pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer, resolve_tokenizer_dir, tokenizer_info
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     local_dir = resolve_tokenizer_dir(cfg.tokenizer)
-    target = posixpath.join(cfg.output, TOKENIZER_SUBDIR)
-    fs, root = fsspec.core.url_to_fs(target)
-    fs.makedirs(root, exist_ok=True)
+    files = {}
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(local_dir, name)):
-            fs.put(os.path.join(local_dir, name), posixpath.join(root, name))
+            with open(os.path.join(local_dir, name), "rb") as f:
+                files[name] = f.read()
+    target = posixpath.join(cfg.output, TOKENIZER_SUBDIR)
     info = tokenizer_info(cfg.tokenizer, tokenizer)
     info["path"] = target if "://" in target else os.path.abspath(target)
-    return tokenizer, info
+    return tokenizer, info, files
+
+
+def write_tokenizer_copy(output: str, files: dict[str, bytes]) -> None:
+    """OUTPUT/tokenizer: the dataset is self-contained (trainer and export load the tokenizer from there)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(posixpath.join(output, TOKENIZER_SUBDIR))
+    fs.makedirs(root, exist_ok=True)
+    for name, data in files.items():
+        with fs.open(posixpath.join(root, name), "wb") as f:
+            f.write(data)
 
 
 def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = False) -> dict:
@@ -194,8 +202,9 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
     tasks = [t for s in cfg.agent for t in expand_source(s, "agent")]
     tasks += [t for s in cfg.general for t in expand_source(s, "general")]
     log.info("%d read tasks from %d agent and %d general sources", len(tasks), len(cfg.agent), len(cfg.general))
+    tokenizer, tokenizer_info, tokenizer_files = load_pipeline_tokenizer(cfg)  # before the output dir is cleared
     prepare_output(cfg.output)
-    tokenizer, tokenizer_info = copy_tokenizer(cfg)
+    write_tokenizer_copy(cfg.output, tokenizer_files)
     log.info("running the Beam pipeline (%s) → %s", " ".join(beam_args), cfg.output)
     options = PipelineOptions(list(beam_args))
     with beam.Pipeline(runner=local_runner(options), options=options) as p:
