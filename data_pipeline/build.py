@@ -211,6 +211,9 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
         build_graph(p, cfg, tasks, tokenizer=serialize_tokenizer(tokenizer), tokenizer_info=tokenizer_info)
     manifest = read_manifest(cfg.output)
     log.info("done in %.1f s: %s", time.perf_counter() - start, summary(manifest))
+    if not manifest["totals"]["kept"]:
+        log.warning("no conversation was kept: see the reasons in %s and %s/%s", records.MANIFEST_NAME,
+                    cfg.output, records.REJECTED_NAME)
     return manifest
 
 
