@@ -27,7 +27,6 @@ import os
 import tempfile
 import time
 
-from data_pipeline.sample_data import make_sample_data as sample
 
 log = logging.getLogger("bench_pipeline")
 
