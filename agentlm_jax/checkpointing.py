@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any, Callable
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -37,12 +38,17 @@ def _absolute(directory: str) -> str:
 class Checkpointer:
     """Saves and restores the train state, the data iterator and the run's config (see the module doc)."""
 
-    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True, read_only: bool = False):
+    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True, ocdbt: bool = True,
+                 read_only: bool = False):
+        """read_only: for readers (export, generate); nothing is created or deleted. ocdbt: store each process's
+        arrays in one OCDBT database (few large files; orbax's default) instead of a file per array chunk."""
         self.directory = _absolute(directory)
-        # read_only: for readers (export, generate); nothing is created or deleted.
         options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
                                                enable_async_checkpointing=async_save and not read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {PARAMS: ocp.StandardCheckpointHandler(use_ocdbt=ocdbt),
+                    OPTIMIZER: ocp.StandardCheckpointHandler(use_ocdbt=ocdbt),
+                    DATA: grain.checkpoint.CheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -52,8 +58,6 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iterator=None, run_info: dict[str, Any] | None = None) -> None:
         """Start saving `state` (a train_step.TrainState) at `step`; returns once arrays are on the host."""
-        import grain
-
         items = {
             PARAMS: ocp.args.StandardSave(state.params),
             OPTIMIZER: ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step, "rng": state.rng}),
@@ -66,8 +70,6 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iterator=None):
         """The train state saved at `step`, each array placed on the sharding of `abstract_state`'s leaf
         (ShapeDtypeStructs, see train_step.abstract_train_state); restores `data_iterator` in place."""
-        import grain
-
         from agentlm_jax.train_step import TrainState
 
         items = {

@@ -83,6 +83,9 @@ class CheckpointConfig:
     keep: int = 2  # the latest checkpoints kept
     async_save: bool = True  # write in the background while training continues
     resume: bool = True  # continue from the latest checkpoint in run_dir/checkpoints if there is one
+    # Arrays in one OCDBT database per process (orbax's default: few large files, fast on GCS). false: a file
+    # per array chunk, for object stores that do not report object generations (the gcp-storage-emulator).
+    ocdbt: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,7 +125,7 @@ class Trainer:
                                  loss_impl=self.loss_impl, loss_chunk_size=cfg.loss.chunk_size,
                                  num_tasks=len(self.tasks))
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep,
-                                         async_save=cfg.checkpoint.async_save)
+                                         async_save=cfg.checkpoint.async_save, ocdbt=cfg.checkpoint.ocdbt)
         d = cfg.data
         self.train_data = input_pipeline.train_iterator(
             self.data_dir, global_batch=d.global_batch, max_seq_len=d.max_seq_len, seed=cfg.seed,

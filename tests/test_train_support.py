@@ -88,3 +88,13 @@ def compilation_cache(tmp_path_factory):
     yield {**os.environ, **env}
     for name, value in before.items():
         jax.config.update(name, value)
+
+
+@pytest.fixture
+def gcs(gcs_bucket):
+    """`gcs_bucket`, with etils.epath (orbax's paths) made to notice the emulator settings even if it already
+    decided, before the emulator started, to send gs:// through TensorFlow (it caches that decision)."""
+    from etils.epath import gpath
+
+    gpath._is_tf_installed.cache_clear()
+    return gcs_bucket
