@@ -1,15 +1,17 @@
 """The Apache Beam graph: read → (spread) → parse, normalise, tokenize → plan → place → write shards + manifest.
 
-    ReadTasks ─► ReadBatches ─Reshuffle─► Encode ─┬─► keys ─► CombineGlobally(concat) ─► make_plan ═╗ (side input)
-                                                  │                                                 ║
-                                                  └─► Place (drops duplicates and undrawn examples) ◄╝
-                                                        ─► GroupByKey(split, shard) ─► WriteShard ─► shard stats
-    tallies (every step) ─► CombineGlobally(sum) ═╗   rejected rows ─► WriteRejected (one file, sorted)
-                                                  ╚═► WriteManifest (after every shard is written)
+    ReadTasks ─► ReadBatches ─Reshuffle─► Encode ─┬─ rows ─────► Place ◄═══════════ plan ═══╗ (side input)
+                                                  │              ─► GroupByKey(split, shard) ─► WriteShard ─► shard stats
+                                                  └─ summaries ─► CombineGlobally ─► Plan ══╝               ║ (side input)
+                                                     (keys, tally,  (writes rejected.jsonl)  ─► WriteManifest ◄╝
+                                                      rejected rows)
 
-Elements are batches of records, not records: Beam's cost per element (pickling, gRPC between worker
-processes, DoFn dispatch) is then paid once per few hundred conversations, and each tokenizer call
-gets a whole batch. Reading is sequential per file (streamed); everything after it runs on all workers.
+Elements are batches of records as plain tuples of str/bytes/int, not single records or dataclasses: Beam's
+cost per element (coder, gRPC between worker processes, DoFn dispatch) is then paid once per few hundred
+conversations, no element is pickled, and each tokenizer call gets a whole batch. Reading is sequential per
+file (streamed); everything after it runs on all workers. Only the records' keys, the tallies and the
+rejected rows travel to the single step that makes the global decisions; the plan then also knows what
+Place will keep, so the whole graph runs in seven fused stages.
 
 Every decision that could depend on the runner is a function of (seed, source, id) (see mixing.py), and
 each shard's records are sorted by a hash before writing, so the output bytes are the same on any runner
@@ -19,7 +21,6 @@ with any number of workers. Shards are written by us through fsspec (local or gs
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import posixpath
@@ -45,14 +46,19 @@ TOKENS_ENCODED = beam.metrics.Metrics.counter("data_pipeline", "tokens_encoded")
 EXAMPLES_WRITTEN = beam.metrics.Metrics.counter("data_pipeline", "examples_written")
 
 
-@dataclasses.dataclass(frozen=True)
-class RawBatch:
-    task: ReadTask
-    items: list[RawItem]
+def raw_batch(task: ReadTask, items: list[RawItem]) -> tuple:
+    """(task fields, [item fields, ...]): a batch of raw records in a form Beam encodes without pickling."""
+    return ((task.source, task.kind, task.path, task.format, task.split),
+            [(i.record, i.file, i.number, i.byte_offset, i.split, i.error, i.raw, i.line) for i in items])
+
+
+def unpack_raw_batch(batch: tuple) -> tuple[ReadTask, list[RawItem]]:
+    task, items = batch
+    return ReadTask(*task), [RawItem(*fields) for fields in items]
 
 
 class EncodedRow(NamedTuple):
-    """One encoded conversation. Only str/bytes/int fields, so Beam's coder encodes it without pickling."""
+    """One encoded conversation. Only str/bytes/int fields; it travels as a plain tuple."""
     source: str
     kind: str
     task: str
@@ -66,6 +72,9 @@ class EncodedRow(NamedTuple):
     @property
     def key(self) -> mixing.ExampleKey:
         return mixing.ExampleKey(self.source, self.kind, self.task, self.id)
+
+
+KEY_FIELDS = 6  # EncodedRow[:6] = (source, kind, task, id, file, number): what the plan needs of a row
 
 
 def rejected_row(item: RawItem, source: str, dropped: Dropped) -> dict:
@@ -96,7 +105,8 @@ def worker_progress_log() -> logging.Logger:
 
 
 class ReadBatches(beam.DoFn):
-    """A read task → RawBatches of up to `batch_size` records (streamed, so a file is never held whole)."""
+    """A read task → raw batches of up to `batch_size` records (streamed, so a file is never held whole).
+    A task without records still gives one (empty) batch, so that every task is accounted for."""
 
     def __init__(self, batch_size: int, progress_every_s: float = 15.0):
         self.batch_size, self.progress_every_s = batch_size, progress_every_s
@@ -104,7 +114,7 @@ class ReadBatches(beam.DoFn):
     def setup(self):
         self.log = worker_progress_log()
 
-    def process(self, task: ReadTask) -> Iterator[RawBatch]:
+    def process(self, task: ReadTask) -> Iterator[tuple]:
         name = task.path if task.split is None else f"{task.path} [{task.split}]"
         start = last = time.monotonic()
         batch, count = [], 0
@@ -112,21 +122,21 @@ class ReadBatches(beam.DoFn):
             batch.append(item)
             count += 1
             if len(batch) == self.batch_size:
-                yield RawBatch(task, batch)
+                yield raw_batch(task, batch)
                 batch = []
                 if time.monotonic() - last > self.progress_every_s:
                     last = time.monotonic()
                     self.log.info("reading %s: %d records so far", name, count)
-        if batch:
-            yield RawBatch(task, batch)
+        if batch or not count:
+            yield raw_batch(task, batch)
         self.log.info("read %d records from %s in %.1f s", count, name, time.monotonic() - start)
 
 
 class Encode(beam.DoFn):
-    """A RawBatch → its EncodedRows (one list element): parse, validate/normalise, reward filter, then one
-    batched call of the fast tokenizer for the chat template and loss mask. Rejected rows and the tally go
-    to tagged outputs."""
-    REJECTED_ROWS, TALLY = "rejected", "tally"
+    """A raw batch → its encoded rows (one list element): parse, validate/normalise, reward filter, then one
+    batched call of the fast tokenizer for the chat template and loss mask. Also a summary of the batch
+    for the plan: (the rows' keys, the tally, the rejected rows)."""
+    SUMMARY = "summary"
 
     def __init__(self, tokenizer: tuple[str, int, int], max_seq_len: int, system_prompt: str,
                  reward_thresholds: dict[str, float]):
@@ -148,11 +158,12 @@ class Encode(beam.DoFn):
     def threshold(self, task: str) -> float:
         return self.reward_thresholds.get(task, self.reward_thresholds["default"])
 
-    def process(self, batch: RawBatch) -> Iterator:
-        source, kind = batch.task.source, batch.task.kind
+    def process(self, batch: tuple) -> Iterator:
+        task, items = unpack_raw_batch(batch)
+        source, kind = task.source, task.kind
         tally, rejected, convs = mf.Tally(), [], []
-        tally.read(source, len(batch.items))
-        for item in batch.items:
+        tally.read(source, len(items))
+        for item in items:
             item = item.parsed()
             result, repairs = normalize(item, source, kind, self.threshold)
             tally.repairs(source, repairs)
@@ -162,7 +173,7 @@ class Encode(beam.DoFn):
             tally.drop(result.bucket, source, result.reason)
             if result.bucket == REJECTED:
                 rejected.append(rejected_row(item, source, result))
-        rows = []
+        rows, tokens = [], 0
         encoded = self.encoder.encode_batch([(c.pairs, c.system or self.system_prompt) for c in convs])
         for conv, enc in zip(convs, encoded):
             if isinstance(enc, str):
@@ -171,17 +182,65 @@ class Encode(beam.DoFn):
             if enc.pairs_dropped:
                 tally.repairs(source, [TRUNCATED_TRAILING_PAIRS])
             payload = records.encode_fields(enc.ids, enc.mask, kind, conv.task, conv.id)
-            rows.append(tuple(EncodedRow(source, kind, conv.task, conv.id, conv.file, conv.number, payload,
-                                         len(enc.ids), enc.mask.count(1))))
-        tokens = sum(row[EncodedRow._fields.index("tokens")] for row in rows)
-        RECORDS_READ.inc(len(batch.items))
+            rows.append((source, kind, conv.task, conv.id, conv.file, conv.number, payload,
+                         len(enc.ids), enc.mask.count(1)))
+            tokens += len(enc.ids)
+        RECORDS_READ.inc(len(items))
         CONVERSATIONS_ENCODED.inc(len(rows))
         TOKENS_ENCODED.inc(tokens)
         self.progress(len(rows), tokens)
-        yield rows
-        if rejected:
-            yield beam.pvalue.TaggedOutput(self.REJECTED_ROWS, rejected)
-        yield beam.pvalue.TaggedOutput(self.TALLY, tally)
+        if rows:
+            yield rows
+        yield beam.pvalue.TaggedOutput(self.SUMMARY, ([row[:KEY_FIELDS] for row in rows], tally, rejected))
+
+
+class GatherSummaries(beam.CombineFn):
+    """All batch summaries → one: keys and rejected rows concatenated, tallies summed."""
+
+    def create_accumulator(self):
+        return [], mf.Tally(), []
+
+    def add_input(self, acc, summary):
+        acc[0].extend(summary[0])
+        acc[1].update(summary[1])
+        acc[2].extend(summary[2])
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for acc in accs:
+            self.add_input(out, acc)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def dropped_by_plan(plan: dict, key: mixing.ExampleKey, location: tuple[str, int]) -> str | None:
+    """Why the plan leaves an encoded example out (a duplicate id, not drawn for the mix); None = kept."""
+    if (key.source, key.id, *location) in plan["duplicates"]:
+        return mixing.DUPLICATE_ID
+    if not mixing.is_selected(plan["mix_threshold"], plan["seed"], key):
+        return mixing.NOT_SAMPLED
+    return None
+
+
+def make_plan(summary: tuple, cfg: PipelineConfig) -> dict:
+    """The single global step: the plan from every row's key, with the run's full tally (the encoders'
+    plus what Place will keep or drop) and rejected.jsonl written (`rejected_written` rows)."""
+    keys, tally, rejected = summary
+    plan = plan_from_keys(keys, cfg)
+    tally = mf.Tally(tally)
+    for k in keys:
+        key = mixing.ExampleKey(*k[:4])
+        reason = dropped_by_plan(plan, key, k[4:KEY_FIELDS])
+        if reason:
+            tally.drop(mf.FILTERED, key.source, reason)
+        else:
+            tally.kept(key.source, key.task)
+    plan["tally"] = tally
+    plan["rejected_written"] = write_rejected(rejected, cfg.output)
+    return plan
 
 
 class Place(beam.DoFn):
@@ -192,22 +251,16 @@ class Place(beam.DoFn):
         self.shard_counts = shard_counts
 
     def process(self, rows: list[tuple], plan: dict) -> Iterator:
-        seed, tally = plan["seed"], mf.Tally()
+        seed = plan["seed"]
         shards = collections.defaultdict(list)
         for row in map(EncodedRow._make, rows):
             key = row.key
-            if (key.source, key.id, row.file, row.number) in plan["duplicates"]:
-                tally.drop(mf.FILTERED, key.source, mixing.DUPLICATE_ID)
+            if dropped_by_plan(plan, key, (row.file, row.number)):
                 continue
-            if not mixing.is_selected(plan["mix_threshold"], seed, key):
-                tally.drop(mf.FILTERED, key.source, mixing.NOT_SAMPLED)
-                continue
-            tally.kept(key.source, key.task)
             split = mixing.split_of(plan, key)
             shard = mixing.shard_of(seed, key, self.shard_counts[split])
             shards[(split, shard)].append((mixing.order_key(seed, key), row.payload, row.tokens, row.loss_tokens))
         yield from shards.items()
-        yield beam.pvalue.TaggedOutput("tally", tally)
 
 
 class WriteShard(beam.DoFn):
@@ -215,35 +268,47 @@ class WriteShard(beam.DoFn):
         self.output, self.shard_counts = output, shard_counts
 
     def process(self, keyed) -> Iterator[dict]:
-        import fsspec
-
         (split, index), groups = keyed
         rows = sorted((row for group in groups for row in group), key=lambda r: r[0])
-        data = b"".join(records.frame_record(payload) for _, payload, _, _ in rows)
-        name = records.shard_filename(split, index, self.shard_counts[split])
-        with fsspec.open(posixpath.join(self.output, name), "wb") as f:
-            f.write(data)
+        stats = write_shard(self.output, split, index, self.shard_counts[split], [r[1:] for r in rows])
         EXAMPLES_WRITTEN.inc(len(rows))
-        yield {"split": split, "index": index, "name": name, "examples": len(rows), "bytes": len(data),
-               "tokens": sum(r[2] for r in rows), "loss_tokens": sum(r[3] for r in rows)}
+        yield stats
 
 
-def write_rejected(keyed, output: str) -> int:
+def write_shard(output: str, split: str, index: int, count: int, rows: list[tuple[bytes, int, int]]) -> dict:
+    """Writes one shard of (payload, tokens, loss_tokens) rows; returns its stats for the manifest."""
     import fsspec
 
-    rows = sorted((r for group in keyed[1] for r in group), key=lambda r: (r["source"], r["file"], r["number"]))
+    data = b"".join(records.frame_record(payload) for payload, _, _ in rows)
+    name = records.shard_filename(split, index, count)
+    with fsspec.open(posixpath.join(output, name), "wb") as f:
+        f.write(data)
+    return {"split": split, "index": index, "name": name, "examples": len(rows), "bytes": len(data),
+            "tokens": sum(r[1] for r in rows), "loss_tokens": sum(r[2] for r in rows)}
+
+
+def write_rejected(rows: list[dict], output: str) -> int:
+    import fsspec
+
+    rows = sorted(rows, key=lambda r: (r["source"], r["file"], r["number"]))
     with fsspec.open(posixpath.join(output, records.REJECTED_NAME), "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, default=repr) + "\n")
     return len(rows)
 
 
-def write_manifest(_, *, output: str, config: dict, tokenizer: dict, sources: dict[str, str],
-                   shard_counts: dict[str, int], tally, plan, shards, rejected_written) -> dict:
+def write_manifest(plan: dict, *, output: str, config: dict, tokenizer: dict, sources: dict[str, str],
+                   shard_counts: dict[str, int], shards: list[dict]) -> dict:
+    """Writes the shards no example went to (empty files: every shard exists), the TFDS metadata and, last,
+    manifest.json."""
     import fsspec
 
-    manifest = mf.build_manifest(config=config, tokenizer=tokenizer, tally=tally, sources=sources, plan=plan,
-                                 shards=shards, shard_counts=shard_counts, rejected_written=rejected_written)
+    written = {(s["split"], s["index"]) for s in shards}
+    shards = list(shards) + [write_shard(output, split, i, n, []) for split, n in shard_counts.items()
+                             for i in range(n) if (split, i) not in written]
+    manifest = mf.build_manifest(config=config, tokenizer=tokenizer, tally=plan["tally"], sources=sources,
+                                 plan=plan, shards=shards, shard_counts=shard_counts,
+                                 rejected_written=plan["rejected_written"])
     for name, content in ((mf.TFDS_FEATURES, mf.tfds_features()),
                           (mf.TFDS_DATASET_INFO, mf.tfds_dataset_info(manifest))):
         with fsspec.open(posixpath.join(output, name), "w") as f:
@@ -251,39 +316,6 @@ def write_manifest(_, *, output: str, config: dict, tokenizer: dict, sources: di
     with fsspec.open(posixpath.join(output, records.MANIFEST_NAME), "w") as f:  # last: marks a complete build
         f.write(mf.dumps(manifest))
     return manifest
-
-
-class SumTallies(beam.CombineFn):
-    def create_accumulator(self):
-        return mf.Tally()
-
-    def add_input(self, acc, tally):
-        acc.update(tally)
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = mf.Tally()
-        for acc in accs:
-            out.update(acc)
-        return out
-
-    def extract_output(self, acc):
-        return acc
-
-
-class ConcatLists(beam.CombineFn):
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, acc, items):
-        acc.extend(items)
-        return acc
-
-    def merge_accumulators(self, accs):
-        return [x for acc in accs for x in acc]
-
-    def extract_output(self, acc):
-        return acc
 
 
 def plan_from_keys(keys: list[tuple], cfg: PipelineConfig) -> dict:
@@ -303,36 +335,24 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
                 tokenizer: tuple[str, int, int], tokenizer_info: dict) -> None:
     """Adds the whole pipeline to `p`; running it writes shards, rejected.jsonl and manifest.json.
     `tokenizer`: `chat_template.serialize_tokenizer(...)` (workers need neither transformers nor the files)."""
+    if not read_tasks:
+        raise ValueError("no input: configure at least one agent or general source")
     counts = shard_counts(cfg)
     sources = {s.name: "agent" for s in cfg.agent} | {s.name: "general" for s in cfg.general}
 
-    encoded = (p | "ReadTasks" >> beam.Create(read_tasks) | "SpreadTasks" >> beam.Reshuffle()
-               | "ReadBatches" >> beam.ParDo(ReadBatches(cfg.tokenize_batch_size)) | "SpreadBatches" >> beam.Reshuffle()
+    encoded = (p | "ReadTasks" >> beam.Create(read_tasks)  # (Create spreads several tasks over the workers)
+               | "ReadBatches" >> beam.ParDo(ReadBatches(cfg.tokenize_batch_size))
+               | "SpreadBatches" >> beam.Reshuffle()
                | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds))
-               .with_outputs(Encode.REJECTED_ROWS, Encode.TALLY, main="rows"))
-    plan = (encoded.rows | "Keys" >> beam.Map(lambda rows: [r[:6] for r in rows])
-            | "GatherKeys" >> beam.CombineGlobally(ConcatLists())
-            | "Plan" >> beam.Map(plan_from_keys, cfg=cfg))
-    placed = (encoded.rows | "Place" >> beam.ParDo(Place(counts), beam.pvalue.AsSingleton(plan))
-              .with_outputs("tally", main="placed"))
-    every_shard = p | "AllShards" >> beam.Create([((split, i), []) for split, n in counts.items() for i in range(n)])
-    shards = ((placed.placed, every_shard) | "WithEmptyShards" >> beam.Flatten()
+               .with_outputs(Encode.SUMMARY, main="rows"))
+    plan = (encoded[Encode.SUMMARY] | "GatherSummaries" >> beam.CombineGlobally(GatherSummaries()).without_defaults()
+            | "Plan" >> beam.Map(make_plan, cfg=cfg))
+    shards = (encoded.rows | "Place" >> beam.ParDo(Place(counts), beam.pvalue.AsSingleton(plan))
               | "GroupByShard" >> beam.GroupByKey()
               | "WriteShard" >> beam.ParDo(WriteShard(cfg.output, counts)))
-    rejected_written = ((encoded[Encode.REJECTED_ROWS] | "KeyRejected" >> beam.Map(lambda rows: (None, rows)),
-                         p | "RejectedFile" >> beam.Create([(None, [])]))  # written even when empty
-                        | "FlattenRejected" >> beam.Flatten()
-                        | "GatherRejected" >> beam.GroupByKey()
-                        | "WriteRejected" >> beam.Map(write_rejected, output=cfg.output))
-    rejected_count = rejected_written | "CountRejected" >> beam.CombineGlobally(sum)
-    tally = ((encoded[Encode.TALLY], placed.tally)
-             | "FlattenTallies" >> beam.Flatten() | "SumTallies" >> beam.CombineGlobally(SumTallies()))
-    _ = (p | "Once" >> beam.Create([None])
-         | "WriteManifest" >> beam.Map(
-             write_manifest, output=cfg.output, config=manifest_config(cfg), tokenizer=tokenizer_info,
-             sources=sources, shard_counts=counts, tally=beam.pvalue.AsSingleton(tally),
-             plan=beam.pvalue.AsSingleton(plan), shards=beam.pvalue.AsList(shards),
-             rejected_written=beam.pvalue.AsSingleton(rejected_count)))
+    _ = plan | "WriteManifest" >> beam.Map(
+        write_manifest, output=cfg.output, config=manifest_config(cfg), tokenizer=tokenizer_info,
+        sources=sources, shard_counts=counts, shards=beam.pvalue.AsList(shards))
 
 
 def manifest_config(cfg: PipelineConfig) -> dict:

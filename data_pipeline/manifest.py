@@ -82,6 +82,10 @@ def build_manifest(*, config: dict, tokenizer: dict, tally: Tally, sources: dict
     rejected_total = sum(a["rejected"] for a in accounting.values())
     if rejected_written != rejected_total:
         raise AssertionError(f"rejected.jsonl has {rejected_written} rows, accounting says {rejected_total}")
+    shards = list(shards)
+    kept, written = sum(a["kept"] for a in accounting.values()), sum(s["examples"] for s in shards)
+    if kept != written:
+        raise AssertionError(f"the shards have {written} examples, accounting says {kept} were kept")
     tasks = sorted(key[1] for key in tally if key[0] == TASK)
     return {
         "version": MANIFEST_VERSION,
