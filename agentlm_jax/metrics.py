@@ -13,11 +13,13 @@ devices share the same cores, so it is not multiplied by their number).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
 import time
 from typing import Any, Mapping
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agentlm_jax.model.config import ModelConfig
+from data_pipeline import records
 from agentlm_jax.model.llama import count_params
 
 log = logging.getLogger(__name__)
@@ -105,26 +108,38 @@ class Throughput:
         return out
 
 
+_EVENT_FILES = itertools.count()
+
+
 class _TensorBoard:
-    """Scalar summaries into a TensorBoard event file, with tensorboard's own writer (no TensorFlow)."""
+    """Scalar summaries in a TensorBoard event file: TensorBoard's own protobufs, framed as TFRecords by the
+    project's record module (byte-identical to TensorFlow's writer). tensorboard's `EventFileWriter` would
+    import all of TensorFlow (seconds, gigabytes) whenever it is installed."""
 
     def __init__(self, logdir: str):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.compat.proto import event_pb2
 
-        self._writer = EventFileWriter(logdir, flush_secs=30)
+        os.makedirs(logdir, exist_ok=True)
+        # TensorFlow's naming: time, host, process, and a per-process counter (unique within a second too)
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_EVENT_FILES)}"
+        self._file = open(os.path.join(logdir, name), "wb")
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event) -> None:
+        self._file.write(records.frame_record(event.SerializeToString()))
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
                                              for k, v in values.items()])
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+        self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
     def flush(self) -> None:
-        self._writer.flush()
+        self._file.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        self._file.close()
 
 
 class MetricsWriter:

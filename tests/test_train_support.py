@@ -90,11 +90,52 @@ def compilation_cache(tmp_path_factory):
         jax.config.update(name, value)
 
 
-@pytest.fixture
-def gcs(gcs_bucket):
-    """`gcs_bucket`, with etils.epath (orbax's paths) made to notice the emulator settings even if it already
-    decided, before the emulator started, to send gs:// through TensorFlow (it caches that decision)."""
+@pytest.fixture(scope="module")
+def gcs():
+    """`gs://agentlm-test` on a gcp-storage-emulator of this module's own, with its output discarded.
+
+    Not conftest's `gcs_bucket`: that emulator's stderr is a pipe nobody reads, and the emulator prints a
+    traceback for every connection a client drops early (gcsfs does, often), so after ~40 of them it blocks
+    on the full pipe and every later request hangs; a training run makes that many. The environment
+    (`emulator_env`) is the shared one. etils.epath (orbax's paths) caches whether to send gs:// through
+    TensorFlow, possibly decided before any emulator settings existed: the cache is cleared.
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import gcsfs
     from etils.epath import gpath
 
+    from tests.gcs_emulator import _free_port, emulator_env
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port",
+                             str(port), "--in-memory", "--default-bucket", "agentlm-test", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/storage/v1/b/agentlm-test", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("gcp-storage-emulator did not start")
+            time.sleep(0.1)
+    saved = {k: os.environ.get(k) for k in emulator_env(port)}
+    os.environ.update(emulator_env(port))
+    gcsfs.GCSFileSystem.clear_instance_cache()
     gpath._is_tf_installed.cache_clear()
-    return gcs_bucket
+    try:
+        yield "gs://agentlm-test"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        gcsfs.GCSFileSystem.clear_instance_cache()
