@@ -51,10 +51,10 @@ def _block_nll(h: jax.Array, kernel: jax.Array, targets: jax.Array, vocab_start:
     if axis_name:
         row_max = jax.lax.pmax(row_max, axis_name)
     sum_exp = jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1)
-    local = targets - vocab_start
-    in_slice = (local >= 0) & (local < logits.shape[-1])
-    target_logit = jnp.take_along_axis(logits, jnp.clip(local, 0, logits.shape[-1] - 1)[..., None], axis=-1)[..., 0]
-    target_logit = jnp.where(in_slice, target_logit, 0.0)
+    # The target's logit as a masked sum over the vocabulary (0 when the target is in another shard's slice):
+    # fused with the logits, and its gradient is dense; a gather's gradient is a scatter (slow on CPU).
+    is_target = jnp.arange(logits.shape[-1]) == (targets - vocab_start)[..., None]
+    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
     if axis_name:
         sum_exp = jax.lax.psum(sum_exp, axis_name)
         target_logit = jax.lax.psum(target_logit, axis_name)

@@ -1,0 +1,270 @@
+"""Training benchmark: our jitted train step vs PyTorch + transformers on the same model, batches and optimizer.
+
+    python -m bench.bench_train                          # configs/bench.yaml (~58M parameters), seq 512, 1024, 2048
+    python -m bench.bench_train --seq 1024 --steps 5     # one sequence length, more timed steps
+    python -m bench.bench_train --smoke                  # a toy model, seconds long (checks the benchmark itself)
+
+What is measured, per sequence length T (rows per step = tokens_per_step / T, packed from the pipeline's
+sample data by agentlm_jax.input_pipeline, identical batches on both sides):
+  * a full optimizer step: forward, token-level mean cross-entropy over the loss tokens, backward, global-norm
+    clipping at 1.0 and AdamW (β 0.9/0.95, weight decay 0.1 not on norms), float32 on both sides.
+    JAX: `agentlm_jax.train_step.TrainStep`, as the trainer runs it (one jit, donated state, no host sync
+    inside the timed steps). PyTorch: `transformers.LlamaForCausalLM` (SDPA attention, causal over the whole
+    row: the same FLOPs as our segment-masked attention) + `torch.optim.AdamW` (foreach) + `clip_grad_norm_`,
+    on all the cores this process may use.
+  * tokens/s = rows × T × steps / wall time of the timed steps (after one warm-up step); first-step time
+    (JAX: tracing + XLA compilation); peak host memory (the worker process's maximum resident set, and its
+    growth over the timed steps).
+  * MFU = tokens/s × model FLOPs per token / the float32 matmul peak of this machine, measured in the same run
+    (bench/matmul_peak.py; FLOPs per token as agentlm_jax/metrics.py: 6·(parameters − embedding) + 6·L·T·D).
+  * the input pipeline alone (no model): tokens/s it delivers, against what the JAX step consumes.
+Each side runs in its own worker process (clean memory peaks, no thread pools shared between XLA and PyTorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+CONFIG = "configs/bench.yaml"
+SMOKE_OVERRIDES = ["model.vocab_size=1024", "model.hidden_size=64", "model.intermediate_size=160",
+                   "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=4"]
+STEP_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "is_agent", "task_ids")
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    tokens_per_s: float | None = None
+    first_step_s: float | None = None
+    peak_rss_mb: float | None = None
+    step_rss_growth_mb: float | None = None
+    error: str | None = None
+
+
+def load(overrides: list[str], seq: int, rows: int):
+    from agentlm_jax.config import load_config
+
+    return load_config(CONFIG, [*overrides, f"data.max_seq_len={seq}", f"data.global_batch={rows}"])
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------- data, input
+def write_batches(cfg, count: int, path: str) -> float:
+    """Pack `count` batches with the input pipeline into an .npz; returns the pipeline's tokens/s."""
+    from agentlm_jax import input_pipeline
+    from agentlm_jax.trainer import prepare_dataset
+
+    data_dir = prepare_dataset(cfg.data.path)
+    it = input_pipeline.train_iterator(data_dir, global_batch=cfg.data.global_batch, max_seq_len=cfg.data.max_seq_len,
+                                       seed=0, process_index=0, process_count=1)
+    try:
+        next(it)  # opening the files and the first packing group are not steady state
+        start = time.perf_counter()
+        batches = [next(it) for _ in range(count)]
+        seconds = time.perf_counter() - start
+    finally:
+        it.close()
+    np.savez(path, **{f"{i}/{k}": b[k] for i, b in enumerate(batches) for k in STEP_KEYS})
+    return count * cfg.data.global_batch * cfg.data.max_seq_len / seconds
+
+
+def read_batches(path: str) -> list[dict[str, np.ndarray]]:
+    data = np.load(path)
+    count = len({k.split("/")[0] for k in data.files})
+    return [{k: data[f"{i}/{k}"] for k in STEP_KEYS} for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def jax_worker(cfg, batches, steps: int) -> Result:
+    import jax
+    from flax import nnx
+
+    from agentlm_jax.loss import resolve_impl
+    from agentlm_jax.model.llama import init_model
+    from agentlm_jax.optimizer import learning_rate_schedule, make_optimizer
+    from agentlm_jax.sharding import make_mesh
+    from agentlm_jax.train_step import (TrainStep, abstract_params, batch_sharding, init_train_state,
+                                        train_state_shardings)
+
+    mesh = make_mesh(cfg.mesh)
+    optimizer = make_optimizer(cfg.optimizer, cfg.steps, abstract_params(cfg.model))
+    shardings = train_state_shardings(cfg.model, optimizer, mesh, cfg.mesh.rules)
+    params = nnx.state(init_model(cfg.model, seed=0, mesh=mesh, rules=cfg.mesh.rules), nnx.Param).to_pure_dict()
+    state = jax.jit(lambda p: init_train_state(p, optimizer, 0), out_shardings=shardings, donate_argnums=0)(params)
+    step = TrainStep(cfg.model, optimizer, learning_rate_schedule(cfg.optimizer, cfg.steps), mesh=mesh,
+                     rules=cfg.mesh.rules, state_shardings=shardings, micro_batches=cfg.data.micro_batches,
+                     loss_impl=resolve_impl(cfg.loss.impl, cfg.loss.chunk_size, cfg.data.max_seq_len, 1),
+                     loss_chunk_size=cfg.loss.chunk_size)
+    on_device = batch_sharding(mesh, cfg.mesh.rules)
+    device_batches = [{k: jax.device_put(v, on_device) for k, v in b.items()} for b in batches]  # as the loop does
+    start = time.perf_counter()
+    state, metrics = step(state, device_batches[0])
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
+    before = rss_mb()
+    start = time.perf_counter()
+    for i in range(steps):
+        state, metrics = step(state, device_batches[(i + 1) % len(device_batches)])
+    jax.block_until_ready((state, metrics))
+    seconds = time.perf_counter() - start
+    if not np.isfinite(float(metrics["loss"])):
+        raise RuntimeError(f"non-finite loss {float(metrics['loss'])}")
+    return Result("JAX: agentlm_jax TrainStep (jit)", steps * tokens_per_batch(batches) / seconds, first, peak_rss_mb(),
+                  peak_rss_mb() - before)
+
+
+def torch_worker(cfg, batches, steps: int, compile_model: bool) -> Result:
+    import torch
+    import transformers
+
+    from agentlm_jax.hf_io import hf_config
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_config(cfg.model, "float32")).float().train()
+    o = cfg.optimizer
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    decay = [p for n, p in model.named_parameters() if not n.endswith("norm.weight")]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=o.learning_rate,
+                                  betas=(o.b1, o.b2), eps=o.eps)
+    forward = torch.compile(model) if compile_model else model
+    torch_batches = [{"input_ids": torch.as_tensor(b["tokens"], dtype=torch.long),
+                      "position_ids": torch.as_tensor(b["positions"], dtype=torch.long),
+                      "labels": torch.as_tensor(np.where(b["loss_mask"] > 0, b["targets"], -100), dtype=torch.long)}
+                     for b in batches]
+
+    def train_step(b):
+        logits = forward(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1),
+                                                 ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    start = time.perf_counter()
+    train_step(torch_batches[0])
+    first = time.perf_counter() - start
+    before = rss_mb()
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = train_step(torch_batches[(i + 1) % len(torch_batches)])
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {loss.item()}")
+    name = "PyTorch + transformers, " + ("torch.compile" if compile_model else "eager")
+    return Result(name, steps * tokens_per_batch(batches) / seconds, first, peak_rss_mb(), peak_rss_mb() - before)
+
+
+def tokens_per_batch(batches) -> int:
+    return int(np.prod(batches[0]["tokens"].shape))
+
+
+def run_worker(kind: str, spec: dict) -> Result:
+    """Run one side in a fresh process; a failure becomes a row with the error, not a crash."""
+    cmd = [sys.executable, "-m", "bench.bench_train", "--worker", kind, "--spec", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]
+        return Result(kind, error=f"failed: {tail}")
+    return Result(**json.loads(lines[-1]))
+
+
+def worker_main(kind: str, spec: dict) -> None:
+    cfg = load(spec["overrides"], spec["seq"], spec["rows"])
+    batches = read_batches(spec["batches"])
+    if kind == "jax":
+        result = jax_worker(cfg, batches, spec["steps"])
+    else:
+        result = torch_worker(cfg, batches, spec["steps"], compile_model=kind == "torch-compile")
+    print(json.dumps(dataclasses.asdict(result)), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool, torch_compile: bool) -> str:
+    from agentlm_jax.metrics import flops_per_token
+    from agentlm_jax.model.llama import count_params
+    from bench.matmul_peak import measure_matmul_peak
+
+    overrides = SMOKE_OVERRIDES if smoke else []
+    peak = measure_matmul_peak((256, 512) if smoke else (1024, 2048, 3072))["peak_flops"]
+    cfg0 = load(overrides, seqs[0], max(1, tokens_per_step // seqs[0]))
+    m = cfg0.model
+    lines = [f"Model: {count_params(m) / 1e6:.1f}M parameters (D={m.hidden_size}, L={m.num_layers}, "
+             f"N={m.num_heads}, F={m.intermediate_size}, V={m.vocab_size}), float32; {tokens_per_step:,} tokens per "
+             f"step (packed sample data); {len(os.sched_getaffinity(0))} CPU threads; measured float32 matmul peak "
+             f"{peak / 1e9:.1f} GFLOP/s; {steps} timed steps after one warm-up step.", "",
+             "| seq | training step | tokens/s | vs PyTorch | MFU | first step (s) | peak RSS (MB) | RSS growth "
+             "over steps (MB) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    pipeline_rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        for seq in seqs:
+            rows = max(1, tokens_per_step // seq)
+            cfg = load(overrides, seq, rows)
+            path = os.path.join(tmp, f"batches-{seq}.npz")
+            pipeline_tps = write_batches(cfg, max(4, steps + 1), path)
+            spec = {"overrides": overrides, "seq": seq, "rows": rows, "batches": path, "steps": steps}
+            results = [run_worker("jax", spec), run_worker("torch", spec)]
+            if torch_compile:
+                results.append(run_worker("torch-compile", spec))
+            fpt = flops_per_token(cfg.model, seq)
+            reference = results[1].tokens_per_s
+            for r in results:
+                if r.error:
+                    lines.append(f"| {seq} | {r.name} | {r.error} | | | | | |")
+                    continue
+                ratio = f"{r.tokens_per_s / reference:.2f}×" if reference else "-"
+                lines.append(f"| {seq} | {r.name} | {r.tokens_per_s:,.0f} | {ratio} | {r.tokens_per_s * fpt / peak:.1%} "
+                             f"| {r.first_step_s:.1f} | {r.peak_rss_mb:,.0f} | {r.step_rss_growth_mb:,.0f} |")
+            step_tps = results[0].tokens_per_s
+            pipeline_rows.append(f"| {seq} | {pipeline_tps:,.0f} | {step_tps:,.0f} | "
+                                 f"{pipeline_tps / step_tps:,.0f}× |" if step_tps else f"| {seq} | {pipeline_tps:,.0f} | - | - |")
+    lines += ["", "| seq | input pipeline alone (tokens/s) | JAX step consumes (tokens/s) | headroom |",
+              "|---:|---:|---:|---:|", *pipeline_rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", default="512,1024,2048", help="comma-separated sequence lengths (default %(default)s)")
+    p.add_argument("--tokens-per-step", type=int, default=2048, help="rows × seq per step (default %(default)s)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (default %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="toy model, short sequences: checks the benchmark runs")
+    p.add_argument("--torch-compile", action="store_true", help="add a torch.compile row (slow to compile)")
+    p.add_argument("--worker", choices=("jax", "torch", "torch-compile"), help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker, json.loads(args.spec))
+        return
+    seqs = [int(s) for s in args.seq.split(",")]
+    if args.smoke:
+        seqs = [s // 8 for s in seqs]
+    print(benchmark(seqs, tokens_per_step=args.tokens_per_step // (8 if args.smoke else 1), steps=args.steps,
+                    smoke=args.smoke, torch_compile=args.torch_compile))
+
+
+if __name__ == "__main__":
+    main()
