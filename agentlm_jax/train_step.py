@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -207,7 +208,13 @@ def check_batch_layout(global_batch: int, micro_batches: int, mesh: Mesh, rules:
                          f"a multiple of {shards}")
 
 
+def replicated_to_host(tree: Any) -> Any:
+    """Numpy copies of replicated arrays. Reads this process's own replica, so it also works when the arrays
+    span several hosts (`jax.device_get` needs every shard to be addressable)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
-    """Device metrics → Python floats (one transfer)."""
-    return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+    """Device metrics (replicated scalars) → Python floats."""
+    return {k: float(v) for k, v in replicated_to_host(dict(metrics)).items()}
 

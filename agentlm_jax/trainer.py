@@ -38,7 +38,8 @@ from agentlm_jax.model.llama import count_params, init_model
 from agentlm_jax.optimizer import learning_rate_schedule, make_optimizer
 from agentlm_jax.sharding import make_mesh
 from agentlm_jax.train_step import (TrainState, TrainStep, abstract_params, abstract_train_state,
-                                    check_batch_layout, host_metrics, init_train_state, train_state_shardings)
+                                    check_batch_layout, host_metrics, init_train_state, replicated_to_host,
+                                    train_state_shardings)
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class Trainer:
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
         if totals is None:
             return {}
-        t = jax.device_get(totals)
+        t = replicated_to_host(totals)
         out = {"val/loss": float(mean(t["loss_sum"], t["count"])), "val/loss_tokens": float(t["count"])}
         for group in ("agent", "general"):
             if t[f"{group}_count"] > 0:
@@ -216,7 +217,7 @@ class Trainer:
         cfg = self.cfg
         self._write_config()
         state = self.restore_or_init()
-        start = int(state.step)
+        start = int(replicated_to_host(state.step))
         result = RunResult(status="finished", step=start, run_dir=cfg.run_dir)
         writer = MetricsWriter(cfg.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
                                resume_step=start)
