@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from unittest import mock
 
 import fsspec
 import jax
@@ -124,18 +125,12 @@ def gcs():
                 proc.kill()
                 raise RuntimeError("gcp-storage-emulator did not start")
             time.sleep(0.1)
-    saved = {k: os.environ.get(k) for k in emulator_env(port)}
-    os.environ.update(emulator_env(port))
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    gpath._is_tf_installed.cache_clear()
     try:
-        yield "gs://agentlm-test"
+        with mock.patch.dict(os.environ, emulator_env(port)):
+            gcsfs.GCSFileSystem.clear_instance_cache()
+            gpath._is_tf_installed.cache_clear()
+            yield "gs://agentlm-test"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         gcsfs.GCSFileSystem.clear_instance_cache()
