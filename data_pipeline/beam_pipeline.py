@@ -1,10 +1,10 @@
 """The Apache Beam graph: read → (spread) → parse, normalise, tokenize → plan → place → write shards + manifest.
 
-    ReadTasks ─► ReadBatches ─Reshuffle─► Encode ─┬─ rows ─────► Place ◄═══════════ plan ═══╗ (side input)
-                                                  │              ─► GroupByKey(split, shard) ─► WriteShard ─► shard stats
-                                                  └─ summaries ─► CombineGlobally ─► Plan ══╝               ║ (side input)
-                                                     (keys, tally,  (writes rejected.jsonl)  ─► WriteManifest ◄╝
-                                                      rejected rows)
+    ReadTasks ─► ReadBatches ─GroupByKey─► Encode ─┬─ rows ─────► Place ◄═══════════ plan ═══╗ (side input)
+                 (spreads the batches)             │              ─► GroupByKey(split, shard) ─► WriteShard ─► shard stats
+                                                   └─ summaries ─► CombineGlobally ─► Plan ══╝               ║ (side input)
+                                                      (keys, tally,  (writes rejected.jsonl)  ─► WriteManifest ◄╝
+                                                       rejected rows)
 
 Elements are batches of records as plain tuples of str/bytes/int, not single records or dataclasses: Beam's
 cost per element (coder, gRPC between worker processes, DoFn dispatch) is then paid once per few hundred
@@ -50,6 +50,11 @@ def raw_batch(task: ReadTask, items: list[RawItem]) -> tuple:
     """(task fields, [item fields, ...]): a batch of raw records in a form Beam encodes without pickling."""
     return ((task.source, task.kind, task.path, task.format, task.split),
             [(i.record, i.file, i.number, i.byte_offset, i.split, i.error, i.raw, i.line) for i in items])
+
+
+def batch_key(task: ReadTask, index: int) -> tuple[str, str, int]:
+    """A key unique to each batch: grouping by it spreads the batches over the workers (a reshuffle)."""
+    return task.path, task.split or "", index
 
 
 def unpack_raw_batch(batch: tuple) -> tuple[ReadTask, list[RawItem]]:
@@ -115,6 +120,7 @@ class ReadBatches(beam.DoFn):
         self.log = worker_progress_log()
 
     def process(self, task: ReadTask) -> Iterator[tuple]:
+        """Yields (batch_key, raw_batch)."""
         name = task.path if task.split is None else f"{task.path} [{task.split}]"
         start = last = time.monotonic()
         batch, count = [], 0
@@ -122,13 +128,13 @@ class ReadBatches(beam.DoFn):
             batch.append(item)
             count += 1
             if len(batch) == self.batch_size:
-                yield raw_batch(task, batch)
+                yield batch_key(task, count), raw_batch(task, batch)
                 batch = []
                 if time.monotonic() - last > self.progress_every_s:
                     last = time.monotonic()
                     self.log.info("reading %s: %d records so far", name, count)
         if batch or not count:
-            yield raw_batch(task, batch)
+            yield batch_key(task, count), raw_batch(task, batch)
         self.log.info("read %d records from %s in %.1f s", count, name, time.monotonic() - start)
 
 
@@ -158,7 +164,8 @@ class Encode(beam.DoFn):
     def threshold(self, task: str) -> float:
         return self.reward_thresholds.get(task, self.reward_thresholds["default"])
 
-    def process(self, batch: tuple) -> Iterator:
+    def process(self, keyed_batch: tuple) -> Iterator:
+        _, (batch,) = keyed_batch  # (batch_key, [raw_batch]): from the GroupByKey that spreads batches
         task, items = unpack_raw_batch(batch)
         source, kind = task.source, task.kind
         tally, rejected, convs = mf.Tally(), [], []
@@ -342,7 +349,7 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
 
     encoded = (p | "ReadTasks" >> beam.Create(read_tasks)  # (Create spreads several tasks over the workers)
                | "ReadBatches" >> beam.ParDo(ReadBatches(cfg.tokenize_batch_size))
-               | "SpreadBatches" >> beam.Reshuffle()
+               | "SpreadBatches" >> beam.GroupByKey()
                | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds))
                .with_outputs(Encode.SUMMARY, main="rows"))
     plan = (encoded[Encode.SUMMARY] | "GatherSummaries" >> beam.CombineGlobally(GatherSummaries()).without_defaults()

@@ -8,6 +8,7 @@ options this parser does not know are handed to Apache Beam (e.g. `--experiments
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import posixpath
@@ -27,6 +28,9 @@ DEFAULT_DIRECT_WORKERS = 2
 TOKENIZER_SUBDIR = "tokenizer"
 OUTPUT_FILES = (records.MANIFEST_NAME, records.REJECTED_NAME, TFDS_DATASET_INFO, TFDS_FEATURES)
 QUIET_BEAM_LOGGERS = ("apache_beam",)  # Beam's INFO lines (and its workers' relayed warnings) unless --verbose
+BEAM_WORKER_MAIN = "-m apache_beam.runners.worker.sdk_worker_main"  # what multi_processing starts per worker
+FAST_WORKER_MAIN = "data_pipeline.beam_worker"  # ... and what we start instead (same harness)
+TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM"  # the fast tokenizer's switch for its own thread pool
 
 __all__ = ["DEFAULT_OUTPUT", "build_sample_dataset", "main", "parse_args", "run"]
 
@@ -207,8 +211,10 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
     write_tokenizer_copy(cfg.output, tokenizer_files)
     log.info("running the Beam pipeline (%s) → %s", " ".join(beam_args), cfg.output)
     options = PipelineOptions(list(beam_args))
-    with beam.Pipeline(runner=local_runner(options), options=options) as p:
-        build_graph(p, cfg, tasks, tokenizer=serialize_tokenizer(tokenizer), tokenizer_info=tokenizer_info)
+    runner = local_runner(options)
+    with one_tokenizer_thread_per_worker(options if runner else None):
+        with beam.Pipeline(runner=runner, options=options) as p:
+            build_graph(p, cfg, tasks, tokenizer=serialize_tokenizer(tokenizer), tokenizer_info=tokenizer_info)
     manifest = read_manifest(cfg.output)
     log.info("done in %.1f s: %s", time.perf_counter() - start, summary(manifest))
     if not manifest["totals"]["kept"]:
@@ -226,13 +232,48 @@ def local_runner(options):
 
     if options.view_as(StandardOptions).runner not in (None, DEFAULT_RUNNER):
         return None
+    from apache_beam.portability import python_urns
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
+    class LocalRunner(fn_runner.FnApiRunner):
+        """multi_processing workers run `data_pipeline.beam_worker` (Beam's harness, faster start and exit)."""
+
+        def run_via_runner_api(self, pipeline_proto, options):
+            for env in pipeline_proto.components.environments.values():
+                if env.urn == python_urns.SUBPROCESS_SDK and env.payload.endswith(BEAM_WORKER_MAIN.encode()):
+                    env.payload = f"{sys.executable} -m {FAST_WORKER_MAIN}".encode()
+            return super().run_via_runner_api(pipeline_proto, options)
+
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-    return fn_runner.FnApiRunner(provision_info=provision)
+    return LocalRunner(provision_info=provision)
+
+
+@contextlib.contextmanager
+def one_tokenizer_thread_per_worker(local_options):
+    """With several local workers (threads or processes), each tokenizes its own batches single-threaded.
+
+    The fast tokenizer parallelises every batch call over all cores (Rayon) unless TOKENIZERS_PARALLELISM
+    is false. That suits one caller; with a worker per core, each worker's calls would compete with the
+    others' for the same cores, and in threads the tokenizer would not overlap with the other workers'
+    Python work (it releases the GIL). Workers started as processes inherit the setting; the caller's own
+    value is restored afterwards (and one set explicitly is left alone). `local_options` None: not local.
+    """
+    import os
+
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    workers = local_options.view_as(DirectOptions).direct_num_workers if local_options else 1
+    if workers == 1 or TOKENIZERS_PARALLELISM in os.environ:
+        yield
+        return
+    os.environ[TOKENIZERS_PARALLELISM] = "false"
+    try:
+        yield
+    finally:
+        del os.environ[TOKENIZERS_PARALLELISM]
 
 
 def read_manifest(output: str) -> dict:
