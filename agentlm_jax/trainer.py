@@ -40,6 +40,7 @@ from agentlm_jax.sharding import make_mesh
 from agentlm_jax.train_step import (TrainState, TrainStep, abstract_params, abstract_train_state,
                                     check_batch_layout, host_metrics, init_train_state, replicated_to_host,
                                     train_state_shardings)
+from data_pipeline import records
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,10 @@ class RunResult:
 def prepare_dataset(path: str) -> str:
     """`path` if it holds a dataset; the bundled sample dataset is built there when it is the default path."""
     fs, root = fsspec.core.url_to_fs(path)
-    if fs.exists(posixpath.join(root, "manifest.json")):
+    if fs.exists(posixpath.join(root, records.MANIFEST_NAME)):
         return path
     if path != DataConfig().path:
-        raise FileNotFoundError(f"no dataset at {path} (no manifest.json): build one with "
+        raise FileNotFoundError(f"no dataset at {path} (no {records.MANIFEST_NAME}): build one with "
                                 f"`python -m data_pipeline.build --output {path} ...` or set data.path")
     log.info("%s is missing: building the bundled sample dataset there (python -m data_pipeline.build)", path)
     from data_pipeline.build import build_sample_dataset
@@ -113,8 +114,8 @@ class Trainer:
         self.tasks = list(self.manifest["tasks"])
         vocab = (self.manifest.get("tokenizer") or {}).get("vocab_size")
         if vocab and vocab > cfg.model.vocab_size:
-            raise ValueError(f"the dataset's tokenizer has {vocab} tokens but model.vocab_size is "
-                             f"{cfg.model.vocab_size}")
+            raise ValueError(f"the dataset's tokenizer ({self.data_dir}) has {vocab} tokens but model.vocab_size "
+                             f"is {cfg.model.vocab_size}: use the model the data was tokenized for")
 
         self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, abstract_params(cfg.model))
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
