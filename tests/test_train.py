@@ -8,6 +8,7 @@ checkpoints restore float32 state exactly.
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -228,3 +229,15 @@ def test_multi_host_initialisation_is_detected_from_the_environment(monkeypatch,
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no dataset at .*python -m data_pipeline.build"):
         trainer.prepare_dataset(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.slow  # ~1 min: builds the sample dataset and trains the demo for 30 steps on one CPU device
+def test_the_default_run_builds_the_sample_data_trains_and_exports(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user has
+    proc = subprocess.run([sys.executable, "-m", "agentlm_jax.train", "steps=30", "logging.progress_bar=false"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "data" / "sample" / "manifest.json").exists()
+    losses = step_losses(tmp_path / "runs" / "tiny")
+    assert losses[30] < losses[1] - 1.0
+    assert (tmp_path / "runs" / "tiny" / "hf" / "tokenizer.json").exists()
