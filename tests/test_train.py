@@ -123,9 +123,8 @@ def test_an_interrupted_run_resumes_to_the_identical_result(reference, data_dir,
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(reference, data_dir, tmp_path,
                                                                         compilation_cache):
     run_dir = str(tmp_path / "run")
-    overrides = [a for a in tiny_config_args(data_dir, run_dir)]
-    proc = subprocess.Popen([sys.executable, "-m", "agentlm_jax.train", *overrides], env=compilation_cache,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "agentlm_jax.train", *tiny_config_args(data_dir, run_dir)],
+                            env=compilation_cache, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = []
     for line in proc.stderr:  # SIGTERM once the handler is in place (the loop is about to start)
         log.append(line)

@@ -111,7 +111,6 @@ def test_bf16_compute_keeps_float32_master_weights(initial_params, batches, sing
 
 
 def test_train_step_donates_the_previous_state(initial_params, batches, single_device):
-    state = single_device[2]
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     optimizer = make_optimizer(OptimizerConfig(learning_rate=LR), 10, abstract_params(TINY_MODEL))
     shardings = train_state_shardings(TINY_MODEL, optimizer, mesh, DEFAULT_RULES)
