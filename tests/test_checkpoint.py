@@ -42,9 +42,9 @@ def train_data(data_dir):
                                          process_count=1)
 
 
-def save_and_restore(directory, data_dir, ocdbt=True):
+def save_and_restore(directory, data_dir, ocdbt=True, save_mesh=MeshConfig(fsdp=8)):
     """Save a random state (fsdp=8) and a data iterator 2 batches in; restore onto fsdp=4 x tensor=2."""
-    state, _ = random_state(make_mesh(MeshConfig(fsdp=8)))
+    state, _ = random_state(make_mesh(save_mesh))
     data = train_data(data_dir)
     try:
         next(data), next(data)
@@ -103,9 +103,11 @@ def test_load_model_params_reads_the_parameters_of_a_run(tmp_path, data_dir):
 
 def test_checkpoints_and_data_on_gcs(gcs, data_dir):
     """ocdbt=false: the emulator returns no object generation on reads, which OCDBT's read-modify-write of its
-    manifest needs (about 1 save in 4 fails with it on); real GCS does."""
+    manifest needs (about 1 save in 4 fails with it on); real GCS does. Saved replicated (data=8: one file per
+    array instead of eight; the emulator serves one request at a time), restored sharded."""
     gcs_bucket = gcs
     gcs_data = write_dataset(f"{gcs_bucket}/checkpoint-test-data", train=60, validation=6)
-    assert_restored_exactly(*save_and_restore(f"{gcs_bucket}/checkpoint-test/checkpoints", gcs_data, ocdbt=False))
+    assert_restored_exactly(*save_and_restore(f"{gcs_bucket}/checkpoint-test/checkpoints", gcs_data, ocdbt=False,
+                                              save_mesh=MeshConfig(data=8, fsdp=1)))
     cfg, _ = load_model_params(f"{gcs_bucket}/checkpoint-test")
     assert cfg == TINY_MODEL
