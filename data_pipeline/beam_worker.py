@@ -35,6 +35,7 @@ def main() -> None:
         traceback.print_exc()
         code = 1
     finally:
+        gc.enable()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

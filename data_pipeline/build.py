@@ -23,13 +23,14 @@ from data_pipeline.config import DEFAULT_OUTPUT, PipelineConfig, SourceConfig, e
 log = logging.getLogger("data_pipeline.build")
 
 DEFAULT_RUNNER = "DirectRunner"
-DEFAULT_DIRECT_MODE = "multi_processing"
+DEFAULT_DIRECT_MODE = "in_memory"  # with 2 workers: 2 threads in this process (see README)
 DEFAULT_DIRECT_WORKERS = 2
 TOKENIZER_SUBDIR = "tokenizer"
 OUTPUT_FILES = (records.MANIFEST_NAME, records.REJECTED_NAME, TFDS_DATASET_INFO, TFDS_FEATURES)
 QUIET_BEAM_LOGGERS = ("apache_beam",)  # Beam's INFO lines (and its workers' relayed warnings) unless --verbose
 BEAM_WORKER_MAIN = "-m apache_beam.runners.worker.sdk_worker_main"  # what multi_processing starts per worker
 FAST_WORKER_MAIN = "data_pipeline.beam_worker"  # ... and what we start instead (same harness)
+NO_TIMED_FLUSH_MS = 2**31 - 1  # multi_threading workers: see local_worker_environments
 TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM"  # the fast tokenizer's switch for its own thread pool
 
 __all__ = ["DEFAULT_OUTPUT", "build_sample_dataset", "main", "parse_args", "run"]
@@ -86,10 +87,12 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--runner", default=DEFAULT_RUNNER, help=f"Beam runner (default {DEFAULT_RUNNER}; "
                    "DataflowRunner for scale)")
     b.add_argument("--direct_num_workers", type=int, default=DEFAULT_DIRECT_WORKERS,
-                   help=f"DirectRunner worker processes (default {DEFAULT_DIRECT_WORKERS})")
+                   help=f"DirectRunner workers: threads, or processes in multi_processing (default {DEFAULT_DIRECT_WORKERS})")
     b.add_argument("--direct_running_mode", default=DEFAULT_DIRECT_MODE,
                    choices=["in_memory", "multi_threading", "multi_processing"],
-                   help=f"DirectRunner mode (default {DEFAULT_DIRECT_MODE})")
+                   help=f"DirectRunner mode (default {DEFAULT_DIRECT_MODE}: worker threads in this process, the "
+                        "fastest on a few cores; multi_processing pays ~1.5 s to start Python workers but escapes "
+                        "the GIL on many cores)")
     b.add_argument("--project", help="Dataflow: Google Cloud project")
     b.add_argument("--region", help="Dataflow: region, e.g. us-central1")
     b.add_argument("--temp_location", help="Dataflow: gs:// scratch path")
@@ -232,23 +235,40 @@ def local_runner(options):
 
     if options.view_as(StandardOptions).runner not in (None, DEFAULT_RUNNER):
         return None
-    from apache_beam.portability import python_urns
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
     class LocalRunner(fn_runner.FnApiRunner):
-        """multi_processing workers run `data_pipeline.beam_worker` (Beam's harness, faster start and exit)."""
-
         def run_via_runner_api(self, pipeline_proto, options):
-            for env in pipeline_proto.components.environments.values():
-                if env.urn == python_urns.SUBPROCESS_SDK and env.payload.endswith(BEAM_WORKER_MAIN.encode()):
-                    env.payload = f"{sys.executable} -m {FAST_WORKER_MAIN}".encode()
-            return super().run_via_runner_api(pipeline_proto, options)
+            return super().run_via_runner_api(local_worker_environments(pipeline_proto), options)
 
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
     return LocalRunner(provision_info=provision)
+
+
+def local_worker_environments(pipeline_proto):
+    """Adjusts the local runner's worker environments in the pipeline proto (in place; returned):
+
+    - multi_processing: each worker runs `data_pipeline.beam_worker` (Beam's harness, faster start and exit).
+    - multi_threading: the workers' time-based output flush is pushed out of reach. Beam's threaded workers
+      also send their buffered output every second from a timer thread, which can cut an element in two
+      while it is being encoded; the runner decodes each piece it feeds to a GroupByKey on its own and fails
+      ("Invalid PaneInfoEncoding", seen with our ~100 KB batches). Size-based flushing, which happens
+      between elements only, stays.
+    """
+    import json
+
+    from apache_beam.portability import python_urns
+
+    for env in pipeline_proto.components.environments.values():
+        if env.urn == python_urns.SUBPROCESS_SDK and env.payload.endswith(BEAM_WORKER_MAIN.encode()):
+            env.payload = f"{sys.executable} -m {FAST_WORKER_MAIN}".encode()
+        elif env.urn == python_urns.EMBEDDED_PYTHON_GRPC:
+            config = json.loads(env.payload or b"{}")
+            env.payload = json.dumps(config | {"data_buffer_time_limit_ms": NO_TIMED_FLUSH_MS}).encode()
+    return pipeline_proto
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ def raw_sample_rows() -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def sample_build(tmp_path_factory):
-    """The embedded default, built with the default runner (DirectRunner, multi-processing, 2 workers)."""
+    """The embedded default, built with the default runner (DirectRunner, in_memory, 2 worker threads)."""
     out = tmp_path_factory.mktemp("sample") / "data"
     manifest = build_sample_dataset(str(out))
     return out, manifest
@@ -205,18 +205,22 @@ def test_manifest_tokenizer_entry_loads(sample_build):
     assert len(load_tokenizer(tok["path"])) == 1024
 
 
-def test_same_output_bytes_with_another_worker_count(sample_build, tmp_path):
-    out, manifest = sample_build
-    # another worker count and other batch boundaries between reader and encoder
-    again = run(PipelineConfig(output=str(tmp_path), tokenize_batch_size=7),
-                ["--runner=DirectRunner", "--direct_num_workers=1", "--direct_running_mode=multi_processing"])
+def assert_same_build(out, manifest, other, other_manifest):
     names = [Path(p).name for p in shard_files(out)]
-    assert names == [Path(p).name for p in shard_files(tmp_path)] and len(names) == 5
+    assert names == [Path(p).name for p in shard_files(other)] and len(names) == 5
     for name in names + [records.REJECTED_NAME]:
-        assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
+        assert (Path(out) / name).read_bytes() == (Path(other) / name).read_bytes(), name
     strip = lambda m: {**m, "tokenizer": {**m["tokenizer"], "path": None},
                        "config": {**m["config"], "output": None, "tokenize_batch_size": None}}
-    assert strip(again) == strip(manifest)
+    assert strip(other_manifest) == strip(manifest)
+
+
+def test_same_output_bytes_with_another_worker_count(sample_build, tmp_path):
+    out, manifest = sample_build
+    # threads through Beam's gRPC data plane, another worker count, other batch boundaries between reader and encoder
+    again = run(PipelineConfig(output=str(tmp_path), tokenize_batch_size=7),
+                ["--runner=DirectRunner", "--direct_num_workers=3", "--direct_running_mode=multi_threading"])
+    assert_same_build(out, manifest, tmp_path, again)
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
@@ -340,3 +344,85 @@ def test_gcs_input_and_output_match_the_local_build(gcs_bucket, sample_build):
         without_file((out / records.REJECTED_NAME).read_text())
     assert remote["sources"] == manifest["sources"] and remote["tokenizer"]["path"] == f"{gcs_bucket}/out/tokenizer"
     assert json.loads(fs.cat(f"{gcs_bucket}/out/{records.MANIFEST_NAME}")) == remote
+
+
+# ------------------------------------------------------------------------------------------ local runner
+def test_multi_process_workers_are_ours_and_gone_after_the_run(sample_build, tmp_path, monkeypatch):
+    import subprocess
+
+    started = []
+
+    class RecordingPopen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append((args[0], kwargs.get("env") or {}, self))
+
+    monkeypatch.setattr(subprocess, "Popen", RecordingPopen)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    manifest = run(PipelineConfig(output=str(tmp_path)),
+                   ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    assert_same_build(*sample_build, tmp_path, manifest)
+    workers = [(cmd, env, p) for cmd, env, p in started if "beam_worker" in str(cmd)]
+    assert len(workers) == 2 and all(str(cmd).endswith("-m data_pipeline.beam_worker") for cmd, _, _ in workers)
+    assert all(p.poll() == 0 for _, _, p in workers)  # exited, successfully
+    assert all(env["TOKENIZERS_PARALLELISM"] == "false" for _, env, _ in workers)  # one tokenizer thread each
+    assert "TOKENIZERS_PARALLELISM" not in os.environ  # the caller's environment is as it was
+
+
+def test_tokenizer_threads_follow_the_worker_count(monkeypatch):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from data_pipeline.build import one_tokenizer_thread_per_worker
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    for workers, inside in ((1, None), (2, "false")):
+        with one_tokenizer_thread_per_worker(PipelineOptions([f"--direct_num_workers={workers}"])):
+            assert os.environ.get("TOKENIZERS_PARALLELISM") == inside
+        assert "TOKENIZERS_PARALLELISM" not in os.environ
+    with one_tokenizer_thread_per_worker(None):  # not a local runner
+        assert "TOKENIZERS_PARALLELISM" not in os.environ
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # the user's explicit choice stands
+    with one_tokenizer_thread_per_worker(PipelineOptions(["--direct_num_workers=2"])):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+
+
+@pytest.mark.parametrize("error, code", [(RuntimeError("boom"), 1), (SystemExit(3), 3), (None, 0)])
+def test_worker_exits_at_once_with_the_harness_result(monkeypatch, error, code):
+    from apache_beam.runners.worker import sdk_worker_main
+
+    from data_pipeline import beam_worker
+
+    def harness(argv):
+        if error is not None:
+            raise error
+
+    exits = []
+    monkeypatch.setattr(sdk_worker_main, "main", harness)
+    monkeypatch.setattr(beam_worker.os, "_exit", exits.append)
+    monkeypatch.setattr(beam_worker.gc, "freeze", lambda: None)  # (this is the test process, not a worker)
+    beam_worker.main()
+    assert exits == [code]
+
+
+def test_local_worker_environments_start_our_workers_and_never_flush_on_a_timer():
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.portability import python_urns
+    from apache_beam.transforms import environments
+
+    from data_pipeline.build import NO_TIMED_FLUSH_MS, local_worker_environments
+
+    p = beam.Pipeline(options=PipelineOptions([]))
+    _ = p | beam.Create([1, 2]) | beam.Map(lambda x: x)
+    for env, urn in ((environments.SubprocessSDKEnvironment.from_command_string(
+            "python -m apache_beam.runners.worker.sdk_worker_main"), python_urns.SUBPROCESS_SDK),
+                     (environments.EmbeddedPythonGrpcEnvironment.default(), python_urns.EMBEDDED_PYTHON_GRPC)):
+        proto = local_worker_environments(p.to_runner_api(default_environment=env))
+        (adjusted,) = [e for e in proto.components.environments.values() if e.urn == urn]
+        if urn == python_urns.SUBPROCESS_SDK:
+            assert adjusted.payload.decode().endswith("-m data_pipeline.beam_worker")
+        else:
+            assert json.loads(adjusted.payload)["data_buffer_time_limit_ms"] == NO_TIMED_FLUSH_MS
+            config = environments.EmbeddedPythonGrpcEnvironment.parse_config(adjusted.payload.decode())
+            assert config["data_buffer_time_limit_ms"] > 10 ** 9  # ms: longer than any run

@@ -39,7 +39,7 @@ def test_flags_override_the_config_file():
     assert (cfg.num_shards, cfg.num_validation_shards, cfg.output, cfg.system_prompt) == (8, 2, "gs://b/out", "Be brief.")
     assert cfg.reward_thresholds == {"default": 1.0, "mind2web": pytest.approx(2 / 3), "webshop": 0.5}
     assert cfg.tokenizer == f"{SAMPLE_DATA}/tiny_tokenizer"
-    assert beam_args == ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    assert beam_args == ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=in_memory"]
 
 
 def test_beam_options_pass_through():
