@@ -21,6 +21,7 @@ with any number of workers. Shards are written by us through fsspec (local or gs
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import posixpath
@@ -80,6 +81,41 @@ class EncodedRow(NamedTuple):
 
 
 KEY_FIELDS = 6  # EncodedRow[:6] = (source, kind, task, id, file, number): what the plan needs of a row
+STAGING_DIR = ".build-staging"  # OUTPUT/.build-staging: files for the workers during a run, removed after it
+
+
+class StagedTokenizer(NamedTuple):
+    """The fast tokenizer as the workers get it: its JSON in a file every worker can read (under OUTPUT), so
+    the workers import neither transformers nor convert tokenizer files. Not inside the Encode DoFn: Beam
+    pickles (bz2) and unpickles a DoFn a dozen times per run, which for Llama 2's 1.3 MB of JSON was ~2 s."""
+    path: str
+    sha256: str
+    bos_id: int
+    eos_id: int
+
+    @classmethod
+    def write(cls, serialized: tuple[str, int, int], output: str) -> "StagedTokenizer":
+        """Stages `chat_template.serialize_tokenizer(...)` in OUTPUT/.build-staging."""
+        import fsspec
+
+        text, bos_id, eos_id = serialized
+        data = text.encode()
+        path = posixpath.join(output, STAGING_DIR, "tokenizer.json")
+        fs, local = fsspec.core.url_to_fs(path)
+        fs.makedirs(posixpath.dirname(local), exist_ok=True)
+        with fs.open(local, "wb") as f:
+            f.write(data)
+        return cls(path, hashlib.sha256(data).hexdigest(), bos_id, eos_id)
+
+    def encoder(self, max_seq_len: int) -> ChatEncoder:
+        import fsspec
+
+        with fsspec.open(self.path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise RuntimeError(f"{self.path} is not the tokenizer this run staged: is another build writing to "
+                               "the same output directory?")
+        return ChatEncoder.from_serialized(data.decode(), self.bos_id, self.eos_id, max_seq_len=max_seq_len)
 
 
 def rejected_row(item: RawItem, source: str, dropped: Dropped) -> dict:
@@ -144,14 +180,14 @@ class Encode(beam.DoFn):
     for the plan: (the rows' keys, the tally, the rejected rows)."""
     SUMMARY = "summary"
 
-    def __init__(self, tokenizer: tuple[str, int, int], max_seq_len: int, system_prompt: str,
+    def __init__(self, tokenizer: StagedTokenizer, max_seq_len: int, system_prompt: str,
                  reward_thresholds: dict[str, float]):
         self.tokenizer, self.max_seq_len, self.system_prompt = tokenizer, max_seq_len, system_prompt
         self.reward_thresholds = reward_thresholds
         self.encoder = None
 
     def setup(self):
-        self.encoder = ChatEncoder.from_serialized(*self.tokenizer, max_seq_len=self.max_seq_len)
+        self.encoder = self.tokenizer.encoder(self.max_seq_len)
         self.log, self.last_log, self.done = worker_progress_log(), time.monotonic(), [0, 0]
 
     def progress(self, conversations: int, tokens: int) -> None:
@@ -339,9 +375,8 @@ def shard_counts(cfg: PipelineConfig) -> dict[str, int]:
 
 
 def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask], *,
-                tokenizer: tuple[str, int, int], tokenizer_info: dict) -> None:
-    """Adds the whole pipeline to `p`; running it writes shards, rejected.jsonl and manifest.json.
-    `tokenizer`: `chat_template.serialize_tokenizer(...)` (workers need neither transformers nor the files)."""
+                tokenizer: StagedTokenizer, tokenizer_info: dict) -> None:
+    """Adds the whole pipeline to `p`; running it writes shards, rejected.jsonl and manifest.json."""
     if not read_tasks:
         raise ValueError("no input: configure at least one agent or general source")
     counts = shard_counts(cfg)

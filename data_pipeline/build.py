@@ -158,6 +158,18 @@ def prepare_output(output: str) -> None:
         fs.rm(stale)
     if fs.exists(posixpath.join(root, TOKENIZER_SUBDIR)):
         fs.rm(posixpath.join(root, TOKENIZER_SUBDIR), recursive=True)
+    remove_staging(output)
+
+
+def remove_staging(output: str) -> None:
+    """Removes OUTPUT/.build-staging (what the workers read during a run)."""
+    import fsspec
+
+    from data_pipeline.beam_pipeline import STAGING_DIR
+
+    fs, root = fsspec.core.url_to_fs(posixpath.join(output, STAGING_DIR))
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
 
 
 def load_pipeline_tokenizer(cfg: PipelineConfig):
@@ -195,7 +207,7 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from data_pipeline.beam_pipeline import build_graph
+    from data_pipeline.beam_pipeline import StagedTokenizer, build_graph
     from data_pipeline.chat_template import serialize_tokenizer
     from data_pipeline.sources import expand_source
 
@@ -215,9 +227,13 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
     log.info("running the Beam pipeline (%s) → %s", " ".join(beam_args), cfg.output)
     options = PipelineOptions(list(beam_args))
     runner = local_runner(options)
-    with one_tokenizer_thread_per_worker(options if runner else None):
-        with beam.Pipeline(runner=runner, options=options) as p:
-            build_graph(p, cfg, tasks, tokenizer=serialize_tokenizer(tokenizer), tokenizer_info=tokenizer_info)
+    try:
+        staged = StagedTokenizer.write(serialize_tokenizer(tokenizer), cfg.output)
+        with one_tokenizer_thread_per_worker(options if runner else None):
+            with beam.Pipeline(runner=runner, options=options) as p:
+                build_graph(p, cfg, tasks, tokenizer=staged, tokenizer_info=tokenizer_info)
+    finally:
+        remove_staging(cfg.output)
     manifest = read_manifest(cfg.output)
     log.info("done in %.1f s: %s", time.perf_counter() - start, summary(manifest))
     if not manifest["totals"]["kept"]:

@@ -206,6 +206,10 @@ def test_manifest_tokenizer_entry_loads(sample_build):
 
 
 def assert_same_build(out, manifest, other, other_manifest):
+    from data_pipeline.beam_pipeline import STAGING_DIR
+
+    listing = sorted(p.name for p in Path(out).iterdir())
+    assert listing == sorted(p.name for p in Path(other).iterdir()) and STAGING_DIR not in listing  # (removed)
     names = [Path(p).name for p in shard_files(out)]
     assert names == [Path(p).name for p in shard_files(other)] and len(names) == 5
     for name in names + [records.REJECTED_NAME]:
