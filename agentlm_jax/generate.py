@@ -152,8 +152,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool, system_prompt: str | None) -> list[list[int]]:
-    if not chat:
-        return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    if not chat:  # `<s>` first, as every training block began (the pipeline's tokenizer adds no BOS itself)
+        return [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in prompts]
     from data_pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, encode_generation_prompt
 
     system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt

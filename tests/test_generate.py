@@ -200,7 +200,7 @@ def test_cli_generates_from_a_training_checkpoint(orbax_run):
     from agentlm_jax.generate import main
 
     directory, saved = orbax_run
-    prompt_ids = load_tokenizer(SAMPLE_TOKENIZER_DIR)("Hello world")["input_ids"]
+    prompt_ids = [1, *load_tokenizer(SAMPLE_TOKENIZER_DIR)("Hello world", add_special_tokens=False)["input_ids"]]
     outputs = {}
     for step, args in ((7, []), (3, ["--step", "3"])):  # tokenizer: the one the run recorded
         records = main(["--model", directory, "--prompt", "Hello world", "--max-new-tokens", "8", "--greedy", *args])
