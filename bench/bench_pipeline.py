@@ -2,20 +2,22 @@
 
     python -m bench.bench_pipeline                                # 1k, 10k, 40k conversations, tiny tokenizer
     python -m bench.bench_pipeline --tokenizer $AGENTLM_LLAMA2_TOKENIZER   # the real Llama 2 tokenizer
-    python -m bench.bench_pipeline --sizes 500,2000               # a quick smoke run
+    python -m bench.bench_pipeline --sizes 10000 --repeat 1       # one size, one run of each side
 
 Input: the bundled sample's conversations that the pipeline keeps (AgentInstruct format: agent trajectories
 with their `loss` flags, ShareGPT chats), repeated with fresh ids to N conversations in one JSONL file.
 
   datasets.map   `datasets.load_dataset("json")` + `Dataset.map(batched=True)` in one process, doing the same
-                 tokenize + mask (the same ChatEncoder: one batched fast-tokenizer call per batch); caching off,
-                 in memory. This is what a user would write without a pipeline.
+                 tokenize + mask (the same ChatEncoder: one batched fast-tokenizer call per batch, which uses
+                 every core); caching off, in memory. This is what a user would write without a pipeline.
   Beam           the whole `python -m data_pipeline.build` run on that file with η = 1 (every conversation
                  is kept): read, validate, de-duplicate, tokenize + mask, mix, split, write TFRecord shards
-                 and the manifest. DirectRunner with `--direct_running_mode` multi_processing and 2 workers
-                 (the default); with `--modes` also in_memory (one process).
-Times are wall-clock seconds including start-up (Beam's worker processes). Both sides must produce the same
-number of tokens (checked). Records/s = conversations / seconds; tokens/s = output tokens / seconds.
+                 and the manifest. DirectRunner with 2 workers in each `--modes` mode: in_memory (the
+                 default: worker threads in this process) and multi_processing (worker processes).
+Times are wall-clock seconds from the start of each run to its end, tokenizer loading included on both
+sides and Beam's worker start-up and shutdown included; the best of `--repeat` runs, the two sides
+interleaved so that a busy spell on a shared machine hits both. Both must produce the same number of tokens
+(checked). Records/s = conversations / seconds; tokens/s = output tokens / seconds.
 """
 
 from __future__ import annotations
@@ -84,13 +86,14 @@ def run_datasets_map(path: str, tokenizer_path: str, max_seq_len: int, batch_siz
     return seconds, sum(len(x) for x in ds["input_ids"])
 
 
-def run_beam(path: str, tokenizer_path: str, max_seq_len: int, mode: str, workers: int, output: str):
+def run_beam(path: str, tokenizer_path: str, max_seq_len: int, mode: str, workers: int, output: str,
+             batch_size: int = 256):
     from data_pipeline.build import run
     from data_pipeline.config import PipelineConfig, SourceConfig
 
     cfg = PipelineConfig(agent=(SourceConfig(path, "bench", "jsonl"),), general=(), general_weights=(), eta=1.0,
                          tokenizer=tokenizer_path, max_seq_len=max_seq_len, validation_fraction=0.0,
-                         num_shards=8, output=output)
+                         num_shards=8, output=output, tokenize_batch_size=batch_size)
     start = time.perf_counter()
     manifest = run(cfg, ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"])
     seconds = time.perf_counter() - start
@@ -104,10 +107,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sizes", default="1000,10000,40000", help="conversation counts")
     p.add_argument("--tokenizer", default=SAMPLE_TOKENIZER_DIR)
     p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--workers", type=int, default=2, help="Beam worker processes")
-    p.add_argument("--modes", default="multi_processing", help="Beam DirectRunner modes, comma-separated "
-                   "(multi_processing, in_memory, multi_threading)")
-    p.add_argument("--batch-size", type=int, default=256, help="datasets.map batch size (the pipeline's too)")
+    p.add_argument("--workers", type=int, default=2, help="Beam workers (threads, or processes in multi_processing)")
+    p.add_argument("--modes", default="in_memory,multi_processing", help="Beam DirectRunner modes, "
+                   "comma-separated (in_memory, multi_threading, multi_processing)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="records per batch: datasets.map's and the pipeline's --tokenize-batch-size")
     p.add_argument("--repeat", type=int, default=3, help="runs of each side per size; the best counts (default 3)")
     p.add_argument("--workdir", default=None, help="where inputs and outputs go (default: a temp dir)")
     args = p.parse_args(argv)
@@ -130,13 +134,13 @@ def main(argv=None) -> list[dict]:
                 times["datasets_s"].append(seconds)
                 for mode in modes:
                     seconds, tokens, kept = run_beam(path, args.tokenizer, args.max_seq_len, mode, args.workers,
-                                                     os.path.join(tmp, f"out-{n}-{mode}"))
+                                                     os.path.join(tmp, f"out-{n}-{mode}"), args.batch_size)
                     if tokens != ds_tokens:
                         raise AssertionError(f"Beam produced {tokens} tokens, datasets.map {ds_tokens}")
                     times[f"beam_{mode}_s"].append(seconds)
             result = {"conversations": n, "tokens": ds_tokens} | {k: min(v) for k, v in times.items()}
             results.append(result)
-            print(json.dumps(result | {"all_runs_s": times}), flush=True)
+            print(json.dumps(result | {"all_runs_s": times, "load_average": os.getloadavg()}), flush=True)
     print(markdown_table(results, modes, args.workers, os.path.basename(os.path.normpath(args.tokenizer))))
     return results
 
@@ -144,7 +148,7 @@ def main(argv=None) -> list[dict]:
 def markdown_table(results: list[dict], modes: list[str], workers: int, tokenizer: str) -> str:
     head = ["conversations", "tokens", "datasets.map rec/s", "datasets.map tok/s"]
     for mode in modes:
-        label = f"Beam {mode} ({workers} workers)" if mode == "multi_processing" else f"Beam {mode}"
+        label = f"Beam {mode} ({workers} workers)"
         head += [f"{label} rec/s", f"{label} tok/s", f"{label} / datasets.map"]
     lines = [f"tokenizer: {tokenizer}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
