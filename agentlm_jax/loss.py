@@ -5,11 +5,14 @@ accumulation), where h [B,T,D] are `Llama.hidden_states` and W [D,V] is `lm_head
 
   full            the whole [B,T,V] float32 logits at once (fastest for small vocabularies and batches).
   chunked         `chunk_size` positions at a time in a `lax.scan` whose body is rematerialised, so the
-                  backward pass recomputes each chunk's logits: only [B,chunk,V] logits ever exist.
+                  backward pass recomputes each chunk's logits: only [B,chunk,V] logits ever exist. Given
+                  the loss mask, only the loss positions are computed: they are gathered to the front and
+                  the chunks after the last one are skipped (most positions of SFT data carry no loss).
   vocab_parallel  a `shard_map` over the mesh: each `tensor` shard multiplies h by its own slice W[:, v0:v1]
                   and gets logits for its vocabulary slice only. The row maximum (`pmax`), the sum of
                   exponentials and the target's logit (each `psum`) are combined across `tensor`; the
-                  full-vocabulary logits are never gathered. Chunked as well when chunk_size is set.
+                  full-vocabulary logits are never gathered. Chunked (and masked) as well when chunk_size is
+                  set.
 
 The reductions to a loss (token-level mean over the loss tokens of the global batch) are in `loss_sums`:
 the train step sums nll·mask and the mask over micro-batches and divides once.
@@ -18,13 +21,14 @@ the train step sums nll·mask and the mask over micro-batches and divides once.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from agentlm_jax.sharding import Rules, logical_to_pspec
+from agentlm_jax.sharding import Rules, constrain, logical_to_pspec
 
 TENSOR_AXIS = "tensor"
 
@@ -61,62 +65,130 @@ def _block_nll(h: jax.Array, kernel: jax.Array, targets: jax.Array, vocab_start:
     return jnp.log(sum_exp) + row_max - target_logit
 
 
-def _chunked_nll(h, kernel, targets, vocab_start, axis_name, chunk_size: int | None) -> jax.Array:
-    """`_block_nll` over the sequence in chunks of `chunk_size` (rematerialised), or at once."""
+def _chunked_nll(h, kernel, targets, vocab_start, axis_name, chunk_size: int | None,
+                 mask: jax.Array | None = None, groups: int = 1) -> jax.Array:
+    """`_block_nll` over the sequence in chunks of `chunk_size` positions (rematerialised), or at once.
+
+    With a `mask` [B,T], only the positions where mask > 0 are computed (the others are 0), and the chunks
+    holding none of them are skipped: the rows are cut into `groups` groups (one per device holding a share
+    of the batch, so nothing moves between devices); within a group the needed positions are moved to the
+    front, in order, and the group is processed chunk_size × rows-per-group positions at a time; a chunk after
+    the group's last needed position costs nothing (`lax.cond`: no matmul, forward or backward). In SFT data
+    most positions carry no loss (prompts, tool output, padding), so most vocabulary-sized matmuls are skipped.
+    """
     B, T, D = h.shape
     if not chunk_size or chunk_size >= T:
-        return _block_nll(h, kernel, targets, vocab_start, axis_name)
+        if mask is None:
+            return _block_nll(h, kernel, targets, vocab_start, axis_name)
+        chunk_size = T
     if T % chunk_size:
         raise ValueError(f"loss chunk_size {chunk_size} does not divide the sequence length {T}")
     n = T // chunk_size
-    h_chunks = h.reshape(B, n, chunk_size, D).swapaxes(0, 1)  # [n,B,C,D]
-    target_chunks = targets.reshape(B, n, chunk_size).swapaxes(0, 1)  # [n,B,C]
+    if mask is None:  # plain chunks: [B, chunk_size] positions each
+        groups, h_g, t_g = B, h, targets
+    else:
+        groups = groups if B % groups == 0 else 1
+        needed = mask.reshape(groups, B // groups * T) > 0
+        order = jnp.argsort(~needed, axis=1, stable=True)  # needed positions first, in sequence order
+        inverse = jnp.argsort(order, axis=1)
+        h_g = _permute(h.reshape(groups, -1, D), order, inverse)
+        t_g = jnp.take_along_axis(targets.reshape(groups, -1), order, axis=1)
+        if groups > 1:  # keep each group on its devices
+            h_g, t_g = constrain(h_g, ("batch", None, None)), constrain(t_g, ("batch", None))
+        width = B // groups * chunk_size
+        chunks_needed = (jnp.max(jnp.sum(needed, axis=1, dtype=jnp.int32)) + width - 1) // width
+
+    def split(x):  # [G, n*W, ...] -> [n, G, W, ...]
+        return x.reshape(groups, n, -1, *x.shape[2:]).swapaxes(0, 1)
 
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
     def chunk(_, xs):
-        h_c, t_c = xs
-        return None, _block_nll(h_c, kernel, t_c, vocab_start, axis_name)
+        i, h_c, t_c = xs
+        if mask is None:
+            return None, _block_nll(h_c, kernel, t_c, vocab_start, axis_name)
+        return None, jax.lax.cond(i < chunks_needed,
+                                  lambda: _block_nll(h_c, kernel, t_c, vocab_start, axis_name),
+                                  lambda: jnp.zeros_like(t_c, jnp.float32))
 
-    _, nll = jax.lax.scan(chunk, None, (h_chunks, target_chunks))
-    return nll.swapaxes(0, 1).reshape(B, T)
+    _, nll = jax.lax.scan(chunk, None, (jnp.arange(n), split(h_g), split(t_g)))
+    nll = nll.swapaxes(0, 1).reshape(groups, -1)
+    if mask is None:
+        return nll.reshape(B, T)
+    nll = jnp.take_along_axis(nll, inverse, axis=1).reshape(B, T)
+    return jnp.where(mask > 0, nll, 0.0)
+
+
+@jax.custom_vjp
+def _permute(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x[g, order[g, i]] for x [G,L,D] and a permutation `order` [G,L] (`inverse` its inverse): a gather in
+    both directions (the gradient of a plain gather is a scatter-add, slow on CPU)."""
+    return jnp.take_along_axis(x, order[..., None], axis=1)
+
+
+def _permute_fwd(x, order, inverse):
+    return _permute(x, order, inverse), (order, inverse)
+
+
+def _permute_bwd(residuals, g):
+    _, inverse = residuals
+    return jnp.take_along_axis(g, inverse[..., None], axis=1), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+    """The mesh axes the batch is sharded over (by the rules), except `tensor`."""
+    axes = logical_to_pspec(("batch",), rules)[0]
+    return tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a != TENSOR_AXIS)
 
 
 def token_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, impl: str = "full",
-              chunk_size: int | None = None, mesh: Mesh | None = None, rules: Rules | None = None) -> jax.Array:
+              chunk_size: int | None = None, mesh: Mesh | None = None, rules: Rules | None = None,
+              mask: jax.Array | None = None) -> jax.Array:
     """Float32 negative log-likelihood [B,T] of `targets` [B,T] under logits hidden [B,T,D] @ kernel [D,V].
 
     `impl` is "full", "chunked" or "vocab_parallel" (the latter needs `mesh` and `rules`; `rules` tell which
     mesh axes the batch is sharded over). The matmul runs in hidden's dtype, accumulating in float32.
+    `mask` [B,T] (e.g. the loss mask): only the positions where mask > 0 are wanted; `chunked` and
+    `vocab_parallel` then compute only those (0 elsewhere) and skip the chunks that hold none of them.
     """
     if impl == "full":
         return _block_nll(hidden, kernel, targets, 0, None)
     if impl == "chunked":
-        return _chunked_nll(hidden, kernel, targets, 0, None, chunk_size)
+        groups = 1 if mesh is None or rules is None else math.prod(mesh.shape[a] for a in batch_axes(rules))
+        return _chunked_nll(hidden, kernel, targets, 0, None, chunk_size, mask, groups)
     if impl != "vocab_parallel":
         raise ValueError(f"unknown loss impl {impl!r}")
     if mesh is None or rules is None:
         raise ValueError("the vocab_parallel loss needs the mesh and the sharding rules")
-    return vocab_parallel_nll(hidden, kernel, targets, mesh=mesh, rules=rules, chunk_size=chunk_size)
+    return vocab_parallel_nll(hidden, kernel, targets, mesh=mesh, rules=rules, chunk_size=chunk_size, mask=mask)
 
 
 def vocab_parallel_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, mesh: Mesh, rules: Rules,
-                       chunk_size: int | None = None) -> jax.Array:
+                       chunk_size: int | None = None, mask: jax.Array | None = None) -> jax.Array:
     """`token_nll` with the vocabulary split over the mesh's `tensor` axis (see the module docstring)."""
     vocab = kernel.shape[-1]
     shards = mesh.shape[TENSOR_AXIS]
     if vocab % shards:
         raise ValueError(f"vocab_parallel loss: vocabulary {vocab} is not divisible by mesh.tensor={shards}")
-    batch_axes = logical_to_pspec(("batch",), rules)[0]
-    batch_axes = tuple(a for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes or ())
-                       if a != TENSOR_AXIS)
-    rows = PartitionSpec(batch_axes or None)
+    axes = batch_axes(rules)
+    rows = PartitionSpec(axes or None)
 
-    def per_shard(h, w, t):
+    def per_shard(h, w, t, m):
         vocab_start = jax.lax.axis_index(TENSOR_AXIS) * w.shape[-1]
-        return _chunked_nll(h, w, t, vocab_start, TENSOR_AXIS, chunk_size)
+        if m is not None and axes:
+            # Each batch shard skips its own chunks, so the head must not be summed over the batch shards
+            # inside a skipped chunk: mark it varying here, so its gradient's psum happens once, outside.
+            # (The `tensor` shards of a row all skip the same chunks, so their psums inside always meet.)
+            w = jax.lax.pcast(w, axes, to="varying")
+        return _chunked_nll(h, w, t, vocab_start, TENSOR_AXIS, chunk_size, m)
 
+    if mask is None:
+        return jax.shard_map(lambda h, w, t: per_shard(h, w, t, None), mesh=mesh, out_specs=rows,
+                             in_specs=(rows, PartitionSpec(None, TENSOR_AXIS), rows))(hidden, kernel, targets)
     return jax.shard_map(per_shard, mesh=mesh, out_specs=rows,
-                         in_specs=(rows, PartitionSpec(None, TENSOR_AXIS), rows))(hidden, kernel, targets)
+                         in_specs=(rows, PartitionSpec(None, TENSOR_AXIS), rows, rows))(hidden, kernel, targets, mask)
 
 
 # --------------------------------------------------------------------------------------------- reductions

@@ -148,12 +148,14 @@ class TrainStep:
 
     # ----------------------------------------------------------------------------------------- traced code
     def token_nll(self, params: dict, batch: Batch) -> jax.Array:
-        """nll [B,T] of every position's target (masking happens in loss_sums)."""
+        """nll [B,T] of the loss positions' targets (0 elsewhere with the chunked losses, which compute only the
+        loss positions; loss_sums masks in any case)."""
         with activation_sharding(self.mesh, self.rules):
             model = nnx.merge(self.graphdef, params)
             hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
             return loss_lib.token_nll(hidden, params["lm_head"]["kernel"], batch["targets"], impl=self.loss_impl,
-                                      chunk_size=self.loss_chunk_size, mesh=self.mesh, rules=self.rules)
+                                      chunk_size=self.loss_chunk_size, mesh=self.mesh, rules=self.rules,
+                                      mask=batch["loss_mask"])
 
     def _loss_sum(self, params: dict, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         sums = loss_lib.loss_sums(self.token_nll(params, batch), batch)

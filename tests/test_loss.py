@@ -66,6 +66,55 @@ def test_every_loss_equals_the_plain_loss_and_its_gradients(operands, impl, chun
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=f"gradient w.r.t. {name}")
 
 
+def loss_positions(seed: int = 1) -> np.ndarray:
+    """[B,T] loss mask as SFT data has it: runs of loss positions (answers) between runs without; one row with
+    none, one with only loss positions, the rest different."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((B, T), np.int32)
+    for r in range(2, B):
+        for start in rng.integers(0, T, 3):
+            mask[r, start:start + rng.integers(1, 8)] = 1
+    mask[1] = 1
+    return mask
+
+
+@pytest.mark.parametrize("impl, chunk, mesh_name", [
+    ("chunked", 8, "one device"), ("chunked", None, "one device"), ("chunked", 4, "fsdp4 x tensor2"),
+    ("vocab_parallel", 8, "fsdp4 x tensor2"), ("vocab_parallel", 16, "data2 x fsdp2 x tensor2"),
+])
+def test_masked_losses_compute_exactly_the_loss_positions(operands, impl, chunk, mesh_name):
+    """Given the loss mask, the chunked losses gather the loss positions to the front and skip the chunks
+    after them: the nll at every loss position and the gradients equal the plain loss's; 0 elsewhere."""
+    h, w, targets, weights = operands
+    mask = jnp.asarray(loss_positions())
+    cfg = MESHES[mesh_name]
+    mesh = make_mesh(cfg, jax.devices()[:cfg.data * cfg.fsdp * cfg.tensor])
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    h_s, t_s, m_s = (jax.device_put(x, rows) for x in (h, targets, mask))
+    w_s = jax.device_put(w, NamedSharding(mesh, P("fsdp", "tensor")))
+
+    def ours(h, w):
+        return loss_lib.token_nll(h, w, t_s, impl=impl, chunk_size=chunk, mesh=mesh, rules=DEFAULT_RULES, mask=m_s)
+
+    def plain(h, w):
+        return jnp.where(mask > 0, plain_nll(h, w, targets), 0.0)
+
+    np.testing.assert_allclose(jax.jit(ours)(h_s, w_s), plain(h, w), rtol=1e-5, atol=1e-5)
+    got = jax.jit(jax.grad(lambda h, w: jnp.sum(ours(h, w) * weights), argnums=(0, 1)))(h_s, w_s)
+    want = jax.grad(lambda h, w: jnp.sum(plain(h, w) * weights), argnums=(0, 1))(h, w)
+    for g, r, name in zip(got, want, ("hidden", "head")):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=f"gradient w.r.t. {name}")
+
+
+def test_masked_loss_without_loss_positions_is_zero_with_zero_gradients(operands):
+    h, w, targets, _ = operands
+    none = jnp.zeros((B, T), jnp.int32)
+    fn = lambda h, w: loss_lib.token_nll(h, w, targets, impl="chunked", chunk_size=8, mask=none)  # noqa: E731
+    assert not np.asarray(jax.jit(fn)(h, w)).any()
+    for g in jax.jit(jax.grad(lambda h, w: fn(h, w).sum(), argnums=(0, 1)))(h, w):
+        assert not np.asarray(g).any()
+
+
 def _grad_fn(impl, chunk, mesh, targets):
     return jax.jit(jax.grad(lambda h, w: loss_lib.token_nll(h, w, targets, impl=impl, chunk_size=chunk,
                                                             mesh=mesh, rules=DEFAULT_RULES).sum(), argnums=(0, 1)))
@@ -114,12 +163,13 @@ def test_loss_sums_split_agent_general_and_tasks_and_skip_masked_positions():
 # ------------------------------------------------------------------------------ against PyTorch / transformers
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
-    """The same random weights as a transformers LlamaForCausalLM and as our Llama (through HF import)."""
+    """The same random weights as a transformers LlamaForCausalLM and as our Llama (through HF import); the
+    blockwise attention in blocks of 4 positions, so its backward pass crosses many tiles."""
     cfg = SMALL["gqa"]
     torch_model = make_hf_model(cfg, seed=3)
     path = save_hf_model(torch_model, tmp_path_factory.mktemp("hf-loss"))
     cfg, params = import_hf(path, show_progress=False)
-    return cfg, torch_model, params.to_pure_dict()
+    return cfg.replace(attention_impl="blockwise", attention_block_size=4), torch_model, params.to_pure_dict()
 
 
 def padded_batch(vocab: int, lengths=(16, 11, 5), seed: int = 0) -> dict[str, np.ndarray]:

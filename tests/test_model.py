@@ -1,4 +1,6 @@
-"""The Flax NNX Llama against `transformers.LlamaForCausalLM` (PyTorch, float32) on random small configs."""
+"""The Flax NNX Llama against `transformers.LlamaForCausalLM` (PyTorch, float32) on random small configs, with
+both attention implementations (blockwise in blocks of 16 positions, so several blocks and ragged ends are
+exercised; and XLA's dot_product_attention)."""
 
 from __future__ import annotations
 
@@ -14,17 +16,24 @@ from tests.test_hf_helpers import hf_checkpoints, random_tokens, single_segment_
 forward = nnx.jit(lambda model, tokens, positions, segment_ids: model(tokens, positions, segment_ids))
 
 
+ATTENTION = {"blockwise": dict(attention_impl="blockwise", attention_block_size=16),
+             "xla": dict(attention_impl="xla")}
+
+
 @pytest.fixture(scope="module")
 def jax_models(hf_checkpoints):
-    return {name: load_hf_model(path, show_progress=False)[1] for name, (_, _, path) in hf_checkpoints.items()}
+    """{(name, attention): model} loaded from the Hugging Face checkpoints."""
+    return {(name, attention): load_hf_model(path, base=cfg.replace(**runtime), show_progress=False)[1]
+            for name, (cfg, _, path) in hf_checkpoints.items() for attention, runtime in ATTENTION.items()}
 
 
+@pytest.mark.parametrize("attention", list(ATTENTION))
 @pytest.mark.parametrize("name", ["mha", "gqa"])
 @pytest.mark.parametrize("length", [1, 17, 64])
-def test_logits_match_transformers(hf_checkpoints, jax_models, name, length):
+def test_logits_match_transformers(hf_checkpoints, jax_models, name, length, attention):
     cfg, torch_model, _ = hf_checkpoints[name]
     tokens = random_tokens(cfg, batch=2, length=length, seed=length)
-    logits = forward(jax_models[name], tokens, *single_segment_inputs(tokens))
+    logits = forward(jax_models[name, attention], tokens, *single_segment_inputs(tokens))
     assert logits.dtype == jnp.float32 and logits.shape == (2, length, cfg.vocab_size)
     expected = torch_logits(torch_model, tokens)
     assert np.abs(expected).max() > 1.0  # the comparison is not trivially satisfied by tiny logits
@@ -40,10 +49,11 @@ def test_unscanned_layers_match_transformers(hf_checkpoints):
                                torch_logits(torch_model, tokens), atol=1e-4, rtol=0)
 
 
-def test_packed_segments_equal_separate_runs(hf_checkpoints, jax_models):
+@pytest.mark.parametrize("attention", list(ATTENTION))
+def test_packed_segments_equal_separate_runs(hf_checkpoints, jax_models, attention):
     """Two conversations packed in one row (+ padding) give each the logits it gets alone; padding is finite."""
     cfg, torch_model, _ = hf_checkpoints["gqa"]
-    model = jax_models["gqa"]
+    model = jax_models["gqa", attention]
     a, b = random_tokens(cfg, 1, 20, seed=1)[0], random_tokens(cfg, 1, 25, seed=2)[0]
     pad = 3
     tokens = np.concatenate([a, b, np.zeros(pad, np.int32)])[None]
@@ -85,6 +95,23 @@ def test_remat_policies_and_unscanned_layers_give_the_same_gradients(hf_checkpoi
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[grads["layers"][i] for i in range(base.num_layers)])
             for g, r in zip(jax.tree.leaves(stacked), jax.tree.leaves(ref["layers"])):
                 np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6)
+
+
+def test_blockwise_and_xla_attention_give_the_same_gradients(hf_checkpoints):
+    """Every parameter's gradient through packed rows (three conversations and padding, several blocks)."""
+    base, _, path = hf_checkpoints["gqa"]
+    tokens = random_tokens(base, 2, 41, seed=9)
+    segment_ids = np.repeat(np.asarray([[1] * 14 + [2] * 20 + [3] * 4 + [0] * 3]), 2, axis=0).astype(np.int32)
+    positions = np.concatenate([np.arange(14), np.arange(20), np.arange(4), np.zeros(3)])[None].repeat(2, 0)
+
+    def grads(runtime):
+        _, model = load_hf_model(path, base=base.replace(**runtime), show_progress=False)
+        loss = lambda m: jnp.sum(m(tokens, positions.astype(np.int32), segment_ids)[:, :-1, :7])  # noqa: E731
+        return jax.tree.leaves(nnx.jit(nnx.grad(loss))(model))
+
+    for g, r in zip(grads(ATTENTION["blockwise"]), grads(ATTENTION["xla"])):
+        g, r = np.asarray(g), np.asarray(r)
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=2e-6 * np.abs(r).max())  # float32 rounding of the sums
 
 
 def test_compute_dtype_is_separate_from_parameter_dtype(hf_checkpoints):

@@ -6,10 +6,12 @@ query's slot (causal) and both carry the same segment id (packed conversations n
 ignored by the loss. The boolean mask is [B,1,T,S] (shared by all heads) and built from iota comparisons that
 XLA fuses into the softmax's select, so no [B,N,T,S] float mask is materialised.
 
-`jax.nn.dot_product_attention` runs the XLA implementation on CPU and TPU (cuDNN flash attention on GPU with
-`attention_impl: cudnn`). On TPU, a Pallas splash-attention kernel (jax.experimental.pallas.ops.tpu.
-splash_attention, which takes segment ids directly) would avoid the [B,N,T,S] logits at long sequence lengths;
-it is not wired in because it cannot be tested on this project's CPU CI.
+Implementations (`attention_impl`): `blockwise` (model/blockwise_attention.py: tile by tile, skipping the tiles
+that are entirely masked, causally or between packed conversations; the default on CPU) and
+`jax.nn.dot_product_attention`'s `xla` (the whole [B,N,T,S] square; the default elsewhere, and the decoding
+path with a KV cache) or `cudnn` (flash attention on GPU). On TPU, a Pallas splash-attention kernel
+(jax.experimental.pallas.ops.tpu.splash_attention, which takes segment ids directly) would avoid the [B,N,T,S]
+logits at long sequence lengths; it is not wired in because it cannot be tested on this project's CPU CI.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from agentlm_jax.model.blockwise_attention import blockwise_attention
 from agentlm_jax.model.config import ModelConfig
 from agentlm_jax.model.kv_cache import LayerCache
 from agentlm_jax.model.layers import apply_rotary, param
@@ -37,7 +40,8 @@ class Attention(nnx.Module):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         init, pdt = jax.nn.initializers.normal(cfg.initializer_range), jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
-        self.implementation = cfg.attention_impl
+        self.implementation = resolve_attention_impl(cfg.attention_impl)
+        self.block_size = cfg.attention_block_size
         self.q_proj = param(rngs, init, (D, N, H), ("embed", "heads", "head_dim"), pdt)
         self.k_proj = param(rngs, init, (D, K, H), ("embed", "kv_heads", "head_dim"), pdt)
         self.v_proj = param(rngs, init, (D, K, H), ("embed", "kv_heads", "head_dim"), pdt)
@@ -54,6 +58,9 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
 
         T = x.shape[1]
+        if cache is None and self.implementation == "blockwise":
+            out = blockwise_attention(q, k, v, segment_ids, self.block_size)
+            return self._project_out(out), cache
         if cache is None:
             slots = jnp.arange(T)
             mask = attention_mask(segment_ids, segment_ids, slots, slots)
@@ -65,7 +72,18 @@ class Attention(nnx.Module):
             mask = attention_mask(segment_ids, cache.segment_ids, cache.start + jnp.arange(T),
                                   jnp.arange(cache.k.shape[1]))
 
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)  # BTNH
+        implementation = "xla" if self.implementation == "blockwise" else self.implementation
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)  # BTNH
+        return self._project_out(out), cache
+
+    def _project_out(self, out: jax.Array) -> jax.Array:
         out = constrain(out, ("batch", "seq", "act_heads", None))
-        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
-        return constrain(out, ("batch", "seq", "act_embed")), cache
+        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
+        return constrain(out, ("batch", "seq", "act_embed"))
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """What `attention_impl: auto` stands for on this process's default backend."""
+    if impl != "auto":
+        return impl
+    return "blockwise" if jax.default_backend() == "cpu" else "xla"

@@ -6,14 +6,14 @@ import dataclasses
 from typing import Any
 
 # Fields that describe how to run the model, not the architecture: never read from or written to config.json.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "attention_block_size")
 # ours → Hugging Face LlamaConfig, where the names differ
 _HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
              "num_kv_heads": "num_key_value_heads"}
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,10 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the (master) parameters
     remat: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = True
-    attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" (CPU/TPU) or "cudnn"
+    # "blockwise" (model/blockwise_attention.py: skips masked tiles), or jax.nn.dot_product_attention's "xla"
+    # (CPU/TPU) or "cudnn" (GPU); "auto": blockwise on CPU, else xla. Decoding with a KV cache uses xla in place of blockwise.
+    attention_impl: str = "auto"
+    attention_block_size: int = 128  # query/key block of the blockwise attention
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
@@ -46,6 +49,8 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.attention_block_size < 1:
+            raise ValueError(f"model.attention_block_size must be positive, got {self.attention_block_size}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model.num_heads ({self.num_heads}) must be a multiple of "
                              f"model.num_kv_heads ({self.num_kv_heads})")
