@@ -1,11 +1,22 @@
-# Shared settings for the tpu/ scripts. Source it; every value can be overridden from the environment
-# (or put overrides in tpu/config.env, which is git-ignored).
+# Shared settings for the tpu/ scripts. Source it. Each setting comes from, in this order: the environment
+# (a non-empty value), tpu/config.env (git-ignored; plain VAR=value lines, see config.env.example), the
+# default below.
 set -euo pipefail
 
 TPU_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(cd "$TPU_DIR/.." && pwd)"
-# shellcheck disable=SC1091
-[ -f "$TPU_DIR/config.env" ] && source "$TPU_DIR/config.env"
+TPU_SETTINGS="GCLOUD TPU_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION REMOTE_DIR PYTHON_VERSION"
+
+# config.env may assign any setting; the ones the environment gives are put back afterwards, so they win.
+if [ -f "$TPU_DIR/config.env" ]; then
+  _from_env=""
+  for _var in $TPU_SETTINGS; do
+    if [ -n "${!_var:-}" ]; then _from_env="$_from_env $_var"; printf -v "_env_$_var" '%s' "${!_var}"; fi
+  done
+  # shellcheck disable=SC1091
+  source "$TPU_DIR/config.env"
+  for _var in $_from_env; do _saved="_env_$_var"; printf -v "$_var" '%s' "${!_saved}"; done
+fi
 
 GCLOUD="${GCLOUD:-gcloud}"
 TPU_NAME="${TPU_NAME:-agentlm}"
@@ -13,6 +24,7 @@ ZONE="${ZONE:-us-central2-b}"
 PROJECT="${PROJECT:-$("$GCLOUD" config get-value project 2>/dev/null || true)}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-8}"
 REMOTE_DIR="${REMOTE_DIR:-agentlm-jax}"   # relative to each worker's home directory
+PYTHON_VERSION="${PYTHON_VERSION:-3.11}"   # the venv's Python where the image's python3 is older than 3.11
 
 # The TPU VM software image that matches each TPU generation (Cloud TPU docs, "TPU software versions").
 default_runtime_version() {

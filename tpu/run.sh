@@ -3,13 +3,18 @@
 # checkout, in the background with its output in ~/agentlm-jax/run.log on each worker.
 #   tpu/run.sh python -m agentlm_jax.train --config configs/llama2-7b.yaml data.path=gs://BUCKET/agentmix
 #   tpu/run.sh --foreground python -m agentlm_jax.train ...   # stream worker 0..N output here instead
-# Stop a background run with: tpu/run.sh --stop   (sends SIGTERM: the trainer saves a checkpoint first)
+# Stop a background run with: tpu/run.sh --stop   (SIGTERM to `python -m agentlm_jax.train` only: the trainer
+# saves a checkpoint first; export or generate runs are left alone)
 source "$(dirname "$0")/common.sh"
+
+# What --stop signals: the trainer's command line (python -m agentlm_jax.train ...), nothing else. The [a] keeps
+# the pattern from matching itself in the remote shell that runs pkill; export and generate don't match.
+TRAINER_PATTERN='[a]gentlm_jax[.]train( |$)'
 
 foreground=0
 case "${1:-}" in
   --foreground) foreground=1; shift ;;
-  --stop) on_all_workers "pkill -TERM -f 'agentlm_jax' || true"; exit 0 ;;
+  --stop) on_all_workers "pkill -TERM -f '$TRAINER_PATTERN' || true"; exit 0 ;;
   -h|--help|"") sed -n '2,7p' "$0"; exit 0 ;;
 esac
 
