@@ -13,7 +13,10 @@ import math
 import re
 
 ID_PREFIX = re.compile(r"^(.+)_\d+$")
-REWARD_TOLERANCE = 1e-6  # rewards stored rounded (0.6667 for 2/3) still pass
+# A reward up to 1e-6 below its threshold passes: float noise (2/3 computed another way, 0.999999999 for 1)
+# and 2/3 written with 6 or more decimals (0.666666). A reward rounded to fewer decimals passes only if it
+# was rounded up (0.6667 is over 2/3 anyway); 0.6666 is filtered (set a lower threshold to keep it).
+REWARD_TOLERANCE = 1e-6
 
 REWARD_BELOW_THRESHOLD = "reward_below_threshold"
 NON_NUMERIC_REWARD = "non_numeric_reward"

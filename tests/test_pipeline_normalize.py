@@ -167,6 +167,8 @@ def test_task_from_field_then_id_prefix_then_split_then_source():
     ("os", 1.0, True), ("os", 1, True), ("os", 0.99, False), ("os", 0.0, False),
     ("mind2web", 2 / 3, True), ("mind2web", 0.6667, True), ("mind2web", 0.66, False), ("mind2web", 1.0, True),
     ("mind2web", 1 / 3, False), ("kg", None, True),
+    # the 1e-6 tolerance: float noise and 6+ decimals pass; values rounded down to fewer decimals don't
+    ("os", 1 - 1e-9, True), ("os", 0.99999, False), ("mind2web", 0.666666, True), ("mind2web", 0.6666, False),
 ])
 def test_reward_filter(task, reward, kept):
     rec = agent(f"{task}_1", **({"reward": reward} if reward is not None else {}))
