@@ -72,6 +72,10 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the architecture in its config."""
 
 
+class ArchitectureMismatchError(ValueError):
+    """The checkpoint's config.json describes another architecture than the configured model (import_hf's base)."""
+
+
 class PickleCheckpointError(ValueError):
     """Only pickled PyTorch weights (`.bin`) were found and pickles were not allowed."""
 
@@ -279,9 +283,11 @@ def _check_architecture(cfg: ModelConfig, base: ModelConfig, model_dir: str) -> 
              for f in dataclasses.fields(cfg)
              if f.name not in RUNTIME_FIELDS + ("initializer_range",) and getattr(cfg, f.name) != getattr(base, f.name)]
     if diffs:
-        raise ValueError(f"{model_dir}: the checkpoint's architecture differs from the configured model:\n  "
-                         + "\n  ".join(diffs) + "\nFix the model section of your config (or drop it to take the "
-                         "checkpoint's).")
+        raise ArchitectureMismatchError(
+            f"{model_dir}: the checkpoint's architecture differs from the configured model:\n  " + "\n  ".join(diffs)
+            + f"\nSet the model section of your config to the checkpoint's {CONFIG_NAME} values (configs/"
+            "llama2-7b.yaml, llama2-13b.yaml and llama2-70b.yaml carry the official Llama 2 ones), or point "
+            "init_from at a checkpoint of the configured model.")
 
 
 def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str) -> None:
@@ -308,9 +314,10 @@ def import_hf(model_dir: str, *, base: ModelConfig | None = None, runtime: dict[
               show_progress: bool = True) -> tuple[ModelConfig, nnx.State]:
     """Load a Hugging Face Llama checkpoint directory (local or gs://) as (ModelConfig, params nnx.State).
 
-    The architecture comes from config.json. The runtime fields (dtype, param_dtype, remat, scan_layers,
-    attention_impl) come from `base` if given, whose architecture must then match the checkpoint's (a
-    training config naming the model it fine-tunes), updated by `runtime` (e.g. {"dtype": "bfloat16"}).
+    The architecture comes from config.json. The runtime fields (RUNTIME_FIELDS: dtype, param_dtype, remat,
+    scan_layers, attention_impl, attention_block_size) come from `base` if given, whose architecture must then
+    match the checkpoint's (a training config naming the model it fine-tunes; else ArchitectureMismatchError),
+    updated by `runtime` (e.g. {"dtype": "bfloat16"}).
     Parameters are created in `param_dtype`, each directly on the sharding its logical axes map to on `mesh`
     by `rules` (default: one device). Use with `nnx.merge(graphdef, params)` or `nnx.update(model, params)`,
     or call `load_hf_model`.
