@@ -1,10 +1,12 @@
 """Train: `python -m agentlm_jax.train [--config configs/X.yaml] [key=value ...]`.
 
-With no arguments: the tiny model on the bundled sample dataset (built under data/sample if missing), a
-few hundred CPU steps, then a checkpoint and a Hugging Face export under runs/tiny. Overrides are dotted
-config keys, e.g. `optimizer.learning_rate=2e-5 mesh.tensor=4 data.path=gs://bucket/agentlm-data`.
+With no arguments: the tiny model on the bundled sample dataset (built under data/sample if missing), 150
+steps (`steps=N` for more), then a checkpoint and a Hugging Face export under runs/tiny. Overrides are
+dotted config keys, e.g. `optimizer.learning_rate=2e-5 mesh.tensor=4 data.path=gs://bucket/agentlm-data`.
 Rerunning the same command resumes from the run's latest checkpoint. Exit status: 0 when training finished,
-143 when stopped by SIGTERM (preemption) after saving a checkpoint.
+143 when stopped by SIGTERM (preemption) after saving a checkpoint, 1 with an `error: ...` line when the
+config, the mesh, the dataset or the run directory does not allow the run (or the training diverged),
+2 for bad command-line syntax.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 from typing import Sequence
 
 from agentlm_jax.config import ConfigError, load_config
-from agentlm_jax.trainer import EXIT_PREEMPTED, RunResult, TrainingDivergedError, train
+from agentlm_jax.trainer import (EXIT_PREEMPTED, RunResult, SetupError, TrainingDivergedError, check_mesh_config,
+                                 train)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -33,11 +36,9 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    try:
+        check_mesh_config(cfg.mesh)  # before JAX starts
         result = train(cfg)
-    except TrainingDivergedError as e:
+    except (ConfigError, SetupError, TrainingDivergedError) as e:
         sys.exit(f"error: {e}")
     if result.status == "preempted":
         sys.exit(EXIT_PREEMPTED)

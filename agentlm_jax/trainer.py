@@ -30,13 +30,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agentlm_jax import distributed, input_pipeline
 from agentlm_jax.checkpointing import Checkpointer
-from agentlm_jax.config import DataConfig, TrainConfig, to_dict, to_yaml
+from agentlm_jax.config import ConfigError, DataConfig, TrainConfig, to_dict, to_yaml
 from agentlm_jax.data.tfrecord_source import load_manifest
 from agentlm_jax.loss import mean, resolve_impl
 from agentlm_jax.metrics import MetricsWriter, Throughput, flops_per_token, peak_flops
 from agentlm_jax.model.llama import count_params, init_model
 from agentlm_jax.optimizer import learning_rate_schedule, make_optimizer
-from agentlm_jax.sharding import make_mesh
+from agentlm_jax.sharding import MESH_AXES, MeshConfig, make_mesh
 from agentlm_jax.train_step import (TrainState, TrainStep, abstract_params, abstract_train_state,
                                     check_batch_layout, host_metrics, init_train_state, replicated_to_host,
                                     train_state_shardings)
@@ -49,6 +49,33 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a shell reports a process ended by SIG
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or Inf."""
+
+
+class SetupError(Exception):
+    """The run cannot start as configured; the message says what to do. `python -m agentlm_jax.train` prints
+    it (as it does a ConfigError or a TrainingDivergedError) without a traceback."""
+
+
+class MissingInputError(SetupError, FileNotFoundError):
+    """The dataset or the init_from checkpoint is not where the config says."""
+
+
+class ExistingRunError(SetupError, FileExistsError):
+    """The run directory already has checkpoints and checkpoint.resume is false."""
+
+
+def check_mesh_config(mesh: MeshConfig) -> None:
+    """What can be checked of the mesh shape without knowing the devices: each axis is -1 or a positive size,
+    and at most one is -1. Cheap: called before JAX starts (the device-dependent checks follow in Trainer)."""
+    sizes = {axis: getattr(mesh, axis) for axis in MESH_AXES}
+    bad = [f"mesh.{axis}={size}" for axis, size in sizes.items() if size != -1 and size < 1]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: a mesh axis size must be a positive number of devices, or -1 "
+                          f"for all the remaining devices")
+    rest = [f"mesh.{axis}" for axis, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise ConfigError(f"{' and '.join(rest)} are both -1 (\"all remaining devices\"): at most one axis may be "
+                          f"-1; give the others explicit sizes, e.g. mesh.data=1 mesh.fsdp=-1 mesh.tensor=1")
 
 
 @dataclasses.dataclass
@@ -68,7 +95,7 @@ def prepare_dataset(path: str) -> str:
     if fs.exists(posixpath.join(root, records.MANIFEST_NAME)):
         return path
     if path != DataConfig().path:
-        raise FileNotFoundError(f"no dataset at {path} (no {records.MANIFEST_NAME}): build one with "
+        raise MissingInputError(f"no dataset at {path} (no {records.MANIFEST_NAME}): build one with "
                                 f"`python -m data_pipeline.build --output {path} ...` or set data.path")
     log.info("%s is missing: building the bundled sample dataset there (python -m data_pipeline.build)", path)
     from data_pipeline.build import build_sample_dataset
@@ -103,19 +130,35 @@ def _drop_empty_group_losses(values: dict[str, float]) -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        """Checks what can fail before any heavy work (mesh, batch layout, dataset, existing checkpoints), then
+        builds the optimizer, the step and the input pipeline. Nothing is compiled yet."""
+        check_mesh_config(cfg.mesh)
         distributed.initialize(cfg.distributed)
         self.cfg = cfg
         self.is_main = distributed.is_main_process()
-        self.mesh = make_mesh(cfg.mesh)
-        self.rules = cfg.mesh.rules
-        check_batch_layout(cfg.data.global_batch, cfg.data.micro_batches, self.mesh, self.rules)
+        m = cfg.mesh
+        try:
+            self.mesh = make_mesh(m)
+        except ValueError as e:
+            raise ConfigError(f"{e}: set mesh.data, mesh.fsdp and mesh.tensor so that their product is the "
+                              f"{jax.device_count()} devices (one of them may be -1)") from None
+        self.rules = m.rules
+        try:
+            check_batch_layout(cfg.data.global_batch, cfg.data.micro_batches, self.mesh, self.rules)
+        except ValueError as e:
+            raise ConfigError(f"{e}, or put fewer devices on the batch axes (mesh {dict(self.mesh.shape)}, from "
+                              f"mesh.data={m.data} mesh.fsdp={m.fsdp} mesh.tensor={m.tensor}), e.g. more on "
+                              f"mesh.tensor") from None
         self.data_dir = prepare_dataset(cfg.data.path)
-        self.manifest = load_manifest(self.data_dir)
+        try:
+            self.manifest = load_manifest(self.data_dir)
+        except FileNotFoundError as e:
+            raise MissingInputError(str(e)) from None
         self.tasks = list(self.manifest["tasks"])
         vocab = (self.manifest.get("tokenizer") or {}).get("vocab_size")
         if vocab and vocab > cfg.model.vocab_size:
-            raise ValueError(f"the dataset's tokenizer ({self.data_dir}) has {vocab} tokens but model.vocab_size "
-                             f"is {cfg.model.vocab_size}: use the model the data was tokenized for")
+            raise ConfigError(f"the dataset's tokenizer ({self.data_dir}) has {vocab} tokens but model.vocab_size "
+                              f"is {cfg.model.vocab_size}: use the model the data was tokenized for")
 
         self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, abstract_params(cfg.model))
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
@@ -128,11 +171,22 @@ class Trainer:
                                  num_tasks=len(self.tasks))
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save, ocdbt=cfg.checkpoint.ocdbt)
-        d = cfg.data
-        self.train_data = input_pipeline.train_iterator(
-            self.data_dir, global_batch=d.global_batch, max_seq_len=d.max_seq_len, seed=cfg.seed,
-            overlong=d.overlong, packing_bins=d.packing_bins, read_threads=d.read_threads,
-            prefetch_batches=d.prefetch_batches, mesh=self.mesh, rules=self.rules)
+        try:
+            latest = self.checkpointer.latest_step()
+            if latest is not None and not cfg.checkpoint.resume:
+                raise ExistingRunError(f"{cfg.checkpoint_dir} already has checkpoints (latest step {latest}); set "
+                                       "checkpoint.resume=true to continue that run, or choose another run_dir")
+            d = cfg.data
+            try:
+                self.train_data = input_pipeline.train_iterator(
+                    self.data_dir, global_batch=d.global_batch, max_seq_len=d.max_seq_len, seed=cfg.seed,
+                    overlong=d.overlong, packing_bins=d.packing_bins, read_threads=d.read_threads,
+                    prefetch_batches=d.prefetch_batches, mesh=self.mesh, rules=self.rules)
+            except FileNotFoundError as e:
+                raise MissingInputError(f"data.path={cfg.data.path}: {e}") from None
+        except BaseException:
+            self.checkpointer.close()
+            raise
         self.validation = self._validation_set()
         self.run_info = {"config": to_dict(cfg), "tasks": self.tasks, "data_dir": self.data_dir,
                          "tokenizer_path": tokenizer_path_of(self.manifest, self.data_dir)}
@@ -154,17 +208,20 @@ class Trainer:
         """Parameters from `init_from` (a Hugging Face Llama dir) or random, and a fresh optimizer state."""
         cfg = self.cfg
         if cfg.init_from:
-            from agentlm_jax.hf_io import CONFIG_NAME, import_hf
+            from agentlm_jax.hf_io import CONFIG_NAME, ArchitectureMismatchError, import_hf
 
             fs, root = fsspec.core.url_to_fs(cfg.init_from)
             if not fs.exists(posixpath.join(root, CONFIG_NAME)):
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"init_from={cfg.init_from}: no {CONFIG_NAME} there. Point it at a Hugging Face Llama "
                     f"directory, e.g. `hf download meta-llama/Llama-2-7b-chat-hf --local-dir DIR`, or set "
                     f"init_from=null for random weights")
 
-            _, params = import_hf(cfg.init_from, base=cfg.model, mesh=self.mesh, rules=self.rules,
-                                  show_progress=self.is_main)
+            try:
+                _, params = import_hf(cfg.init_from, base=cfg.model, mesh=self.mesh, rules=self.rules,
+                                      show_progress=self.is_main)
+            except ArchitectureMismatchError as e:
+                raise ConfigError(f"init_from={cfg.init_from}: {e}") from None
         else:
             params = nnx.state(init_model(cfg.model, seed=cfg.seed, mesh=self.mesh, rules=self.rules), nnx.Param)
         init = jax.jit(lambda p: init_train_state(p, self.optimizer, cfg.seed), out_shardings=self.shardings,
@@ -173,9 +230,9 @@ class Trainer:
 
     def restore_or_init(self) -> TrainState:
         latest = self.checkpointer.latest_step()
-        if latest is not None and not self.cfg.checkpoint.resume:
-            raise FileExistsError(f"{self.cfg.checkpoint_dir} already has checkpoints (latest step {latest}); "
-                                  "set checkpoint.resume=true to continue that run, or choose another run_dir")
+        if latest is not None and not self.cfg.checkpoint.resume:  # as in __init__, for callers of this alone
+            raise ExistingRunError(f"{self.cfg.checkpoint_dir} already has checkpoints (latest step {latest}); "
+                                   "set checkpoint.resume=true to continue that run, or choose another run_dir")
         if latest is None:
             log.info("starting from %s", self.cfg.init_from or f"random weights (seed {self.cfg.seed})")
             return self.initial_state()

@@ -1,0 +1,104 @@
+"""`python -m agentlm_jax.train` as a user meets it: the help text, clean `error: ...` exits for runs that cannot
+start."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from agentlm_jax import train
+from agentlm_jax.checkpointing import Checkpointer
+from agentlm_jax.config import TrainConfig
+from tests.test_train import tiny_config_args
+from tests.test_train_support import TINY_MODEL, write_dataset
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture
+def restore_logging():
+    """main() configures the root logger (basicConfig(force=True)): give the next tests theirs back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
+
+
+def test_the_help_text_states_the_default_step_count():
+    assert re.search(fr"\b{TrainConfig().steps}\s+steps\b", train.__doc__)
+    assert "hundred" not in train.__doc__
+
+
+def cli_error(argv: list[str]) -> str:
+    """The message main() exits with (exit status 1 for a string), failing if it ends any other way."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: "), e.value.code
+    return e.value.code
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("overrides, expected", [
+    (["mesh.data=-1", "mesh.fsdp=-1"], r"mesh.data and mesh.fsdp are both -1 .*at most one axis may be -1"),
+    (["mesh.tensor=0"], r"mesh.tensor=0: a mesh axis size must be a positive number of devices, or -1"),
+    (["mesh.tensor=3"], r"8 devices cannot be split .*set mesh.data, mesh.fsdp and mesh.tensor"),
+    (["data.global_batch=4"], r"cannot be split over the 8 devices .*fewer devices on the batch axes .*mesh.tensor"),
+])
+def test_a_mesh_that_does_not_fit_is_a_clean_error(data_dir, tmp_path, overrides, expected):
+    message = cli_error([*tiny_config_args(data_dir, str(tmp_path / "run")), *overrides])
+    assert re.search(expected, message), message
+    assert not (tmp_path / "run").exists(), "refused before anything was written"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_missing_dataset_is_a_clean_error(data_dir, tmp_path):
+    message = cli_error([*tiny_config_args(data_dir, str(tmp_path / "run")), f"data.path={tmp_path}/nowhere"])
+    assert "no dataset at" in message and "python -m data_pipeline.build" in message
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_existing_checkpoints_without_resume_are_a_clean_error_before_anything_is_written(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    with Checkpointer(str(run_dir / "checkpoints"), async_save=False) as ckpt:
+        ckpt.save(4, SimpleNamespace(params={"w": np.zeros(2)}, opt_state={"m": np.zeros(2)}, step=np.int32(4),
+                                     rng=np.zeros(2, np.uint32)))
+    message = cli_error([*tiny_config_args(data_dir, str(run_dir)), "checkpoint.resume=false"])
+    assert "already has checkpoints (latest step 4)" in message and "checkpoint.resume=true" in message
+    assert not (run_dir / "config.yaml").exists(), "the existing run's config.yaml was overwritten"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_init_from_problems_are_clean_errors(data_dir, tmp_path):
+    args = tiny_config_args(data_dir, str(tmp_path / "run"))
+    assert "no config.json" in cli_error([*args, f"init_from={tmp_path}"])
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(TINY_MODEL.replace(num_kv_heads=4).to_hf()))
+    message = cli_error([*args, f"init_from={hf_dir}"])
+    assert "num_kv_heads: config.json has 4, the given config 2" in message
+    assert "Set the model section of your config to the checkpoint's config.json values" in message
+    assert "drop it" not in message
+
+
+def test_the_command_exits_1_with_one_error_line_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "agentlm_jax.train", "mesh.fsdp=-1", "mesh.tensor=-1",
+                           f"run_dir={tmp_path}/run"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: mesh.fsdp and mesh.tensor are both -1")
