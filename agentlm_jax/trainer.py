@@ -16,11 +16,13 @@ NaN/Inf stops the run before anything from that step is saved, so the last check
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import posixpath
-from typing import Any
+import time
+from typing import Any, Iterator
 
 import fsspec
 import jax
@@ -76,6 +78,19 @@ def check_mesh_config(mesh: MeshConfig) -> None:
     if len(rest) > 1:
         raise ConfigError(f"{' and '.join(rest)} are both -1 (\"all remaining devices\"): at most one axis may be "
                           f"-1; give the others explicit sizes, e.g. mesh.data=1 mesh.fsdp=-1 mesh.tensor=1")
+
+
+class _Throughput(Throughput):
+    """metrics.Throughput whose window can leave out pauses of the loop (evaluation, checkpoint saves), so the
+    tokens/s and MFU of the next logged step measure training steps only."""
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._start += time.perf_counter() - begin
 
 
 @dataclasses.dataclass
@@ -282,7 +297,7 @@ class Trainer:
         preemption = distributed.PreemptionWatch()
         tokens_per_step = cfg.data.global_batch * cfg.data.max_seq_len
         peak, peak_source = peak_flops(cfg.logging.peak_flops_per_device)
-        throughput = Throughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.max_seq_len), peak)
+        throughput = _Throughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.max_seq_len), peak)
         log.info("model: %.1fM parameters; mesh %s; loss %s; %d micro-batch(es) of %d x %d; peak %.3g FLOP/s (%s)",
                  count_params(cfg.model) / 1e6, dict(self.mesh.shape), self.loss_impl, cfg.data.micro_batches,
                  cfg.micro_batch, cfg.data.max_seq_len, peak, peak_source)
@@ -304,11 +319,12 @@ class Trainer:
                     if step == start + 1 or save_now or eval_now:  # these need this step's metrics now
                         self._check_and_log(*pending, writer, throughput, bar, result)
                         pending = None
-                    if save_now:
-                        self.save(state, step)
-                        writer.sync()
-                    if eval_now:
-                        self._log_validation(step, state, writer, result)
+                    with throughput.paused():  # the next step's tokens/s and MFU count training only
+                        if save_now:
+                            self.save(state, step)
+                            writer.sync()
+                        if eval_now:
+                            self._log_validation(step, state, writer, result)
                     result.step = step
                     if stop:
                         result.status = "preempted"

@@ -1,5 +1,5 @@
 """`python -m agentlm_jax.train` as a user meets it: the help text, clean `error: ...` exits for runs that cannot
-start."""
+start, and the trainer's log lines (throughput without evaluation/checkpoint pauses, process 0 only)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,8 +17,9 @@ import pytest
 from agentlm_jax import train
 from agentlm_jax.checkpointing import Checkpointer
 from agentlm_jax.config import TrainConfig
-from tests.test_train import tiny_config_args
-from tests.test_train_support import TINY_MODEL, write_dataset
+from agentlm_jax.trainer import Trainer
+from tests.test_train import metrics, tiny_config_args
+from tests.test_train_support import TINY_MODEL, compilation_cache, tiny_config, write_dataset  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +104,23 @@ def test_the_command_exits_1_with_one_error_line_and_no_traceback(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: mesh.fsdp and mesh.tensor are both -1")
+
+
+# ------------------------------------------------------------------------------------------- the log lines
+PAUSE_S = 1.5
+
+
+def test_evaluation_and_checkpoint_time_is_not_in_the_next_steps_throughput(data_dir, tmp_path, monkeypatch,
+                                                                            compilation_cache):
+    """Saves (every 2 steps) and evaluations (every 3) are made slow; every logged step after the first
+    (which reports its compile time apart) must still show a training step's time, far below the pause."""
+    save, evaluate = Trainer.save, Trainer.evaluate
+    monkeypatch.setattr(Trainer, "save", lambda self, *a: (time.sleep(PAUSE_S), save(self, *a))[1])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a: (time.sleep(PAUSE_S), evaluate(self, *a))[1])
+    run_dir = str(tmp_path / "run")
+    Trainer(tiny_config(data_dir, run_dir)).run()
+    steps = {r["step"]: r for r in metrics(run_dir) if "loss" in r}
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    assert "first_step_s" in steps[1] and "tokens_per_s" not in steps[1]
+    step_s = {s: steps[s]["step_s"] for s in range(2, 7)}
+    assert all(t < PAUSE_S / 2 for t in step_s.values()), f"a pause counted as training time: {step_s}"
