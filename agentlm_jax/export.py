@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from agentlm_jax import distributed
 from agentlm_jax.hf_io import CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES, export_hf, import_hf
 from agentlm_jax.model.config import ModelConfig
 from agentlm_jax.sharding import DEFAULT_RULES, MeshConfig, Rules, make_mesh
@@ -94,16 +95,34 @@ def cli_mesh(args: argparse.Namespace) -> Mesh | None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """On a pod slice, run it on every worker (tpu/run.sh --foreground ...), as the trainer: the hosts join up
+    (agentlm_jax.distributed), shard the parameters over all devices, gather each tensor together, and only
+    process 0 writes files."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    distributed.initialize(getattr(args, "distributed", "auto"))
+    mesh = cli_mesh(args)
+    require_all_devices(mesh)
     source = args.checkpoint or args.hf
-    cfg, params = load_params(source, step=args.step, mesh=cli_mesh(args), allow_pickle=args.allow_pickle)
+    cfg, params = load_params(source, step=args.step, mesh=mesh, allow_pickle=args.allow_pickle)
     tokenizer = args.tokenizer or default_tokenizer(source, step=args.step)
     index = export_hf(params, cfg, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                       tokenizer_path=tokenizer)
-    log.info("wrote %d tensors (%.2f GB, %s) in %d files to %s", len(index["weight_map"]),
-             index["metadata"]["total_size"] / 1e9, args.dtype, len(set(index["weight_map"].values())), args.output)
+    if distributed.is_main_process():  # the one that wrote
+        log.info("wrote %d tensors (%.2f GB, %s) in %d files to %s", len(index["weight_map"]),
+                 index["metadata"]["total_size"] / 1e9, args.dtype, len(set(index["weight_map"].values())),
+                 args.output)
     return index
+
+
+def require_all_devices(mesh: Mesh | None) -> None:
+    """On several hosts every host must hold part of each parameter (the gathers are collectives): refuse a
+    --fsdp/--tensor mesh that leaves devices out."""
+    if jax.process_count() > 1 and (mesh is None or mesh.devices.size != jax.device_count()):
+        used = 1 if mesh is None else mesh.devices.size
+        raise SystemExit(f"{jax.process_count()} hosts with {jax.device_count()} devices, but --fsdp/--tensor use "
+                         f"{used}: on several hosts shard over all devices (--fsdp -1, or --fsdp × --tensor = "
+                         f"{jax.device_count()}), or run on a single host")
 
 
 def default_tokenizer(source: str, *, step: int | None = None) -> str | None:

@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from agentlm_jax.export import add_mesh_args, cli_mesh, default_tokenizer, load_params
+from agentlm_jax import distributed
+from agentlm_jax.export import add_mesh_args, cli_mesh, default_tokenizer, load_params, require_all_devices
 from agentlm_jax.model.config import ModelConfig
 from agentlm_jax.model.kv_cache import KVCache
 from agentlm_jax.model.llama import Llama, abstract_model
@@ -89,13 +90,22 @@ class Generator:
         out, steps = _generate(self.graphdef, self.state, tokens, positions, segment_ids,
                                jnp.int32(max_new_tokens), self.stop_ids, jax.random.key(seed),
                                sampling=sampling, capacity=capacity, pad_id=self.pad_id)
-        out, steps = np.asarray(out), int(steps)
+        out, steps = _to_host(out), int(_to_host(steps))
         result, finished = [], []
         for row in out[:, :steps]:
             stops = np.flatnonzero(np.isin(row, self.stop_ids))
             result.append(row[: stops[0] + 1].tolist() if len(stops) else row.tolist())
             finished.append(bool(len(stops)))
         return Generation(result, finished, steps)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host (on several hosts, gathered from all of them)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "capacity", "pad_id"))
@@ -135,7 +145,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face directory or orbax checkpoint directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --model directory)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: a Hugging Face --model's own "
+                   "tokenizer files; for an orbax checkpoint, the tokenizer the training run recorded)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the Llama-2-chat template")
     p.add_argument("--system-prompt", default=None, help="system prompt for --chat (default: the training one)")
@@ -148,6 +159,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_mesh_args(p, fsdp=1)
+    p.add_argument("--distributed", default="auto", choices=["auto", "on", "off"],
+                   help="join the other hosts (jax.distributed.initialize) as the trainer does; auto (default): on "
+                   "TPU VMs and SLURM/MPI/coordinator environments; off: never (e.g. JAX_PLATFORMS=cpu on one worker)")
     return p.parse_args(argv)
 
 
@@ -171,15 +185,20 @@ def load_model(source: str, *, step: int | None = None, dtype: str = "float32",
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """On a pod slice, run it on every worker (tpu/run.sh --foreground ...): the hosts join up, the model is
+    sharded over all devices (--fsdp -1), every host decodes the same prompts, process 0 prints."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    distributed.initialize(args.distributed)
+    mesh = cli_mesh(args)
+    require_all_devices(mesh)
     from data_pipeline.tokenizer import load_tokenizer
 
     tokenizer_dir = args.tokenizer or default_tokenizer(args.model, step=args.step)
     if tokenizer_dir is None:
         raise SystemExit(f"no tokenizer found with {args.model}; pass --tokenizer DIR")
     tokenizer = load_tokenizer(tokenizer_dir)
-    cfg, model = load_model(args.model, step=args.step, dtype=args.dtype, mesh=cli_mesh(args))
+    cfg, model = load_model(args.model, step=args.step, dtype=args.dtype, mesh=mesh)
     prompts = encode_prompts(tokenizer, args.prompt, chat=args.chat, system_prompt=args.system_prompt)
     sampling = (SamplingConfig(greedy=True) if args.greedy else
                 SamplingConfig(greedy=False, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k))
@@ -193,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         record = {"prompt": prompt, "completion": tokenizer.decode(ids, skip_special_tokens=True),
                   "prompt_tokens": list(prompt_ids), "tokens": ids, "stopped": finished}
         outputs.append(record)
-        print(json.dumps(record, ensure_ascii=False) if args.json else f"### {prompt}\n{record['completion']}\n")
+        if distributed.is_main_process():
+            print(json.dumps(record, ensure_ascii=False) if args.json else f"### {prompt}\n{record['completion']}\n")
     log.info("%d prompts, %d steps, %.1f s (compile included)", len(prompts), result.steps, seconds)
     return outputs
 

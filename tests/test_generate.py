@@ -209,3 +209,78 @@ def test_cli_generates_from_a_training_checkpoint(orbax_run):
         assert records[0]["tokens"] == expected
         outputs[step] = expected
     assert outputs[3] != outputs[7]
+
+
+def test_cli_tokenizer_help_names_the_default_for_checkpoints(capsys):
+    from agentlm_jax.generate import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "the tokenizer the training run recorded" in help_text
+
+
+# ------------------------------------------------------------------------------------------- several hosts
+_TWO_HOSTS = """
+import os, sys
+from agentlm_jax import export, generate
+checkpoint, output = sys.argv[1], sys.argv[2] + os.environ["SLURM_PROCID"]  # each host names its own output
+export.main(["--checkpoint", checkpoint, "--output", output, "--dtype", "float32"])
+generate.main(["--model", checkpoint, "--prompt", "Hello world", "--prompt", "ls", "--max-new-tokens", "6",
+               "--greedy", "--json", "--fsdp", "-1"])
+"""
+
+
+def test_cli_export_and_generate_join_the_other_hosts(orbax_run, tmp_path):
+    """Two processes (2 CPU devices each) in a SLURM-like environment, as the workers of a pod slice: they join
+    up, the parameters are sharded over all 4 devices, only process 0 writes the export and prints; the export
+    holds the checkpoint's parameters and the generation equals a single-host one."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from agentlm_jax.generate import main
+    from agentlm_jax.hf_io import import_hf
+    from tests.conftest import REPO_ROOT
+
+    directory, saved = orbax_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+           "JAX_COORDINATOR_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_HOSTS, directory, str(tmp_path / "hf")], cwd=REPO_ROOT,
+                              env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+
+    assert not (tmp_path / "hf1").exists()  # process 1 took part, wrote nothing
+    _, params = import_hf(str(tmp_path / "hf0"), show_progress=False)
+    jax.tree.map(np.testing.assert_array_equal, params.to_pure_dict(), saved[7])
+
+    records = [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for out, _ in outputs]
+    assert records[1] == []
+    single_host = main(["--model", directory, "--prompt", "Hello world", "--prompt", "ls", "--max-new-tokens", "6",
+                        "--greedy", "--json"])
+    assert records[0] == single_host
+
+
+def test_cli_refuses_a_mesh_that_leaves_hosts_out(orbax_run, monkeypatch):
+    from agentlm_jax import export, generate
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # as if a second host had joined
+    directory, _ = orbax_run
+    with pytest.raises(SystemExit, match="on several hosts shard over all devices"):
+        generate.main(["--model", directory, "--prompt", "hi", "--fsdp", "1"])
+    with pytest.raises(SystemExit, match="on several hosts shard over all devices"):
+        export.main(["--checkpoint", directory, "--output", "unused", "--fsdp", "2"])
