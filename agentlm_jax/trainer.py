@@ -249,9 +249,9 @@ class Trainer:
             raise ExistingRunError(f"{self.cfg.checkpoint_dir} already has checkpoints (latest step {latest}); "
                                    "set checkpoint.resume=true to continue that run, or choose another run_dir")
         if latest is None:
-            log.info("starting from %s", self.cfg.init_from or f"random weights (seed {self.cfg.seed})")
+            self._info("starting from %s", self.cfg.init_from or f"random weights (seed {self.cfg.seed})")
             return self.initial_state()
-        log.info("resuming from the checkpoint of step %d in %s", latest, self.cfg.checkpoint_dir)
+        self._info("resuming from the checkpoint of step %d in %s", latest, self.cfg.checkpoint_dir)
         saved = self.checkpointer.run_info(latest).get("config", {})
         if saved.get("model") != to_dict(self.cfg.model):
             log.warning("the checkpoint was written with a different model config: %s (now %s)",
@@ -298,9 +298,9 @@ class Trainer:
         tokens_per_step = cfg.data.global_batch * cfg.data.max_seq_len
         peak, peak_source = peak_flops(cfg.logging.peak_flops_per_device)
         throughput = _Throughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.max_seq_len), peak)
-        log.info("model: %.1fM parameters; mesh %s; loss %s; %d micro-batch(es) of %d x %d; peak %.3g FLOP/s (%s)",
-                 count_params(cfg.model) / 1e6, dict(self.mesh.shape), self.loss_impl, cfg.data.micro_batches,
-                 cfg.micro_batch, cfg.data.max_seq_len, peak, peak_source)
+        self._info("model: %.1fM parameters; mesh %s; loss %s; %d micro-batch(es) of %d x %d; peak %.3g FLOP/s (%s)",
+                   count_params(cfg.model) / 1e6, dict(self.mesh.shape), self.loss_impl, cfg.data.micro_batches,
+                   cfg.micro_batch, cfg.data.max_seq_len, peak, peak_source)
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.is_main and cfg.logging.progress_bar))
         pending: tuple[int, dict] | None = None  # (step, device metrics) dispatched but not yet checked
@@ -333,7 +333,7 @@ class Trainer:
                         break
                 else:
                     if start >= cfg.steps:
-                        log.info("the checkpoint is already at step %d of %d: nothing to train", start, cfg.steps)
+                        self._info("the checkpoint is already at step %d of %d: nothing to train", start, cfg.steps)
                     if self.validation is not None and cfg.logging.eval_every_steps >= 0 \
                             and not self._eval_due(cfg.steps):
                         self._log_validation(cfg.steps, state, writer, result)
@@ -367,7 +367,7 @@ class Trainer:
         if first:  # the first step of this invocation includes compilation: report it, not its throughput
             result.first_loss = loss
             values["first_step_s"] = throughput.rate().get("step_s", 0.0)
-            log.info("first step: %.1f s (compilation included)", values["first_step_s"])
+            self._info("first step: %.1f s (compilation included)", values["first_step_s"])
         result.last_loss = loss
         _drop_empty_group_losses(values)
         bar.update(step - bar.n)
@@ -379,9 +379,9 @@ class Trainer:
             writer.write(step, values)
             speed = f", {values['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in values else ""
             speed += f", MFU {values['mfu']:.1%}" if "mfu" in values else ""
-            log.info("step %d: loss %.4f (agent %s, general %s), lr %.3g, grad norm %.3g%s", step, loss,
-                     _fmt(values.get("agent_loss")), _fmt(values.get("general_loss")), values["learning_rate"],
-                     values["grad_norm"], speed)
+            self._info("step %d: loss %.4f (agent %s, general %s), lr %.3g, grad norm %.3g%s", step, loss,
+                       _fmt(values.get("agent_loss")), _fmt(values.get("general_loss")), values["learning_rate"],
+                       values["grad_norm"], speed)
 
     def _log_validation(self, step: int, state: TrainState, writer: MetricsWriter, result: RunResult) -> None:
         values = self.evaluate(state.params)
@@ -390,8 +390,13 @@ class Trainer:
         result.validation = values
         writer.write(step, values)
         tasks = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.3f}" for k, v in values.items() if k.startswith("val/loss/"))
-        log.info("step %d: validation loss %.4f (agent %s, general %s; %s)", step, values["val/loss"],
-                 _fmt(values.get("val/agent_loss")), _fmt(values.get("val/general_loss")), tasks)
+        self._info("step %d: validation loss %.4f (agent %s, general %s; %s)", step, values["val/loss"],
+                   _fmt(values.get("val/agent_loss")), _fmt(values.get("val/general_loss")), tasks)
+
+    def _info(self, msg: str, *args: Any) -> None:
+        """An info line from process 0 only (every host runs the same loop); warnings and errors stay on all."""
+        if self.is_main:
+            log.info(msg, *args)
 
     # -------------------------------------------------------------------------------------- run dir files
     def _write_config(self) -> None:
@@ -409,7 +414,7 @@ class Trainer:
 
         path = self.cfg.export_path
         tokenizer = self.run_info["tokenizer_path"]
-        log.info("exporting the Hugging Face checkpoint to %s (tokenizer: %s)", path, tokenizer)
+        self._info("exporting the Hugging Face checkpoint to %s (tokenizer: %s)", path, tokenizer)
         export_hf(state.params, self.cfg.model, path, dtype=self.cfg.export.dtype,
                   max_shard_size=self.cfg.export.max_shard_size, tokenizer_path=tokenizer,
                   show_progress=self.is_main)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from agentlm_jax import train
+from agentlm_jax import distributed, train
 from agentlm_jax.checkpointing import Checkpointer
 from agentlm_jax.config import TrainConfig
 from agentlm_jax.trainer import Trainer
@@ -111,16 +111,26 @@ PAUSE_S = 1.5
 
 
 def test_evaluation_and_checkpoint_time_is_not_in_the_next_steps_throughput(data_dir, tmp_path, monkeypatch,
-                                                                            compilation_cache):
+                                                                            caplog, compilation_cache):
     """Saves (every 2 steps) and evaluations (every 3) are made slow; every logged step after the first
     (which reports its compile time apart) must still show a training step's time, far below the pause."""
     save, evaluate = Trainer.save, Trainer.evaluate
     monkeypatch.setattr(Trainer, "save", lambda self, *a: (time.sleep(PAUSE_S), save(self, *a))[1])
     monkeypatch.setattr(Trainer, "evaluate", lambda self, *a: (time.sleep(PAUSE_S), evaluate(self, *a))[1])
     run_dir = str(tmp_path / "run")
-    Trainer(tiny_config(data_dir, run_dir)).run()
+    with caplog.at_level(logging.INFO, logger="agentlm_jax.trainer"):
+        Trainer(tiny_config(data_dir, run_dir)).run()
     steps = {r["step"]: r for r in metrics(run_dir) if "loss" in r}
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
     assert "first_step_s" in steps[1] and "tokens_per_s" not in steps[1]
     step_s = {s: steps[s]["step_s"] for s in range(2, 7)}
     assert all(t < PAUSE_S / 2 for t in step_s.values()), f"a pause counted as training time: {step_s}"
+    assert any("step 4: loss" in r.getMessage() for r in caplog.records)  # process 0 logs its steps
+
+
+def test_only_process_0_logs_steps_and_validation(data_dir, tmp_path, monkeypatch, caplog, compilation_cache):
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    with caplog.at_level(logging.INFO, logger="agentlm_jax"):
+        Trainer(tiny_config(data_dir, str(tmp_path / "run"), "steps=3")).run()
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert not [line for line in lines if line.startswith(("step ", "first step", "model:"))], lines
