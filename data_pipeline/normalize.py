@@ -18,7 +18,9 @@ record that is not used, counted by reason).
   nothing to learn no pair left, or no answer with loss → filter `nothing_to_learn`
   loss flags       AgentInstruct's per-turn `loss`: true/null → trained, false → context only;
                    any other value → reject `bad_loss_flag`
-  ids              a missing id becomes `{file name}#{record number}` → repair `missing_id`;
+  ids              a missing id becomes `{file's path within its source}#{record number}` (e.g. `a/d.jsonl#7`
+                   for DIR/a/d.jsonl of source DIR; for a single file, its name) → repair `missing_id`; so
+                   it is unique within the source and the same wherever the data lives (local or gs://);
                    a non-string, non-integer id → reject `bad_id`
   structure        not an object → reject `not_an_object`; no `conversations` (or `messages`) list →
                    reject `missing_conversations`; a turn that is not an object → reject `turn_not_an_object`
@@ -108,7 +110,7 @@ def _record_id(record: dict, item: RawItem, repairs: set[str]) -> str:
     rid = record.get("id")
     if rid is None or rid == "":
         repairs.add("missing_id")
-        return f"{posixpath.basename(item.file)}#{item.number}"
+        return f"{item.rel_path or posixpath.basename(item.file)}#{item.number}"
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise _Reject("bad_id", repr(rid)[:200])
     return str(rid)

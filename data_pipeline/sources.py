@@ -7,7 +7,7 @@ Hugging Face datasets through `datasets` (one read task per split). Files are lo
 
 A reader yields `RawItem`s: the parsed record (or `None` with an error and the raw text; JSONL lines are
 parsed later, by `RawItem.parsed()` on the workers), its location (file, 1-based record number, byte
-offset where known) and the HF split it came from.
+offset where known, the file's path within its source) and the HF split it came from.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class ReadTask:
     path: str  # file path/URL, or the hub id
     format: str  # jsonl | json | parquet | hf
     split: str | None = None
+    rel_path: str | None = None  # the file's path within its source (see `list_source_files`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +58,15 @@ class RawItem:
     error: str | None = None  # a rejection reason when the input could not be parsed
     raw: str | None = None  # the unparseable text (shortened to RAW_TEXT_LIMIT)
     line: bytes | None = None  # a JSONL line not parsed yet (parsing happens on the workers: `parsed()`)
+    rel_path: str | None = None  # the file's path within its source (ReadTask.rel_path); None: its name
 
     def parsed(self) -> "RawItem":
         """This item with `line` parsed into `record`, or with an `invalid_json` error."""
         if self.line is None:
             return self
         try:
-            return RawItem(json.loads(self.line), self.file, self.number, self.byte_offset, self.split)
+            return RawItem(json.loads(self.line), self.file, self.number, self.byte_offset, self.split,
+                           rel_path=self.rel_path)
         except ValueError as e:
             return dataclasses.replace(self, line=None, error=INVALID_JSON,
                                        raw=_shorten(self.line.decode("utf-8", "replace").rstrip("\n")) + f"  [{e}]")
@@ -76,15 +79,15 @@ def expand_source(source: SourceConfig, kind: str) -> list[ReadTask]:
         raise ValueError(f"source {source.name}: environment variable {unset[0]} is not set (path {source.path})")
     if source.format == "hf" or (source.format == "auto" and _looks_like_hub_id(source.path)):
         return [ReadTask(source.name, kind, source.path, "hf", split) for split in hub_splits(source)]
-    files = list_files(source.path)
+    files = list_source_files(source.path)
     tasks = []
-    for path in files:
+    for path, rel_path in files:
         fmt = source.format if source.format != "auto" else file_format(path)
         if fmt is None:
             if len(files) == 1:
                 raise ValueError(f"{path}: unknown file type; use .jsonl, .json or .parquet (or set format)")
             continue
-        tasks.append(ReadTask(source.name, kind, path, fmt))
+        tasks.append(ReadTask(source.name, kind, path, fmt, rel_path=rel_path))
     if not tasks:
         raise FileNotFoundError(f"source {source.name}: no .jsonl/.json/.parquet files in {source.path}")
     return tasks
@@ -99,20 +102,37 @@ def file_format(path: str) -> str | None:
 
 def list_files(path: str) -> list[str]:
     """A file, every data file under a directory, or a glob; sorted, with the URL scheme kept."""
+    return [url for url, _ in list_source_files(path)]
+
+
+def list_source_files(path: str) -> list[tuple[str, str]]:
+    """(URL, path within the source) of each file `list_files` gives. The path within the source is
+    relative to the directory (for a glob: to its last directory before the first wildcard; for a file:
+    to its directory, i.e. the file name), so it is the same wherever the data lives (any checkout,
+    local or gs://) and unique within the source: record ids made from it (normalize) stay stable."""
     fs, root = fsspec.core.url_to_fs(path)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     unstrip = (lambda p: p) if protocol in ("file", "local") else (lambda p: f"{protocol}://{p}")
+    root = root.rstrip("/") or root
     if any(c in root for c in "*?["):
         found = sorted(fs.glob(root))
+        base = root[: min(root.find(c) for c in "*?[" if c in root)].rpartition("/")[0]
     elif fs.isdir(root):
         found = sorted(p for p in fs.find(root) if file_format(p))
+        base = root
     elif fs.exists(root):
-        found = [root]
+        found, base = [root], posixpath.dirname(root)
     else:
         raise FileNotFoundError(f"no such file or directory: {path}")
     if not found:
         raise FileNotFoundError(f"{path} matches no files")
-    return [unstrip(p) for p in found]
+    return [(unstrip(p), _relative_to(p, base)) for p in found]
+
+
+def _relative_to(path: str, base: str) -> str:
+    path = path.rstrip("/")
+    prefix = base.rstrip("/") + "/"
+    return path[len(prefix):] if base and path.startswith(prefix) else posixpath.basename(path)
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -153,22 +173,22 @@ def read_jsonl(task: ReadTask) -> Iterator[RawItem]:
         for number, line in enumerate(f, start=1):
             start, offset = offset, offset + len(line)
             if line.strip():
-                yield RawItem(None, task.path, number, start, line=line)
+                yield RawItem(None, task.path, number, start, line=line, rel_path=task.rel_path)
 
 
 def read_json_array(task: ReadTask) -> Iterator[RawItem]:
     with _open(task.path) as f:
-        yield from iter_json_array(f, task.path)
+        yield from iter_json_array(f, task.path, rel_path=task.rel_path)
 
 
-def iter_json_array(f, path: str, chunk_size: int = READ_CHUNK,
-                    max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[RawItem]:
+def iter_json_array(f, path: str, chunk_size: int = READ_CHUNK, max_record_bytes: int = MAX_RECORD_BYTES,
+                    rel_path: str | None = None) -> Iterator[RawItem]:
     """Elements of a top-level JSON array, decoded incrementally (`json.JSONDecoder.raw_decode` over a
     sliding buffer). Byte offsets are exact. A cut or broken tail is reported once, as a RawItem with an
     error, its byte offset and the start of its text; everything before it is yielded normally."""
     reader = _JsonArrayBuffer(f, chunk_size)
     if not reader.skip_whitespace() or reader.peek() != "[":
-        yield reader.tail(NOT_A_JSON_ARRAY, path, 1, "expected '['")
+        yield reader.tail(NOT_A_JSON_ARRAY, path, 1, "expected '['", rel_path)
         return
     reader.advance(1)
     number, expect_value = 0, True
@@ -181,17 +201,18 @@ def iter_json_array(f, path: str, chunk_size: int = READ_CHUNK,
             return
         if not expect_value:
             if char != ",":
-                yield reader.tail(TRUNCATED_JSON_ARRAY, path, number + 1, "expected ',' or ']'")
+                yield reader.tail(TRUNCATED_JSON_ARRAY, path, number + 1, "expected ',' or ']'", rel_path)
                 return
             reader.advance(1)
             expect_value = True
             continue
         value = reader.decode_value(max_record_bytes)
         if value is _INCOMPLETE:
-            yield reader.tail(TRUNCATED_JSON_ARRAY, path, number + 1, "incomplete or invalid JSON element")
+            yield reader.tail(TRUNCATED_JSON_ARRAY, path, number + 1, "incomplete or invalid JSON element",
+                              rel_path)
             return
         number += 1
-        yield RawItem(value[0], path, number, value[1])
+        yield RawItem(value[0], path, number, value[1], rel_path=rel_path)
         expect_value = False
 
 
@@ -250,10 +271,10 @@ class _JsonArrayBuffer:
             self.advance(end - self.pos)
             return value, offset
 
-    def tail(self, reason: str, path: str, number: int, note: str) -> RawItem:
+    def tail(self, reason: str, path: str, number: int, note: str, rel_path: str | None = None) -> RawItem:
         while len(self.buf) - self.pos <= RAW_TEXT_LIMIT and self.fill():
             pass
-        return RawItem(None, path, number, self.byte_pos, error=reason,
+        return RawItem(None, path, number, self.byte_pos, error=reason, rel_path=rel_path,
                        raw=_shorten(self.buf[self.pos:]) + f"  [{note} at byte {self.byte_pos}]")
 
 
@@ -265,7 +286,7 @@ def read_parquet(task: ReadTask) -> Iterator[RawItem]:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 number += 1
-                yield RawItem(row, task.path, number)
+                yield RawItem(row, task.path, number, rel_path=task.rel_path)
 
 
 def read_hub_split(task: ReadTask) -> Iterator[RawItem]:

@@ -1,5 +1,6 @@
 """Validation/normalisation policies, task detection and the reward filter: one test per policy."""
 
+import json
 import math
 
 import pytest
@@ -139,6 +140,23 @@ def test_missing_id_is_derived_from_the_location():
     assert conv.id == "file.jsonl#7" and repairs == ("missing_id",)
     conv, _ = run({"id": 17, "conversations": turns(("human", "Q"), ("gpt", "A"))})
     assert conv.id == "17"
+
+
+def test_missing_ids_are_unique_in_a_directory_and_independent_of_where_it_is(tmp_path):
+    """DIR/a/d.jsonl and DIR/b/d.jsonl: same file name, distinct records → distinct ids (the path within the
+    source), the same wherever DIR is (ids feed the hash-based sampling, split and shard assignment)."""
+    from data_pipeline.config import SourceConfig
+    from data_pipeline.sources import expand_source, read_task
+
+    def ids(root):
+        for sub in ("a", "b"):
+            (root / sub).mkdir(parents=True)
+            (root / sub / "d.jsonl").write_text(json.dumps({"conversations": turns(("human", "Q"), ("gpt", sub))}))
+        items = [i for t in expand_source(SourceConfig(str(root)), "general") for i in read_task(t)]
+        return [normalize(i, "s", "general", lambda t: 1.0)[0].id for i in items]
+    assert ids(tmp_path / "here") == ["a/d.jsonl#1", "b/d.jsonl#1"] == ids(tmp_path / "else/where")
+    item = RawItem({"conversations": turns(("human", "Q"), ("gpt", "A"))}, "gs://b/raw/x/d.jsonl", 2, rel_path="x/d.jsonl")
+    assert normalize(item, "s", "general", lambda t: 1.0)[0].id == "x/d.jsonl#2"
 
 
 def test_parse_errors_from_the_reader_are_rejections():

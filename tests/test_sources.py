@@ -4,13 +4,14 @@ import gzip
 import io
 import json
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.config import SourceConfig
 from data_pipeline.sources import (INVALID_JSON, NOT_A_JSON_ARRAY, TRUNCATED_JSON_ARRAY, ReadTask, expand_source,
-                                   iter_json_array, read_task)
+                                   iter_json_array, list_source_files, read_task)
 
 ROWS = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i} ünï 漢 {'x' * i}"},
                                           {"from": "gpt", "value": f"a{i}"}]} for i in range(40)]
@@ -73,6 +74,30 @@ def test_compressed_and_parquet_files(tmp_path):
     assert got == ROWS[:9]
     glob_tasks = expand_source(SourceConfig(str(tmp_path / "*.parquet")), "agent")
     assert [t.format for t in glob_tasks] == ["parquet"]
+
+
+def test_files_know_their_path_within_the_source(tmp_path):
+    """Same file name in two subdirectories: distinct paths within the source (record ids use them), the
+    same for a local directory, a glob and another filesystem; a single file: its name."""
+    for sub, fmt in (("a", "jsonl"), ("b", "jsonl"), ("b/c", "json"), ("d", "parquet")):
+        (tmp_path / "src" / sub).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "src/a/d.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    (tmp_path / "src/b/d.jsonl").write_text(json.dumps(ROWS[1]) + "\n")
+    (tmp_path / "src/b/c/d.json").write_text(json.dumps(ROWS[2:4]))
+    pq.write_table(pa.Table.from_pylist(ROWS[4:5]), tmp_path / "src/d/d.parquet")
+    tasks = expand_source(SourceConfig(str(tmp_path / "src")), "general")
+    expected = ["a/d.jsonl", "b/c/d.json", "b/d.jsonl", "d/d.parquet"]
+    assert [t.rel_path for t in tasks] == expected
+    items = [i.parsed() for t in tasks for i in read_task(t)]
+    assert [i.rel_path for i in items] == ["a/d.jsonl", "b/c/d.json", "b/c/d.json", "b/d.jsonl", "d/d.parquet"]
+    assert [t.rel_path for t in expand_source(SourceConfig(str(tmp_path / "src/*/d.jsonl")), "general")] == \
+        ["a/d.jsonl", "b/d.jsonl"]
+    assert [t.rel_path for t in expand_source(SourceConfig(str(tmp_path / "src/b/d.jsonl")), "general")] == ["d.jsonl"]
+    fs = fsspec.filesystem("memory")
+    for rel in expected:
+        fs.pipe(f"/rel_path_test/{rel}", (tmp_path / "src" / rel).read_bytes())
+    assert [r for _, r in list_source_files("memory://rel_path_test")] == expected
+    assert [r for _, r in list_source_files("memory://rel_path_test/b/*.jsonl")] == ["d.jsonl"]
 
 
 def test_source_specs_and_missing_inputs(tmp_path):
