@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.config import SourceConfig
-from data_pipeline.sources import (INVALID_JSON, NOT_A_JSON_ARRAY, TRUNCATED_JSON_ARRAY, ReadTask, expand_source,
-                                   iter_json_array, list_source_files, read_task)
+from data_pipeline.sources import (INVALID_JSON, JSON_ELEMENT_TOO_LARGE, NOT_A_JSON_ARRAY, TEXT_AFTER_JSON_ARRAY,
+                                   TRUNCATED_JSON_ARRAY, ReadTask, expand_source, iter_json_array, list_source_files,
+                                   read_task)
 
 ROWS = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i} ünï 漢 {'x' * i}"},
                                           {"from": "gpt", "value": f"a{i}"}]} for i in range(40)]
@@ -40,18 +41,79 @@ def test_truncated_json_array_keeps_complete_records_and_reports_the_tail(chunk_
 
 
 def test_json_array_edge_cases():
-    def read(data: bytes):
-        return list(iter_json_array(io.BytesIO(data), "x.json", chunk_size=4))
-    assert read(b"[]") == [] and read(b"  [ ]  ") == []
-    assert [i.record for i in read(b'\xef\xbb\xbf[{"a": 1}]')] == [{"a": 1}]  # UTF-8 BOM
-    assert [i.record for i in read(b'[{"a": 1},')] == [{"a": 1}]  # cut after a comma: nothing lost
-    bad = read(b'[{"a": 1}, {"a": tru}, {"a": 3}]')
-    assert bad[0].record == {"a": 1} and bad[1].error == TRUNCATED_JSON_ARRAY and bad[1].byte_offset == 11
-    assert read(b'{"a": 1}')[0].error == NOT_A_JSON_ARRAY
-    assert read(b'[{"a": 1} {"a": 2}]')[1].error == TRUNCATED_JSON_ARRAY  # missing comma
+    def read(data: bytes, **kw):
+        return [(i.number, i.byte_offset, i.record, i.error)
+                for i in iter_json_array(io.BytesIO(data), "x.json", chunk_size=4, **kw)]
+    assert read(b"[]") == [] and read(b"  [ ]  \n") == []
+    assert read(b'\xef\xbb\xbf[{"a": 1}]') == [(1, 4, {"a": 1}, None)]  # UTF-8 BOM (3 bytes)
+    assert read(b'[{"a": 1},') == [(1, 1, {"a": 1}, None)]  # cut after a comma: nothing lost
+    assert read(b'[{"a": 1}, {"a": tru}, {"a": 3}]') == [(1, 1, {"a": 1}, None), (2, 11, None, INVALID_JSON),
+                                                        (3, 23, {"a": 3}, None)]
+    assert read(b'{"a": 1}')[0][3] == NOT_A_JSON_ARRAY
+    # a missing comma: the text after element 1 is rejected as element 2, reading goes on
+    assert read(b'[{"a": 1} {"a": 2}, 3]') == [(1, 1, {"a": 1}, None), (2, 10, None, INVALID_JSON), (3, 20, 3, None)]
+    assert read(b'[1,,2]') == [(1, 1, 1, None), (2, 3, None, INVALID_JSON), (3, 4, 2, None)]  # an empty element
+    # a mismatched bracket closes what it skips: resynchronised at the next element
+    assert read(b'[{"a": [1, 2}, {"b": 3}]') == [(1, 1, None, INVALID_JSON), (2, 15, {"b": 3}, None)]
+    assert read(b'[1, 2] x') == [(1, 1, 1, None), (2, 4, 2, None), (3, 7, None, TEXT_AFTER_JSON_ARRAY)]
     huge = list(iter_json_array(io.BytesIO(b'[{"a": "' + b"x" * 5000), "x.json", chunk_size=64,
                                 max_record_bytes=1000))
     assert huge[0].error == TRUNCATED_JSON_ARRAY and len(huge[0].raw) < 25_000
+    big = b'[{"a": "' + b"x" * 5000 + b'"}, {"b": 2}]'  # too large to keep: reported, then reading goes on
+    assert read(big, max_record_bytes=1000) == [(1, 1, None, JSON_ELEMENT_TOO_LARGE), (2, 5012, {"b": 2}, None)]
+
+
+def _broken(row: dict, how: str) -> bytes:
+    """A JSON array element with one syntax error that leaves its strings and brackets balanced."""
+    text = json.dumps(row, ensure_ascii=False)
+    return {"bad_literal": text.replace('"id": ', '"ok": tru, "id": ', 1),
+            "bad_escape": text.replace('"q', '"\\q', 1),
+            "control_char": text.replace(" ", "\t", 1).replace('"q', '"q\nq', 1),
+            "missing_colon": text.replace('"id": ', '"id" ', 1),
+            "missing_comma": text.replace('"}, {"from"', '"} {"from"', 1),
+            "mismatched_bracket": text.replace("}]}", "]}", 1),
+            "unquoted_key": text.replace('"id"', "id", 1)}[how].encode()
+
+
+@pytest.mark.parametrize("how", ["bad_literal", "bad_escape", "control_char", "missing_colon", "missing_comma",
+                                 "mismatched_bracket", "unquoted_key"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1 << 20])
+def test_json_array_bad_element_is_rejected_and_reading_goes_on(how, chunk_size):
+    """One malformed element mid-array: it alone is rejected (number, byte offset, its text); every later
+    element is still read, so the accounting counts each element once."""
+    parts = [json.dumps(r, ensure_ascii=False).encode() for r in ROWS]
+    parts[12] = _broken(ROWS[12], how)
+    data = b"[" + b",\n ".join(parts) + b"]\n"
+    items = list(iter_json_array(io.BytesIO(data), "x.json", chunk_size=chunk_size))
+    assert len(items) == len(ROWS) and [i.number for i in items] == list(range(1, 41))
+    bad = items[12]
+    assert (bad.record, bad.error, bad.byte_offset) == (None, INVALID_JSON, data.index(parts[12]))
+    assert bad.raw.startswith(parts[12].decode()) and f"element 13 at byte {bad.byte_offset}" in bad.raw
+    assert [i.record for i in items if i.error is None] == ROWS[:12] + ROWS[13:]
+    decoder = json.JSONDecoder()
+    for item in items[13:]:
+        assert decoder.raw_decode(data[item.byte_offset:].decode())[0] == item.record
+
+
+@pytest.mark.parametrize("chunk_size", [3, 1 << 20])
+def test_bad_element_then_truncated_tail(chunk_size):
+    data = json.dumps(ROWS, ensure_ascii=False).encode().replace(b'{"id": "r5"', b'{"id": "r5" "x"', 1)
+    start = data.index(b'{"id": "r30"')
+    items = list(iter_json_array(io.BytesIO(data[:start + 25]), "x.json", chunk_size=chunk_size))
+    assert [(i.number, i.error) for i in items if i.error] == [(6, INVALID_JSON), (31, TRUNCATED_JSON_ARRAY)]
+    assert [i.record for i in items if not i.error] == ROWS[:5] + ROWS[6:30]
+    assert items[-1].byte_offset == start and f"byte {start}" in items[-1].raw
+
+
+def test_unpaired_quote_never_loses_records_silently():
+    """An unpaired '"' can't be resynchronised in general; what can't be read is still reported."""
+    data = json.dumps(ROWS, ensure_ascii=False).encode().replace(b'"id": "r5"', b'"id": "r5""', 1)
+    items = list(iter_json_array(io.BytesIO(data), "x.json", chunk_size=16))
+    assert [i.record for i in items[:5]] == ROWS[:5] and items[5].error is not None
+    assert items[-1].error in (TRUNCATED_JSON_ARRAY, TEXT_AFTER_JSON_ARRAY)
+    assert items[-1].byte_offset < data.index(b'{"id": "r39"')  # the rest is in some report
+    for text in (b"[1, 2]  ]", b'["x"", "]", 5, 6]'):  # after an unpaired '"', a ']' looks like the end
+        assert list(iter_json_array(io.BytesIO(text), "x.json"))[-1].error == TEXT_AFTER_JSON_ARRAY
 
 
 def test_jsonl_reports_bad_lines_with_numbers(tmp_path):
