@@ -209,7 +209,6 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
 
     from data_pipeline.beam_pipeline import StagedTokenizer, build_graph
     from data_pipeline.chat_template import serialize_tokenizer
-    from data_pipeline.sources import expand_source
 
     if not verbose:
         for name in QUIET_BEAM_LOGGERS:
@@ -218,8 +217,7 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
         beam_args = [f"--runner={DEFAULT_RUNNER}", f"--direct_num_workers={DEFAULT_DIRECT_WORKERS}",
                      f"--direct_running_mode={DEFAULT_DIRECT_MODE}", *beam_args]
     start = time.perf_counter()
-    tasks = [t for s in cfg.agent for t in expand_source(s, "agent")]
-    tasks += [t for s in cfg.general for t in expand_source(s, "general")]
+    tasks = read_tasks(cfg)
     log.info("%d read tasks from %d agent and %d general sources", len(tasks), len(cfg.agent), len(cfg.general))
     tokenizer, tokenizer_info, tokenizer_files = load_pipeline_tokenizer(cfg)  # before the output dir is cleared
     prepare_output(cfg.output)
@@ -240,6 +238,27 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
         log.warning("no conversation was kept: see the reasons in %s and %s/%s", records.MANIFEST_NAME,
                     cfg.output, records.REJECTED_NAME)
     return manifest
+
+
+def read_tasks(cfg: PipelineConfig) -> list:
+    """The read tasks of every source. Every source is resolved before any problem is raised, so that all
+    of them are reported at once (an unset environment variable, a missing file, an unreachable hub):
+    one problem is raised as it is, several as one RuntimeError listing them all."""
+    from data_pipeline.sources import expand_source
+
+    tasks, problems = [], []
+    for kind, sources in (("agent", cfg.agent), ("general", cfg.general)):
+        for source in sources:
+            try:
+                tasks += expand_source(source, kind)
+            except (OSError, ValueError, RuntimeError) as e:
+                problems.append(e)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        listed = "".join(f"\n  - {type(e).__name__}: {e}" for e in problems)
+        raise RuntimeError(f"{len(problems)} sources cannot be read:{listed}") from problems[0]
+    return tasks
 
 
 def local_runner(options):

@@ -179,6 +179,22 @@ def test_hub_dataset_offline_is_a_clear_error():
         expand_source(SourceConfig("THUDM/AgentInstruct"), "agent")
 
 
+def test_build_reports_every_source_problem_at_once(tmp_path):
+    from data_pipeline.build import read_tasks
+    from data_pipeline.config import PipelineConfig
+
+    cfg = PipelineConfig(agent=(SourceConfig("THUDM/AgentInstruct", "ai", "hf"),),
+                         general=(SourceConfig("${SHAREGPT_UNSET_VAR}", "g4"),
+                                  SourceConfig("${SHAREGPT_UNSET_VAR2}", "g35"),
+                                  SourceConfig(str(tmp_path / "missing.json"), "g0")), general_weights=(1, 1, 1))
+    with pytest.raises(RuntimeError, match="4 sources cannot be read") as e:  # (tests run offline)
+        read_tasks(cfg)
+    assert all(text in str(e.value) for text in ("cannot list the splits", "SHAREGPT_UNSET_VAR is not set",
+                                                 "SHAREGPT_UNSET_VAR2 is not set", "no such file"))
+    with pytest.raises(FileNotFoundError, match="no such file"):  # a single problem: as it is
+        read_tasks(PipelineConfig(general=(SourceConfig(str(tmp_path / "missing.json"), "g0"),), general_weights=()))
+
+
 def test_hub_style_dataset_all_or_chosen_splits(tmp_path):
     """A dataset in the hub's layout (data/{split}-*.parquet, as THUDM/AgentInstruct), read by `datasets`."""
     (tmp_path / "data").mkdir()
