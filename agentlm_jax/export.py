@@ -83,6 +83,9 @@ def add_mesh_args(p: argparse.ArgumentParser, *, fsdp: int) -> None:
     p.add_argument("--fsdp", type=int, default=fsdp, help="devices to shard the parameters over "
                    "(-1 = all the others; default %(default)s)")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices (default %(default)s)")
+    p.add_argument("--distributed", default="auto", choices=["auto", "on", "off"],
+                   help="join the other hosts (jax.distributed.initialize) as the trainer does; auto (default): on "
+                   "TPU VMs and SLURM/MPI/coordinator environments; off: never (e.g. JAX_PLATFORMS=cpu on one worker)")
 
 
 def cli_mesh(args: argparse.Namespace) -> Mesh | None:
@@ -100,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     process 0 writes files."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    distributed.initialize(getattr(args, "distributed", "auto"))
+    distributed.initialize(args.distributed)
     mesh = cli_mesh(args)
     require_all_devices(mesh)
     source = args.checkpoint or args.hf

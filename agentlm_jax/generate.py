@@ -159,9 +159,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_mesh_args(p, fsdp=1)
-    p.add_argument("--distributed", default="auto", choices=["auto", "on", "off"],
-                   help="join the other hosts (jax.distributed.initialize) as the trainer does; auto (default): on "
-                   "TPU VMs and SLURM/MPI/coordinator environments; off: never (e.g. JAX_PLATFORMS=cpu on one worker)")
     return p.parse_args(argv)
 
 

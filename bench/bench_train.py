@@ -217,17 +217,18 @@ def worker_main(kind: str, spec: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------- main
 def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool, torch_compile: bool,
-              hugepages: bool = True, xla_flags: str = XLA_CPU_FLAGS) -> str:
+              hugepages: bool = True, xla_flags: str = XLA_CPU_FLAGS, extra: list[str] = ()) -> str:
     from agentlm_jax.metrics import flops_per_token
     from agentlm_jax.model.llama import count_params
     from bench.matmul_peak import measure_matmul_peak
 
-    overrides = SMOKE_OVERRIDES if smoke else []
+    overrides = [*(SMOKE_OVERRIDES if smoke else []), *extra]
     peak = measure_matmul_peak((256, 512) if smoke else (1024, 2048, 3072))["peak_flops"]
     cfg0 = load(overrides, seqs[0], max(1, tokens_per_step // seqs[0]))
     m = cfg0.model
     lines = [f"Model: {count_params(m) / 1e6:.1f}M parameters (D={m.hidden_size}, L={m.num_layers}, "
-             f"N={m.num_heads}, F={m.intermediate_size}, V={m.vocab_size}), float32; {tokens_per_step:,} tokens per "
+             f"N={m.num_heads}, F={m.intermediate_size}, V={m.vocab_size}), float32, JAX attention_impl "
+             f"{m.attention_impl} (auto: blockwise on CPU), overrides {extra or 'none'}; {tokens_per_step:,} tokens per "
              f"step (packed sample data); {len(os.sched_getaffinity(0))} CPU threads; measured float32 matmul peak "
              f"{peak / 1e9:.1f} GFLOP/s; {steps} timed steps after one warm-up step. Environment: "
              f"GLIBC_TUNABLES={HUGEPAGES if hugepages else '(unset)'} on both sides; JAX XLA_FLAGS "
@@ -271,6 +272,8 @@ def main(argv=None) -> None:
     p.add_argument("--torch-compile", action="store_true", help="add a torch.compile row (slow to compile)")
     p.add_argument("--no-hugepages", action="store_true", help=f"do not set GLIBC_TUNABLES={HUGEPAGES} (both sides)")
     p.add_argument("--xla-flags", default=XLA_CPU_FLAGS, help="extra XLA_FLAGS for the JAX side (default %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for configs/bench.yaml, e.g. model.attention_impl=xla (repeatable)")
     p.add_argument("--worker", choices=("jax", "torch", "torch-compile"), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -282,7 +285,7 @@ def main(argv=None) -> None:
         seqs = [s // 8 for s in seqs]
     print(benchmark(seqs, tokens_per_step=args.tokens_per_step // (8 if args.smoke else 1), steps=args.steps,
                     smoke=args.smoke, torch_compile=args.torch_compile, hugepages=not args.no_hugepages,
-                    xla_flags=args.xla_flags))
+                    xla_flags=args.xla_flags, extra=args.set))
 
 
 if __name__ == "__main__":
