@@ -50,13 +50,14 @@ EXAMPLES_WRITTEN = beam.metrics.Metrics.counter("data_pipeline", "examples_writt
 
 def raw_batch(task: ReadTask, items: list[RawItem]) -> tuple:
     """(task fields, [item fields, ...]): a batch of raw records in a form Beam encodes without pickling."""
-    return ((task.source, task.kind, task.path, task.format, task.split),
-            [(i.record, i.file, i.number, i.byte_offset, i.split, i.error, i.raw, i.line) for i in items])
+    return ((task.source, task.kind, task.path, task.format, task.split, task.rel_path),
+            [(i.record, i.file, i.number, i.byte_offset, i.split, i.error, i.raw, i.line, i.rel_path) for i in items])
 
 
-def batch_key(task: ReadTask, index: int) -> tuple[str, str, int]:
-    """A key unique to each batch: grouping by it spreads the batches over the workers (a reshuffle)."""
-    return task.path, task.split or "", index
+def batch_key(task: ReadTask, index: int) -> tuple[str, str, str, int]:
+    """A key unique to each batch (the same file may be read by two sources): grouping by it spreads the batches
+    over the workers (a reshuffle)."""
+    return task.source, task.path, task.split or "", index
 
 
 def unpack_raw_batch(batch: tuple) -> tuple[ReadTask, list[RawItem]]:

@@ -296,6 +296,31 @@ def test_rejected_jsonl_names_file_record_and_reason(bad_build):
     assert tail["number"] == 11 and tail["byte_offset"] == text.index('{"id": "g10"') and tail["file"].endswith("chat.json")
 
 
+def test_records_without_ids_in_same_named_files_of_a_directory_are_all_kept(tmp_path):
+    """Fallback ids are {path within the source}#{number}: a/d.jsonl#1 and b/d.jsonl#1 are two records, not a
+    duplicate, through the whole Beam run (the batches that carry them between stages keep the path). The
+    general source reads one of the same files: batches of two sources never share a key."""
+    raw = tmp_path / "raw"
+    for sub, answer in (("a", "first"), ("b", "second")):
+        (raw / sub).mkdir(parents=True)
+        row = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": answer}]}
+        (raw / sub / "d.jsonl").write_text(json.dumps(row) + "\n")
+    manifest = main([f"--agent=agents={raw}", "--general=none=" + str(raw / "a"), "--eta=1",
+                     "--validation-fraction=0", "--num-shards=1", f"--output={tmp_path / 'out'}", *IN_MEMORY])
+    agents = manifest["sources"]["agents"]
+    assert agents["read"] == 2 and agents["kept"] == 2, agents
+    assert sorted(r.id for r in read_records(tmp_path / "out")) == ["a/d.jsonl#1", "b/d.jsonl#1"]
+
+
+def test_raw_batches_round_trip_every_field():
+    from data_pipeline.beam_pipeline import raw_batch, unpack_raw_batch
+    from data_pipeline.sources import RawItem, ReadTask
+
+    task = ReadTask("s", "agent", "gs://b/dir", "jsonl", "train", rel_path="a/d.jsonl")
+    items = [RawItem({"x": 1}, "gs://b/dir/a/d.jsonl", 3, 17, "train", "invalid_json", "raw", b"line", "a/d.jsonl")]
+    assert unpack_raw_batch(raw_batch(task, items)) == (task, items)
+
+
 def test_kept_conversations_are_the_first_of_duplicates_and_fit(bad_build):
     _, out, _, _ = bad_build
     recs = {r.id: r for r in read_records(out)}
