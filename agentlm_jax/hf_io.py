@@ -495,11 +495,20 @@ def _write_safetensors(fs, path: str, tensors: dict[str, np.ndarray]) -> None:
     metadata = {"format": "pt"}  # transformers requires it to load the file into PyTorch
     if _is_local(fs):
         save_file(tensors, path, metadata=metadata)
+        _readable_by_all(path)
         return
     with tempfile.TemporaryDirectory(prefix="agentlm-hf-") as tmp:
         local = os.path.join(tmp, posixpath.basename(path))
         save_file(tensors, local, metadata=metadata)
         fs.put(local, path)
+
+
+def _readable_by_all(path: str) -> None:
+    """The permissions of a plain new file (0644 under the usual umask): safetensors writes its files 0600, which
+    a server running as another user (vLLM in a container) cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _write_text(fs, path: str, text: str) -> None:
@@ -557,12 +566,23 @@ def hf_tokenizer_files(tokenizer, model_max_length: int | None = None) -> dict[s
             "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
 
 
+def _set_training_chat_template(fs, path: str) -> None:
+    """Puts the training chat template into a copied `tokenizer_config.json`, keeping everything else: Meta's
+    Llama-2-chat template has no default system prompt, so `apply_chat_template` would not render what the
+    model was trained on."""
+    with fs.open(path, "r") as f:
+        config = json.load(f)
+    if config.get("chat_template") != llama2_chat_jinja():
+        config["chat_template"] = llama2_chat_jinja()
+        _write_text(fs, path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def save_tokenizer(tokenizer_path: str, output_dir: str, model_max_length: int | None = None) -> list[str]:
     """Write the tokenizer at `tokenizer_path` (a directory, gs:// URL or hub id, as the pipeline resolves it)
     into `output_dir` so `transformers.AutoTokenizer` loads it anywhere; returns the file names.
 
-    A Hugging Face tokenizer directory (with `tokenizer_config.json`) is copied verbatim, so the files stay
-    what its authors made. A bare SentencePiece `tokenizer.model` (the bundled tokenizer, a Llama 2 download)
+    A Hugging Face tokenizer directory (with `tokenizer_config.json`) is copied as its authors made it, except
+    that its `chat_template` becomes the training one (`llama2_chat_jinja`). A bare SentencePiece `tokenizer.model` (the bundled tokenizer, a Llama 2 download)
     is copied too, and `hf_tokenizer_files` adds what `AutoTokenizer` needs beside it."""
     from data_pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer, resolve_tokenizer_dir
 
@@ -574,6 +594,7 @@ def save_tokenizer(tokenizer_path: str, output_dir: str, model_max_length: int |
     for name in copied:
         fs.put(os.path.join(source, name), posixpath.join(root, name))
     if "tokenizer_config.json" in copied:
+        _set_training_chat_template(fs, posixpath.join(root, "tokenizer_config.json"))
         return copied
     written = hf_tokenizer_files(tokenizer, model_max_length)
     for name, text in written.items():

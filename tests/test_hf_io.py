@@ -56,6 +56,8 @@ def test_export_loads_in_transformers_without_missing_keys_and_matches(hf_checkp
         size = os.path.getsize(out / f)
         assert size <= 60_000 + 10_000 or len([n for n, g in index["weight_map"].items() if g == f]) == 1
     assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == index["weight_map"]
+    modes = {f: os.stat(out / f).st_mode & 0o777 for f in files}  # readable by a server running as another user
+    assert modes == {f: os.stat(out / "config.json").st_mode & 0o777 for f in files} and all(m & 0o044 for m in modes.values())
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == cfg.eos_token_id
 

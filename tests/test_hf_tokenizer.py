@@ -2,6 +2,7 @@
 template equal to what the pipeline trained on."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -70,3 +71,24 @@ def test_an_hf_tokenizer_directory_is_copied_verbatim(exported, tmp_path):
     assert "tokenizer_config.json" in names
     for name in names:
         assert (again / name).read_bytes() == open(f"{first}/{name}", "rb").read()
+
+
+def test_a_copied_tokenizer_config_gets_the_training_chat_template(exported, tmp_path):
+    """A Hugging Face tokenizer directory (e.g. Meta's, whose template has no default system prompt) is copied
+    with its own settings, but its chat template becomes the training one, so evaluation prompts match."""
+    source, first = exported
+    meta_like = tmp_path / "meta"
+    meta_like.mkdir()
+    for name in os.listdir(first):
+        (meta_like / name).write_bytes(open(f"{first}/{name}", "rb").read())
+    config = json.loads((meta_like / "tokenizer_config.json").read_text())
+    config.update(chat_template="{{ messages[0]['content'] }}", legacy=False)
+    (meta_like / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    hf_io.save_tokenizer(str(meta_like), str(out))
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert saved["chat_template"] == hf_io.llama2_chat_jinja() and saved["legacy"] is False
+    got = _auto_tokenizer_in_fresh_process(str(out), f"print(json.dumps(list(tok.apply_chat_template("
+                                           f"{HISTORY!r}, add_generation_prompt=True, tokenize=True, "
+                                           "return_dict=False))))")
+    assert got == encode_generation_prompt(HISTORY, load_tokenizer(source))
