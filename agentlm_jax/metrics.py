@@ -13,6 +13,7 @@ devices share the same cores, so it is not multiplied by their number).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -22,7 +23,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import fsspec
 import jax
@@ -94,6 +95,16 @@ class Throughput:
 
     def step(self) -> None:
         self._steps += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leaves the time spent inside out of the window (evaluation, checkpoint saves), so the next rate
+        measures training steps only."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._start += time.perf_counter() - begin
 
     def rate(self) -> dict[str, float]:
         now = time.perf_counter()

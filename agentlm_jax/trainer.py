@@ -16,13 +16,11 @@ NaN/Inf stops the run before anything from that step is saved, so the last check
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import posixpath
-import time
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 import jax
@@ -78,19 +76,6 @@ def check_mesh_config(mesh: MeshConfig) -> None:
     if len(rest) > 1:
         raise ConfigError(f"{' and '.join(rest)} are both -1 (\"all remaining devices\"): at most one axis may be "
                           f"-1; give the others explicit sizes, e.g. mesh.data=1 mesh.fsdp=-1 mesh.tensor=1")
-
-
-class _Throughput(Throughput):
-    """metrics.Throughput whose window can leave out pauses of the loop (evaluation, checkpoint saves), so the
-    tokens/s and MFU of the next logged step measure training steps only."""
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        begin = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._start += time.perf_counter() - begin
 
 
 @dataclasses.dataclass
@@ -297,7 +282,7 @@ class Trainer:
         preemption = distributed.PreemptionWatch()
         tokens_per_step = cfg.data.global_batch * cfg.data.max_seq_len
         peak, peak_source = peak_flops(cfg.logging.peak_flops_per_device)
-        throughput = _Throughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.max_seq_len), peak)
+        throughput = Throughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.max_seq_len), peak)
         self._info("model: %.1fM parameters; mesh %s; loss %s; %d micro-batch(es) of %d x %d; peak %.3g FLOP/s (%s)",
                    count_params(cfg.model) / 1e6, dict(self.mesh.shape), self.loss_impl, cfg.data.micro_batches,
                    cfg.micro_batch, cfg.data.max_seq_len, peak, peak_source)
