@@ -240,10 +240,13 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
     return manifest
 
 
+class SourceError(RuntimeError):
+    """A source cannot be read (an unset environment variable, a missing file, an unreachable hub...)."""
+
+
 def read_tasks(cfg: PipelineConfig) -> list:
     """The read tasks of every source. Every source is resolved before any problem is raised, so that all
-    of them are reported at once (an unset environment variable, a missing file, an unreachable hub):
-    one problem is raised as it is, several as one RuntimeError listing them all."""
+    of them are reported at once: one SourceError naming each problem (the first is its __cause__)."""
     from data_pipeline.sources import expand_source
 
     tasks, problems = [], []
@@ -254,10 +257,10 @@ def read_tasks(cfg: PipelineConfig) -> list:
             except (OSError, ValueError, RuntimeError) as e:
                 problems.append(e)
     if len(problems) == 1:
-        raise problems[0]
+        raise SourceError(str(problems[0])) from problems[0]
     if problems:
         listed = "".join(f"\n  - {type(e).__name__}: {e}" for e in problems)
-        raise RuntimeError(f"{len(problems)} sources cannot be read:{listed}") from problems[0]
+        raise SourceError(f"{len(problems)} sources cannot be read:{listed}") from problems[0]
     return tasks
 
 
@@ -355,7 +358,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg, beam_args, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    return run(cfg, beam_args, verbose=args.verbose)
+    try:
+        return run(cfg, beam_args, verbose=args.verbose)
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def test_hub_dataset_offline_is_a_clear_error():
 
 
 def test_build_reports_every_source_problem_at_once(tmp_path):
-    from data_pipeline.build import read_tasks
+    from data_pipeline.build import SourceError, read_tasks
     from data_pipeline.config import PipelineConfig
 
     cfg = PipelineConfig(agent=(SourceConfig("THUDM/AgentInstruct", "ai", "hf"),),
@@ -191,8 +191,19 @@ def test_build_reports_every_source_problem_at_once(tmp_path):
         read_tasks(cfg)
     assert all(text in str(e.value) for text in ("cannot list the splits", "SHAREGPT_UNSET_VAR is not set",
                                                  "SHAREGPT_UNSET_VAR2 is not set", "no such file"))
-    with pytest.raises(FileNotFoundError, match="no such file"):  # a single problem: as it is
+    with pytest.raises(SourceError, match="no such file") as e:  # a single problem: its own message
         read_tasks(PipelineConfig(general=(SourceConfig(str(tmp_path / "missing.json"), "g0"),), general_weights=()))
+    assert isinstance(e.value.__cause__, FileNotFoundError)
+
+
+def test_build_cli_reports_unreadable_sources_in_one_error_line(tmp_path, capsys):
+    from data_pipeline.build import main
+
+    with pytest.raises(SystemExit) as e:
+        main([f"--general={tmp_path / 'missing.json'}", "--eta=0", f"--output={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and "missing.json" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_hub_style_dataset_all_or_chosen_splits(tmp_path):
