@@ -110,12 +110,65 @@ def _chunked_nll(h, kernel, targets, vocab_start, axis_name, chunk_size: int | N
                                   lambda: _block_nll(h_c, kernel, t_c, vocab_start, axis_name),
                                   lambda: jnp.zeros_like(t_c, jnp.float32))
 
-    _, nll = jax.lax.scan(chunk, None, (jnp.arange(n), split(h_g), split(t_g)))
+    if mask is not None and axis_name is None:  # only the first chunks_needed chunks, forward and backward
+        nll = _first_chunks_nll(split(h_g), kernel, split(t_g), chunks_needed)
+    else:
+        _, nll = jax.lax.scan(chunk, None, (jnp.arange(n), split(h_g), split(t_g)))
     nll = nll.swapaxes(0, 1).reshape(groups, -1)
     if mask is None:
         return nll.reshape(B, T)
     nll = jnp.take_along_axis(nll, inverse, axis=1).reshape(B, T)
     return jnp.where(mask > 0, nll, 0.0)
+
+
+def _chunk_logits(h_c: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jnp.einsum("GWD,DV->GWV", h_c, kernel.astype(h_c.dtype), preferred_element_type=jnp.float32)
+
+
+def _is_target(logits: jax.Array, t_c: jax.Array) -> jax.Array:
+    return jnp.arange(logits.shape[-1]) == t_c[..., None]
+
+
+@jax.custom_vjp
+def _first_chunks_nll(h: jax.Array, kernel: jax.Array, targets: jax.Array, count: jax.Array) -> jax.Array:
+    """nll [n,G,W] of the first `count` (traced) chunks of h [n,G,W,D] against the whole vocabulary kernel
+    [D,V]; 0 in the other chunks, which cost nothing. A `fori_loop` over exactly the needed chunks, forward and
+    backward (a scan with a `lax.cond` per chunk would still add a zero [D,V] kernel gradient for every
+    skipped chunk). The backward pass recomputes each chunk's logits once, from the saved log-sum-exp."""
+    return _first_chunks_fwd(h, kernel, targets, count)[0]
+
+
+def _first_chunks_fwd(h, kernel, targets, count):
+    def body(i, carry):
+        nll, lse = carry
+        logits = _chunk_logits(h[i], kernel)
+        row_max = jnp.max(logits, axis=-1)
+        lse_i = jnp.log(jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1)) + row_max
+        target_logit = jnp.sum(jnp.where(_is_target(logits, targets[i]), logits, 0.0), axis=-1)
+        return nll.at[i].set(lse_i - target_logit), lse.at[i].set(lse_i)
+
+    zeros = jnp.zeros(targets.shape, jnp.float32)
+    nll, lse = jax.lax.fori_loop(0, count, body, (zeros, zeros))
+    return nll, (h, kernel, targets, count, lse)
+
+
+def _first_chunks_bwd(residuals, g):
+    h, kernel, targets, count, lse = residuals
+
+    def body(i, carry):
+        dh, dkernel = carry
+        logits = _chunk_logits(h[i], kernel)
+        d_logits = g[i][..., None] * (jnp.exp(logits - lse[i][..., None]) - _is_target(logits, targets[i]))
+        dh_i = jnp.einsum("GWV,DV->GWD", d_logits, kernel.astype(jnp.float32), preferred_element_type=jnp.float32)
+        dkernel = dkernel + jnp.einsum("GWD,GWV->DV", h[i].astype(jnp.float32), d_logits,
+                                       preferred_element_type=jnp.float32)
+        return dh.at[i].set(dh_i.astype(h.dtype)), dkernel
+
+    dh, dkernel = jax.lax.fori_loop(0, count, body, (jnp.zeros_like(h), jnp.zeros(kernel.shape, jnp.float32)))
+    return dh, dkernel.astype(kernel.dtype), None, None
+
+
+_first_chunks_nll.defvjp(_first_chunks_fwd, _first_chunks_bwd)
 
 
 @jax.custom_vjp
