@@ -4,10 +4,11 @@ Every variant computes, per position, nll = logsumexp(logits) - logits[target] w
 accumulation), where h [B,T,D] are `Llama.hidden_states` and W [D,V] is `lm_head.kernel`:
 
   full            the whole [B,T,V] float32 logits at once (fastest for small vocabularies and batches).
-  chunked         `chunk_size` positions at a time in a `lax.scan` whose body is rematerialised, so the
-                  backward pass recomputes each chunk's logits: only [B,chunk,V] logits ever exist. Given
-                  the loss mask, only the loss positions are computed: they are gathered to the front and
-                  the chunks after the last one are skipped (most positions of SFT data carry no loss).
+  chunked         `chunk_size` positions at a time, the backward pass recomputing each chunk's logits: only
+                  [B,chunk,V] logits ever exist. Given the loss mask, only the loss positions are computed:
+                  they are gathered to the front and only the chunks holding them run (most positions of SFT
+                  data carry no loss); with one vocabulary shard, a `fori_loop` over exactly those chunks
+                  with a custom VJP, else a rematerialised `lax.scan` with a `lax.cond` per chunk.
   vocab_parallel  a `shard_map` over the mesh: each `tensor` shard multiplies h by its own slice W[:, v0:v1]
                   and gets logits for its vocabulary slice only. The row maximum (`pmax`), the sum of
                   exponentials and the target's logit (each `psum`) are combined across `tensor`; the
