@@ -139,33 +139,58 @@ def _first_chunks_nll(h: jax.Array, kernel: jax.Array, targets: jax.Array, count
     return _first_chunks_fwd(h, kernel, targets, count)[0]
 
 
+def _blocks(x: jax.Array, start, k: int) -> jax.Array:
+    """Chunks start … start+k-1 of x [n,G,W,...] side by side: [G,k·W,...]."""
+    x = jax.lax.dynamic_slice_in_dim(x, start, k, axis=0)
+    return x.swapaxes(0, 1).reshape(x.shape[1], k * x.shape[2], *x.shape[3:])
+
+
+def _set_blocks(x: jax.Array, start, k: int, value: jax.Array) -> jax.Array:
+    """The inverse of `_blocks`: x [n,G,W,...] with chunks start … start+k-1 set from value [G,k·W,...]."""
+    value = value.reshape(x.shape[1], k, x.shape[2], *x.shape[3:]).swapaxes(0, 1)
+    return jax.lax.dynamic_update_slice_in_dim(x, value.astype(x.dtype), start, axis=0)
+
+
+def _over_chunks(count, block, carry, n: int):
+    """block(start, k, carry) over the first `count` of n chunks, two at a time (one matmul over 2·W positions:
+    at seq 2048 with one row per step, chunks of 128 positions made small, slow matmuls), then the odd one."""
+    if n < 2:
+        return jax.lax.fori_loop(0, count, lambda i, c: block(i, 1, c), carry)
+    pairs = count // 2
+    carry = jax.lax.fori_loop(0, pairs, lambda j, c: block(2 * j, 2, c), carry)
+    return jax.lax.fori_loop(2 * pairs, count, lambda i, c: block(i, 1, c), carry)
+
+
 def _first_chunks_fwd(h, kernel, targets, count):
-    def body(i, carry):
+    def block(i, k, carry):
         nll, lse = carry
-        logits = _chunk_logits(h[i], kernel)
+        logits = _chunk_logits(_blocks(h, i, k), kernel)
         row_max = jnp.max(logits, axis=-1)
         lse_i = jnp.log(jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1)) + row_max
-        target_logit = jnp.sum(jnp.where(_is_target(logits, targets[i]), logits, 0.0), axis=-1)
-        return nll.at[i].set(lse_i - target_logit), lse.at[i].set(lse_i)
+        target_logit = jnp.sum(jnp.where(_is_target(logits, _blocks(targets, i, k)), logits, 0.0), axis=-1)
+        return _set_blocks(nll, i, k, lse_i - target_logit), _set_blocks(lse, i, k, lse_i)
 
     zeros = jnp.zeros(targets.shape, jnp.float32)
-    nll, lse = jax.lax.fori_loop(0, count, body, (zeros, zeros))
+    nll, lse = _over_chunks(count, block, (zeros, zeros), h.shape[0])
     return nll, (h, kernel, targets, count, lse)
 
 
 def _first_chunks_bwd(residuals, g):
     h, kernel, targets, count, lse = residuals
 
-    def body(i, carry):
+    def block(i, k, carry):
         dh, dkernel = carry
-        logits = _chunk_logits(h[i], kernel)
-        d_logits = g[i][..., None] * (jnp.exp(logits - lse[i][..., None]) - _is_target(logits, targets[i]))
+        h_c = _blocks(h, i, k)
+        logits = _chunk_logits(h_c, kernel)
+        d_logits = _blocks(g, i, k)[..., None] * (jnp.exp(logits - _blocks(lse, i, k)[..., None])
+                                                  - _is_target(logits, _blocks(targets, i, k)))
         dh_i = jnp.einsum("GWV,DV->GWD", d_logits, kernel.astype(jnp.float32), preferred_element_type=jnp.float32)
-        dkernel = dkernel + jnp.einsum("GWD,GWV->DV", h[i].astype(jnp.float32), d_logits,
+        dkernel = dkernel + jnp.einsum("GWD,GWV->DV", h_c.astype(jnp.float32), d_logits,
                                        preferred_element_type=jnp.float32)
-        return dh.at[i].set(dh_i.astype(h.dtype)), dkernel
+        return _set_blocks(dh, i, k, dh_i), dkernel
 
-    dh, dkernel = jax.lax.fori_loop(0, count, body, (jnp.zeros_like(h), jnp.zeros(kernel.shape, jnp.float32)))
+    zeros = (jnp.zeros_like(h), jnp.zeros(kernel.shape, jnp.float32))
+    dh, dkernel = _over_chunks(count, block, zeros, h.shape[0])
     return dh, dkernel.astype(kernel.dtype), None, None
 
 
