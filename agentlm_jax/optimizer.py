@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -62,55 +61,9 @@ def weight_decay_mask(abstract_params: nnx.State, decay_embedding: bool = True) 
 
 def make_optimizer(cfg: OptimizerConfig, steps: int, abstract_params: nnx.State) -> optax.GradientTransformation:
     """clip by global norm → AdamW (masked decay) with the warmup-cosine schedule, over pure-dict params."""
-    schedule = learning_rate_schedule(cfg, steps)
-    mask = weight_decay_mask(abstract_params, cfg.decay_embedding)
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+    adamw = optax.adamw(learning_rate_schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay,
+                        mask=weight_decay_mask(abstract_params, cfg.decay_embedding))
     if cfg.clip_norm > 0:
-        reference = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-        return optax.GradientTransformation(reference.init, _fused_update(cfg, schedule, mask))
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return adamw
-
-
-def _fused_update(cfg: OptimizerConfig, schedule: optax.Schedule, mask: dict[str, Any]):
-    """`update` of clip_by_global_norm → optax.adamw (same state, same arithmetic up to rounding), written so
-    that XLA fuses each parameter's whole update into its moment and parameter loops.
-
-    optax's clip divides every gradient by the norm (`t / norm * max`): a divide by a broadcast scalar that
-    XLA:CPU will not duplicate into the two moment loops, so each clipped gradient was written out and read
-    back (one extra pass over all the parameters per step). Here the clip is one scalar factor, folded into
-    the loops that read the gradient.
-    """
-    b1, b2, eps, wd, max_norm = cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.clip_norm
-
-    def update(grads, state, params=None):
-        if params is None:
-            raise ValueError("AdamW's weight decay needs the parameters")
-        clip_state, (adam, masked, sched) = state
-        norm = optax.global_norm(grads)  # the same expression as the step's grad_norm metric: computed once
-        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-        count = optax.safe_increment(adam.count)
-        c1 = (1 - b1 ** count).astype(jnp.float32)
-        c2 = (1 - b2 ** count).astype(jnp.float32)
-        step_size = -schedule(sched.count)
-
-        def moments(g, m, v):
-            g = g * factor.astype(g.dtype)
-            return (1 - b1) * g + b1 * m, (1 - b2) * (g * g) + b2 * v
-
-        new = jax.tree.map(moments, grads, adam.mu, adam.nu)
-        is_pair = lambda x: isinstance(x, tuple)
-        mu = jax.tree.map(lambda x: x[0], new, is_leaf=is_pair)
-        nu = jax.tree.map(lambda x: x[1], new, is_leaf=is_pair)
-
-        def step(m, v, p, decays):
-            u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype)) + eps)
-            if decays:
-                u = u + wd * p
-            return (step_size * u).astype(p.dtype)
-
-        updates = jax.tree.map(step, mu, nu, params, mask)
-        state = (clip_state, (optax.ScaleByAdamState(count=count, mu=mu, nu=nu), masked,
-                              optax.ScaleByScheduleState(count=optax.safe_increment(sched.count))))
-        return updates, state
-
-    return update
