@@ -84,3 +84,17 @@ class PreemptionWatch:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+def to_host(x: jax.Array):
+    """The whole array as numpy on this host: its own copy when it has every shard (or a full replica), else
+    gathered from all hosts (a collective: every host must call it)."""
+    import numpy as np
+
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

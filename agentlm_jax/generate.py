@@ -90,22 +90,13 @@ class Generator:
         out, steps = _generate(self.graphdef, self.state, tokens, positions, segment_ids,
                                jnp.int32(max_new_tokens), self.stop_ids, jax.random.key(seed),
                                sampling=sampling, capacity=capacity, pad_id=self.pad_id)
-        out, steps = _to_host(out), int(_to_host(steps))
+        out, steps = distributed.to_host(out), int(distributed.to_host(steps))
         result, finished = [], []
         for row in out[:, :steps]:
             stops = np.flatnonzero(np.isin(row, self.stop_ids))
             result.append(row[: stops[0] + 1].tolist() if len(stops) else row.tolist())
             finished.append(bool(len(stops)))
         return Generation(result, finished, steps)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The whole array on this host (on several hosts, gathered from all of them)."""
-    if x.is_fully_addressable or x.is_fully_replicated:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "capacity", "pad_id"))

@@ -47,6 +47,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from agentlm_jax import distributed
 from agentlm_jax.model.config import RUNTIME_FIELDS, ModelConfig
 from agentlm_jax.model.llama import Llama, abstract_model
 from agentlm_jax.sharding import DEFAULT_RULES, MeshConfig, Rules, make_mesh, state_shardings
@@ -401,14 +402,6 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * powers[unit])
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def plan_shards(entries: list[Entry], itemsize: int, max_bytes: int) -> list[list[Entry]]:
     """Consecutive groups of tensors, each at most `max_bytes` (a larger single tensor gets its own shard)."""
     shards: list[list[Entry]] = [[]]
@@ -459,7 +452,8 @@ def export_hf(params: nnx.State | Llama, cfg: ModelConfig, output_dir: str, *, d
             for e in shard:
                 array = _get(pure, e.path)
                 array = array[e.layer] if e.layer is not None else array
-                tensors[e.name] = np.ascontiguousarray(e.tmap.to_hf(_to_host(array).astype(np_dtype)))
+                host = distributed.to_host(array).astype(np_dtype)
+                tensors[e.name] = np.ascontiguousarray(e.tmap.to_hf(host))
                 weight_map[e.name] = filename
                 total += tensors[e.name].nbytes
                 bar.update()

@@ -43,14 +43,23 @@ def resolve_impl(impl: str, chunk_size: int | None, seq_len: int, tensor_paralle
     return "chunked" if chunk_size and chunk_size < seq_len else "full"
 
 
-def _block_nll(h: jax.Array, kernel: jax.Array, targets: jax.Array, vocab_start: jax.Array | int,
-               axis_name: str | None) -> jax.Array:
-    """nll [B,C] of h [B,C,D] against the vocabulary slice kernel [D,v] that starts at `vocab_start`.
+def _logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Float32 logits [B,C,v] of h [B,C,D] against a (slice of the) output head kernel [D,v]."""
+    return jnp.einsum("BCD,DV->BCV", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def _is_target(logits: jax.Array, targets: jax.Array, vocab_start: jax.Array | int = 0) -> jax.Array:
+    """[B,C,v] bool: the target's column of a vocabulary slice that starts at `vocab_start`."""
+    return jnp.arange(logits.shape[-1]) == (targets - vocab_start)[..., None]
+
+
+def _nll_and_lse(logits: jax.Array, targets: jax.Array, vocab_start: jax.Array | int,
+                 axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+    """(nll, log-sum-exp), each [B,C], of logits [B,C,v] of the vocabulary slice that starts at `vocab_start`.
 
     With `axis_name`, the slices of the shards along that mesh axis together form the vocabulary, and the
     per-row statistics are combined across them.
     """
-    logits = jnp.einsum("BCD,DV->BCV", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
     # The shift only keeps exp() in range; logsumexp's value and gradient do not depend on it.
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     if axis_name:
@@ -58,12 +67,18 @@ def _block_nll(h: jax.Array, kernel: jax.Array, targets: jax.Array, vocab_start:
     sum_exp = jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1)
     # The target's logit as a masked sum over the vocabulary (0 when the target is in another shard's slice):
     # fused with the logits, and its gradient is dense; a gather's gradient is a scatter (slow on CPU).
-    is_target = jnp.arange(logits.shape[-1]) == (targets - vocab_start)[..., None]
-    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+    target_logit = jnp.sum(jnp.where(_is_target(logits, targets, vocab_start), logits, 0.0), axis=-1)
     if axis_name:
         sum_exp = jax.lax.psum(sum_exp, axis_name)
         target_logit = jax.lax.psum(target_logit, axis_name)
-    return jnp.log(sum_exp) + row_max - target_logit
+    lse = jnp.log(sum_exp) + row_max
+    return lse - target_logit, lse
+
+
+def _block_nll(h: jax.Array, kernel: jax.Array, targets: jax.Array, vocab_start: jax.Array | int,
+               axis_name: str | None) -> jax.Array:
+    """nll [B,C] of h [B,C,D] against the vocabulary slice kernel [D,v] that starts at `vocab_start`."""
+    return _nll_and_lse(_logits(h, kernel), targets, vocab_start, axis_name)[0]
 
 
 def _chunked_nll(h, kernel, targets, vocab_start, axis_name, chunk_size: int | None,
@@ -122,14 +137,6 @@ def _chunked_nll(h, kernel, targets, vocab_start, axis_name, chunk_size: int | N
     return jnp.where(mask > 0, nll, 0.0)
 
 
-def _chunk_logits(h_c: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jnp.einsum("GWD,DV->GWV", h_c, kernel.astype(h_c.dtype), preferred_element_type=jnp.float32)
-
-
-def _is_target(logits: jax.Array, t_c: jax.Array) -> jax.Array:
-    return jnp.arange(logits.shape[-1]) == t_c[..., None]
-
-
 @jax.custom_vjp
 def _first_chunks_nll(h: jax.Array, kernel: jax.Array, targets: jax.Array, count: jax.Array) -> jax.Array:
     """nll [n,G,W] of the first `count` (traced) chunks of h [n,G,W,D] against the whole vocabulary kernel
@@ -164,11 +171,8 @@ def _over_chunks(count, block, carry, n: int):
 def _first_chunks_fwd(h, kernel, targets, count):
     def block(i, k, carry):
         nll, lse = carry
-        logits = _chunk_logits(_blocks(h, i, k), kernel)
-        row_max = jnp.max(logits, axis=-1)
-        lse_i = jnp.log(jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1)) + row_max
-        target_logit = jnp.sum(jnp.where(_is_target(logits, _blocks(targets, i, k)), logits, 0.0), axis=-1)
-        return _set_blocks(nll, i, k, lse_i - target_logit), _set_blocks(lse, i, k, lse_i)
+        nll_i, lse_i = _nll_and_lse(_logits(_blocks(h, i, k), kernel), _blocks(targets, i, k), 0, None)
+        return _set_blocks(nll, i, k, nll_i), _set_blocks(lse, i, k, lse_i)
 
     zeros = jnp.zeros(targets.shape, jnp.float32)
     nll, lse = _over_chunks(count, block, (zeros, zeros), h.shape[0])
@@ -181,7 +185,7 @@ def _first_chunks_bwd(residuals, g):
     def block(i, k, carry):
         dh, dkernel = carry
         h_c = _blocks(h, i, k)
-        logits = _chunk_logits(h_c, kernel)
+        logits = _logits(h_c, kernel)
         d_logits = _blocks(g, i, k)[..., None] * (jnp.exp(logits - _blocks(lse, i, k)[..., None])
                                                   - _is_target(logits, _blocks(targets, i, k)))
         dh_i = jnp.einsum("GWV,DV->GWD", d_logits, kernel.astype(jnp.float32), preferred_element_type=jnp.float32)

@@ -172,10 +172,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save, ocdbt=cfg.checkpoint.ocdbt)
         try:
-            latest = self.checkpointer.latest_step()
-            if latest is not None and not cfg.checkpoint.resume:
-                raise ExistingRunError(f"{cfg.checkpoint_dir} already has checkpoints (latest step {latest}); set "
-                                       "checkpoint.resume=true to continue that run, or choose another run_dir")
+            self._refuse_existing_run(self.checkpointer.latest_step())
             d = cfg.data
             try:
                 self.train_data = input_pipeline.train_iterator(
@@ -228,11 +225,14 @@ class Trainer:
                        donate_argnums=0)
         return init(params.to_pure_dict())
 
-    def restore_or_init(self) -> TrainState:
-        latest = self.checkpointer.latest_step()
-        if latest is not None and not self.cfg.checkpoint.resume:  # as in __init__, for callers of this alone
+    def _refuse_existing_run(self, latest: int | None) -> None:
+        if latest is not None and not self.cfg.checkpoint.resume:
             raise ExistingRunError(f"{self.cfg.checkpoint_dir} already has checkpoints (latest step {latest}); "
                                    "set checkpoint.resume=true to continue that run, or choose another run_dir")
+
+    def restore_or_init(self) -> TrainState:
+        latest = self.checkpointer.latest_step()
+        self._refuse_existing_run(latest)  # as in __init__, for callers of this alone
         if latest is None:
             self._info("starting from %s", self.cfg.init_from or f"random weights (seed {self.cfg.seed})")
             return self.initial_state()

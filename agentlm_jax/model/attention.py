@@ -23,16 +23,8 @@ from flax import nnx
 from agentlm_jax.model.blockwise_attention import blockwise_attention
 from agentlm_jax.model.config import ModelConfig
 from agentlm_jax.model.kv_cache import LayerCache
-from agentlm_jax.model.layers import apply_rotary, param
+from agentlm_jax.model.layers import apply_rotary, attention_mask, param
 from agentlm_jax.sharding import constrain
-
-
-def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_slots: jax.Array,
-                   kv_slots: jax.Array) -> jax.Array:
-    """Boolean [B,1,T,S]: causal by slot, and only within the same segment."""
-    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B,T,S]
-    causal = kv_slots[None, :] <= q_slots[:, None]  # [T,S]
-    return (same_segment & causal[None])[:, None]
 
 
 class Attention(nnx.Module):

@@ -1,7 +1,7 @@
 """Causal, segment-masked attention computed tile by tile, skipping the tiles in which nothing is attended.
 
 The [T,S] score matrix is cut into query blocks × key blocks. A tile is computed only if at least one of its
-(query, key) pairs is allowed (key not after the query, same segment; see `attention.attention_mask`):
+(query, key) pairs is allowed (key not after the query, same segment; see `layers.attention_mask`):
 tiles above the diagonal are never computed (causal), and, data-dependently (`lax.cond`), neither are the
 tiles between different packed conversations. Within a query block the softmax is accumulated over its key
 tiles online (running maximum and sum, as in flash attention), so no [B,N,T,S] tensor exists. The backward pass
@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from agentlm_jax.model.layers import attention_mask
+
 # The score given to a masked pair: finite, so a row whose first tiles are all masked stays NaN-free (such
 # entries are zeroed explicitly as well).
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -32,8 +34,7 @@ def _blocks(length: int, size: int) -> list[tuple[int, int]]:
 
 def _allowed(seg_q, seg_k, q0, k0):
     """[B,t,s] bool: which pairs of a tile may attend (key slot not after the query slot, same segment)."""
-    causal = (k0 + jnp.arange(seg_k.shape[1]))[None, :] <= (q0 + jnp.arange(seg_q.shape[1]))[:, None]
-    return (seg_q[:, :, None] == seg_k[:, None, :]) & causal
+    return attention_mask(seg_q, seg_k, q0 + jnp.arange(seg_q.shape[1]), k0 + jnp.arange(seg_k.shape[1]))[:, 0]
 
 
 def _causal_tiles(blocks):

@@ -85,3 +85,11 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     rotated_half = jnp.concatenate([-x2, x1], axis=-1)
     out = x.astype(jnp.float32) * cos[:, :, None, :] + rotated_half * sin[:, :, None, :]
     return out.astype(x.dtype)
+
+
+def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_slots: jax.Array,
+                   kv_slots: jax.Array) -> jax.Array:
+    """Boolean [B,1,T,S]: causal by slot, and only within the same segment."""
+    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B,T,S]
+    causal = kv_slots[None, :] <= q_slots[:, None]  # [T,S]
+    return (same_segment & causal[None])[:, None]
