@@ -127,7 +127,8 @@ def _chunked_nll(h, kernel, targets, vocab_start, axis_name, chunk_size: int | N
                                   lambda: jnp.zeros_like(t_c, jnp.float32))
 
     if mask is not None and axis_name is None:  # only the first chunks_needed chunks, forward and backward
-        nll = _first_chunks_nll(split(h_g), kernel, split(t_g), chunks_needed)
+        weights = jnp.arange(h_g.shape[1]) < jnp.sum(needed, axis=1, dtype=jnp.int32)[:, None]  # [G, n*W]
+        nll = _first_chunks_nll(split(h_g), kernel, split(t_g), split(weights), chunks_needed)
     else:
         _, nll = jax.lax.scan(chunk, None, (jnp.arange(n), split(h_g), split(t_g)))
     nll = nll.swapaxes(0, 1).reshape(groups, -1)
@@ -138,12 +139,19 @@ def _chunked_nll(h, kernel, targets, vocab_start, axis_name, chunk_size: int | N
 
 
 @jax.custom_vjp
-def _first_chunks_nll(h: jax.Array, kernel: jax.Array, targets: jax.Array, count: jax.Array) -> jax.Array:
+def _first_chunks_nll(h: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array,
+                      count: jax.Array) -> jax.Array:
     """nll [n,G,W] of the first `count` (traced) chunks of h [n,G,W,D] against the whole vocabulary kernel
-    [D,V]; 0 in the other chunks, which cost nothing. A `fori_loop` over exactly the needed chunks, forward and
-    backward (a scan with a `lax.cond` per chunk would still add a zero [D,V] kernel gradient for every
-    skipped chunk). The backward pass recomputes each chunk's logits once, from the saved log-sum-exp."""
-    return _first_chunks_fwd(h, kernel, targets, count)[0]
+    [D,V]; 0 in the other chunks, which cost nothing. A `fori_loop` over exactly the needed chunks (a scan with
+    a `lax.cond` per chunk would still add a zero [D,V] kernel gradient for every skipped chunk).
+
+    `weights` [n,G,W] (bool) marks the positions whose nll is wanted. Under differentiation the forward pass
+    also computes the gradient of Σ weights·nll (fused linear cross-entropy: each chunk's softmax is turned
+    into its h and kernel gradients while its logits exist), so the backward pass only scales it: one [C,V]
+    matmul fewer per chunk than recomputing the logits. That holds whenever the cotangent is a constant times
+    `weights` (any loss that sums or averages the wanted positions: the train step's); any other cotangent
+    takes the general backward pass, which recomputes each chunk's logits from the saved log-sum-exp."""
+    return _chunk_loop(h, kernel, targets, weights, count, with_grads=False)[0]
 
 
 def _blocks(x: jax.Array, start, k: int) -> jax.Array:
@@ -168,34 +176,72 @@ def _over_chunks(count, block, carry, n: int):
     return jax.lax.fori_loop(2 * pairs, count, lambda i, c: block(i, 1, c), carry)
 
 
-def _first_chunks_fwd(h, kernel, targets, count):
+def _head_grads(h_c, kernel, d_logits):
+    """(dh [G,C,D], dkernel [D,V]) of a chunk from its logits' cotangent d_logits [G,C,V] (float32)."""
+    dh = jnp.einsum("GWV,DV->GWD", d_logits, kernel.astype(jnp.float32), preferred_element_type=jnp.float32)
+    dkernel = jnp.einsum("GWD,GWV->DV", h_c.astype(jnp.float32), d_logits, preferred_element_type=jnp.float32)
+    return dh, dkernel
+
+
+def _softmax_minus_onehot(logits, lse, targets):
+    """∂nll/∂logits [G,C,V] of each position: softmax(logits) − onehot(target)."""
+    return jnp.exp(logits - lse[..., None]) - _is_target(logits, targets)
+
+
+def _chunk_loop(h, kernel, targets, weights, count, with_grads: bool):
+    """(nll, lse) [n,G,W] of the first `count` chunks; `with_grads`: also (dh [n,G,W,D], dkernel [D,V]),
+    the gradient of Σ weights·nll."""
     def block(i, k, carry):
-        nll, lse = carry
-        nll_i, lse_i = _nll_and_lse(_logits(_blocks(h, i, k), kernel), _blocks(targets, i, k), 0, None)
-        return _set_blocks(nll, i, k, nll_i), _set_blocks(lse, i, k, lse_i)
+        nll, lse, *grads = carry
+        h_c, t_c = _blocks(h, i, k), _blocks(targets, i, k)
+        logits = _logits(h_c, kernel)
+        nll_i, lse_i = _nll_and_lse(logits, t_c, 0, None)
+        nll, lse = _set_blocks(nll, i, k, nll_i), _set_blocks(lse, i, k, lse_i)
+        if not with_grads:
+            return nll, lse
+        d_logits = jnp.where(_blocks(weights, i, k)[..., None], _softmax_minus_onehot(logits, lse_i, t_c), 0.0)
+        dh_i, dkernel_i = _head_grads(h_c, kernel, d_logits)
+        dh, dkernel = grads
+        return nll, lse, _set_blocks(dh, i, k, dh_i), dkernel + dkernel_i
 
     zeros = jnp.zeros(targets.shape, jnp.float32)
-    nll, lse = _over_chunks(count, block, (zeros, zeros), h.shape[0])
-    return nll, (h, kernel, targets, count, lse)
+    carry = (zeros, zeros)
+    if with_grads:
+        carry += (jnp.zeros(h.shape, jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+    return _over_chunks(count, block, carry, h.shape[0])
+
+
+def _first_chunks_fwd(h, kernel, targets, weights, count):
+    nll, lse, dh, dkernel = _chunk_loop(h, kernel, targets, weights, count, with_grads=True)
+    return nll, (h, kernel, targets, weights, count, lse, dh, dkernel)
 
 
 def _first_chunks_bwd(residuals, g):
-    h, kernel, targets, count, lse = residuals
+    h, kernel, targets, weights, count, lse, dh_weighted, dkernel_weighted = residuals
+    # Is g = scale · weights? (scale: g at the first weighted position; exact comparison.)
+    first = jnp.argmax(weights.reshape(-1))
+    scale = g.reshape(-1)[first]
+    proportional = jnp.all(g == jnp.where(weights, scale, 0.0))
 
-    def block(i, k, carry):
-        dh, dkernel = carry
-        h_c = _blocks(h, i, k)
-        logits = _logits(h_c, kernel)
-        d_logits = _blocks(g, i, k)[..., None] * (jnp.exp(logits - _blocks(lse, i, k)[..., None])
-                                                  - _is_target(logits, _blocks(targets, i, k)))
-        dh_i = jnp.einsum("GWV,DV->GWD", d_logits, kernel.astype(jnp.float32), preferred_element_type=jnp.float32)
-        dkernel = dkernel + jnp.einsum("GWD,GWV->DV", h_c.astype(jnp.float32), d_logits,
-                                       preferred_element_type=jnp.float32)
-        return _set_blocks(dh, i, k, dh_i), dkernel
+    def scaled():
+        return (dh_weighted * scale).astype(h.dtype), (dkernel_weighted * scale).astype(kernel.dtype)
 
-    zeros = (jnp.zeros_like(h), jnp.zeros(kernel.shape, jnp.float32))
-    dh, dkernel = _over_chunks(count, block, zeros, h.shape[0])
-    return dh, dkernel.astype(kernel.dtype), None, None
+    def recomputed():
+        def block(i, k, carry):
+            dh, dkernel = carry
+            h_c = _blocks(h, i, k)
+            logits = _logits(h_c, kernel)
+            d_logits = _blocks(g, i, k)[..., None] * _softmax_minus_onehot(logits, _blocks(lse, i, k),
+                                                                           _blocks(targets, i, k))
+            dh_i, dkernel_i = _head_grads(h_c, kernel, d_logits)
+            return _set_blocks(dh, i, k, dh_i), dkernel + dkernel_i
+
+        zeros = (jnp.zeros_like(h), jnp.zeros(kernel.shape, jnp.float32))
+        dh, dkernel = _over_chunks(count, block, zeros, h.shape[0])
+        return dh, dkernel.astype(kernel.dtype)
+
+    dh, dkernel = jax.lax.cond(proportional, scaled, recomputed)
+    return dh, dkernel, None, None, None
 
 
 _first_chunks_nll.defvjp(_first_chunks_fwd, _first_chunks_bwd)

@@ -82,11 +82,16 @@ def loss_positions(seed: int = 1) -> np.ndarray:
     ("chunked", 8, "one device"), ("chunked", None, "one device"), ("chunked", 4, "fsdp4 x tensor2"),
     ("vocab_parallel", 8, "fsdp4 x tensor2"), ("vocab_parallel", 16, "data2 x fsdp2 x tensor2"),
 ])
-def test_masked_losses_compute_exactly_the_loss_positions(operands, impl, chunk, mesh_name):
+@pytest.mark.parametrize("reduction", ["random weight per position", "mean over the loss positions"])
+def test_masked_losses_compute_exactly_the_loss_positions(operands, impl, chunk, mesh_name, reduction):
     """Given the loss mask, the chunked losses gather the loss positions to the front and skip the chunks
-    after them: the nll at every loss position and the gradients equal the plain loss's; 0 elsewhere."""
+    after them: the nll at every loss position and the gradients equal the plain loss's; 0 elsewhere.
+    Both kinds of reduction: the train step's mean (the chunk loop's gradients computed in the forward pass,
+    scaled) and any other weighting (the general backward pass)."""
     h, w, targets, weights = operands
     mask = jnp.asarray(loss_positions())
+    if reduction != "random weight per position":
+        weights = mask / mask.sum()
     cfg = MESHES[mesh_name]
     mesh = make_mesh(cfg, jax.devices()[:cfg.data * cfg.fsdp * cfg.tensor])
     rows = NamedSharding(mesh, P(("data", "fsdp")))
@@ -104,6 +109,36 @@ def test_masked_losses_compute_exactly_the_loss_positions(operands, impl, chunk,
     want = jax.grad(lambda h, w: jnp.sum(plain(h, w) * weights), argnums=(0, 1))(h, w)
     for g, r, name in zip(got, want, ("hidden", "head")):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=f"gradient w.r.t. {name}")
+
+
+def test_fused_head_gradient_is_used_when_the_cotangent_is_proportional_to_the_loss_positions(operands):
+    """The chunk loop's backward pass scales the gradients its forward pass computed, without recomputing the
+    logits, whenever the cotangent is c·weights: poisoning the saved log-sum-exp (which only recomputation
+    reads) leaves that gradient exact, while any other cotangent does recompute (and so turns NaN)."""
+    h, w, targets, _ = operands
+    n, G, W = 4, 2, 32  # chunks × groups × positions per chunk: the [n,G,W] layout of the chunk loop
+    h_c, t_c = h.reshape(n, G, W, D), targets.reshape(n, G, W)
+    position = jnp.arange(n)[:, None, None] * W + jnp.arange(W)  # a position's index within its group
+    weights = position < jnp.array([70, 20])[None, :, None]  # the groups' first 70 and 20 positions
+    count = jnp.int32(3)  # chunks holding weighted positions: ceil(70 / 32)
+    _, residuals = loss_lib._first_chunks_fwd(h_c, w, t_c, weights, count)
+    poisoned = residuals[:5] + (jnp.full_like(residuals[5], jnp.nan),) + residuals[6:]
+
+    def reference(g):
+        nll = lambda h, w: plain_nll(h.reshape(-1, D), w, t_c.reshape(-1)).reshape(n, G, W)  # noqa: E731
+        return jax.grad(lambda h, w: jnp.sum(nll(h, w) * g), argnums=(0, 1))(h_c, w)
+
+    proportional = jnp.where(weights, 0.25, 0.0)
+    want_h, want_w = reference(proportional)
+    got_h, got_w, *_ = loss_lib._first_chunks_bwd(poisoned, proportional)
+    np.testing.assert_allclose(got_h, want_h, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-6)
+    other = proportional.at[0, 0, 0].set(0.5)
+    assert np.isnan(np.asarray(loss_lib._first_chunks_bwd(poisoned, other)[1])).all()
+    want_h, want_w = reference(other)
+    got_h, got_w, *_ = loss_lib._first_chunks_bwd(residuals, other)
+    np.testing.assert_allclose(got_h, want_h, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-6)
 
 
 def test_masked_loss_without_loss_positions_is_zero_with_zero_gradients(operands):
