@@ -23,7 +23,7 @@ from flax import nnx
 from agentlm_jax.model.blockwise_attention import blockwise_attention
 from agentlm_jax.model.config import ModelConfig
 from agentlm_jax.model.kv_cache import LayerCache
-from agentlm_jax.model.layers import apply_rotary, attention_mask, param
+from agentlm_jax.model.layers import apply_rotary, attention_mask, dense, param
 from agentlm_jax.sharding import constrain
 
 
@@ -41,10 +41,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-        dt = self.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
+        q, k, v = self._project_in(x)
         q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rotary(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
@@ -60,7 +57,7 @@ class Attention(nnx.Module):
             at = (0, cache.start, 0, 0)
             cache = cache._replace(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
                                    v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at))
-            k, v = cache.k.astype(dt), cache.v.astype(dt)
+            k, v = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
             mask = attention_mask(segment_ids, cache.segment_ids, cache.start + jnp.arange(T),
                                   jnp.arange(cache.k.shape[1]))
 
@@ -68,9 +65,21 @@ class Attention(nnx.Module):
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)  # BTNH
         return self._project_out(out), cache
 
+    def _project_in(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [B,T,N,H], k and v [B,T,K,H]. Kernels of one shape are multiplied as one stacked kernel [D,C,K,H]
+        (k and v; q too without grouped heads): one wider matmul instead of two or three (the parameters stay
+        separate, as in Hugging Face checkpoints; stacked on a new axis, so sharded heads stay in place)."""
+        dt = self.dtype
+        kernels = [self.k_proj[...].astype(dt), self.v_proj[...].astype(dt)]
+        if self.q_proj.shape == self.k_proj.shape:
+            kernels.insert(0, self.q_proj[...].astype(dt))
+        projected = dense("BTD,DCKH->BTCKH", x, jnp.stack(kernels, axis=1))
+        q = projected[:, :, 0] if len(kernels) == 3 else dense("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+        return q, projected[:, :, -2], projected[:, :, -1]
+
     def _project_out(self, out: jax.Array) -> jax.Array:
         out = constrain(out, ("batch", "seq", "act_heads", None))
-        out = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
+        out = dense("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
         return constrain(out, ("batch", "seq", "act_embed"))
 
 

@@ -7,11 +7,13 @@ Dimension letters used in every einsum of this package:
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from agentlm_jax.sharding import constrain
 
@@ -26,6 +28,40 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None]
     if len(shape) != len(axes):
         raise ValueError(f"parameter of shape {tuple(shape)} needs {len(shape)} axis names, got {tuple(axes)}")
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+DENSE = "dense"  # checkpoint name of every projection's output (see llama.REMAT_POLICY)
+
+
+def dense(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """einsum(equation, x, kernel) for a projection by a parameter, e.g. "BTD,DNH->BTNH".
+
+    The same product, with a backward pass that computes the kernel's gradient directly in the kernel's own
+    dimension order (einsum "BTD,BTNH->DNH"). Autodiff of einsum computes it as [N,H,D] and transposes,
+    and XLA:CPU fuses that transpose into every optimizer update that reads the gradient (strided reads,
+    several times slower than the update itself). The output is named "dense" for the remat policies."""
+    return checkpoint_name(_dense(equation, x, kernel), DENSE)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense(equation, x, kernel):
+    return jnp.einsum(equation, x, kernel)
+
+
+def _dense_fwd(equation, x, kernel):
+    return jnp.einsum(equation, x, kernel), (x, kernel)
+
+
+def _dense_bwd(equation, residuals, g):
+    x, kernel = residuals
+    x_dims, rest = equation.split(",")
+    kernel_dims, out_dims = rest.split("->")
+    dx = jnp.einsum(f"{out_dims},{kernel_dims}->{x_dims}", g, kernel)
+    dkernel = jnp.einsum(f"{x_dims},{out_dims}->{kernel_dims}", x, g)
+    return dx, dkernel
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class RMSNorm(nnx.Module):
