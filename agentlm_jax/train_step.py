@@ -5,8 +5,8 @@
     state, metrics = step_fn(state, batch)             # jax.jit, NamedSharding in/out, state donated
 
 One step = the loss over the global batch, as `micro_batches` pieces in a `lax.scan` (gradient
-accumulation): every piece adds its gradient of Σ nll·mask and its loss-token count; the sum is divided by
-the global count once, so the update equals the one from a single batch of all rows (token-level mean over
+accumulation): every piece adds its gradient of Σ nll·mask / (the global batch's loss-token count), so the
+update equals the one from a single batch of all rows (token-level mean over
 every loss token of the global batch, as the paper's Megatron-LM trainer averages). Then the global
 gradient norm, clipping and AdamW (optimizer.py). Parameters live in `param_dtype` (float32 master weights);
 the model computes in `dtype` (e.g. bfloat16), so gradients arrive in float32.
@@ -157,24 +157,28 @@ class TrainStep:
                                       chunk_size=self.loss_chunk_size, mesh=self.mesh, rules=self.rules,
                                       mask=batch["loss_mask"])
 
-    def _loss_sum(self, params: dict, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def _loss_share(self, params: dict, batch: Batch, count: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Σ nll·mask of this (micro-)batch / `count`, the global batch's loss-token count; the loss sums."""
         sums = loss_lib.loss_sums(self.token_nll(params, batch), batch)
-        return sums["loss_sum"], sums
+        return sums["loss_sum"] / jnp.maximum(count, 1.0), sums
 
     def _grads_and_sums(self, params: dict, batch: Batch) -> tuple[dict, dict[str, jax.Array]]:
-        """Σ over the global batch of ∇(Σ nll·mask) and of the loss sums, micro-batch by micro-batch."""
-        grad_fn = jax.grad(self._loss_sum, has_aux=True)
+        """The gradient of the token-level mean loss over the global batch (the micro-batches' gradients of
+        Σ nll·mask / global count, summed: the count is known before any forward pass, so the gradients come
+        out divided, with no extra pass over them) and the loss sums."""
+        count = jnp.sum(batch["loss_mask"] > 0, dtype=jnp.float32)
+        grad_fn = jax.grad(self._loss_share, has_aux=True)
         if self.micro_batches == 1:
-            return grad_fn(params, batch)
+            return grad_fn(params, batch, count)
         param_shardings = self.state_shardings.params
 
         def accumulate(carry, micro):
-            grads, sums = grad_fn(params, micro)
+            grads, sums = grad_fn(params, micro, count)
             grads = jax.lax.with_sharding_constraint(grads, param_shardings)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
         micro = split_micro_batches(batch, self.micro_batches, self.mesh, self.rules)
-        _, sums_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+        _, sums_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), count)
         zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape)
         zero_grads = jax.tree.map(jnp.zeros_like, params)
         (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), micro)
@@ -182,7 +186,6 @@ class TrainStep:
 
     def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         grads, sums = self._grads_and_sums(state.params, batch)
-        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0), grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
