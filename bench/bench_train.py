@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,7 @@ class Result:
     peak_rss_mb: float | None = None
     step_rss_growth_mb: float | None = None
     error: str | None = None
+    spread: str = ""  # tokens/s over the rounds, "min–max"
 
 
 def load(overrides: list[str], seq: int, rows: int):
@@ -208,6 +210,18 @@ def run_worker(kind: str, spec: dict, env: dict[str, str]) -> Result:
     return Result(**json.loads(lines[-1]))
 
 
+def median_result(runs: list[Result]) -> Result:
+    """One row from several rounds of a side: the median tokens/s (its spread alongside), the first round's
+    first-step time (later rounds hit warm caches), the largest memory figures; the first error if any failed."""
+    ok = [r for r in runs if not r.error]
+    if len(ok) < len(runs):
+        return next(r for r in runs if r.error)
+    speeds = sorted(r.tokens_per_s for r in ok)
+    return dataclasses.replace(ok[0], tokens_per_s=statistics.median(speeds), peak_rss_mb=max(r.peak_rss_mb for r in ok),
+                               step_rss_growth_mb=max(r.step_rss_growth_mb for r in ok),
+                               spread=f"{speeds[0]:,.0f}–{speeds[-1]:,.0f}")
+
+
 def worker_main(kind: str, spec: dict) -> None:
     cfg = load(spec["overrides"], spec["seq"], spec["rows"])
     batches = read_batches(spec["batches"])
@@ -220,7 +234,7 @@ def worker_main(kind: str, spec: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------- main
 def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool, torch_compile: bool,
-              hugepages: bool = True, xla_flags: str = XLA_CPU_FLAGS, extra: list[str] = ()) -> str:
+              rounds: int = 1, hugepages: bool = True, xla_flags: str = XLA_CPU_FLAGS, extra: list[str] = ()) -> str:
     from agentlm_jax.metrics import flops_per_token
     from agentlm_jax.model.llama import count_params
     from bench.matmul_peak import measure_matmul_peak
@@ -233,11 +247,12 @@ def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool,
              f"N={m.num_heads}, F={m.intermediate_size}, V={m.vocab_size}), float32, JAX attention_impl "
              f"{m.attention_impl} (auto: blockwise on CPU), overrides {extra or 'none'}; {tokens_per_step:,} tokens per "
              f"step (packed sample data); {len(os.sched_getaffinity(0))} CPU threads; measured float32 matmul peak "
-             f"{peak / 1e9:.1f} GFLOP/s; {steps} timed steps after one warm-up step. Environment: "
+             f"{peak / 1e9:.1f} GFLOP/s; {steps} timed steps after one warm-up step, {rounds} rounds with the "
+             f"sides taking turns (median reported). Environment: "
              f"GLIBC_TUNABLES={HUGEPAGES if hugepages else '(unset)'} on both sides; JAX XLA_FLAGS "
              f"{xla_flags or '(none)'}.", "",
-             "| seq | training step | tokens/s | vs PyTorch | MFU | first step (s) | peak RSS (MB) | RSS growth "
-             "over steps (MB) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| seq | training step | tokens/s (median) | rounds (min–max) | vs PyTorch | MFU | first step (s) | "
+             "peak RSS (MB) | RSS growth over steps (MB) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     pipeline_rows, head_notes = [], []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         for seq in seqs:
@@ -247,16 +262,23 @@ def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool,
             pipeline_tps = write_batches(cfg, max(4, steps + 1), path)
             spec = {"overrides": overrides, "seq": seq, "rows": rows, "batches": path, "steps": steps}
             kinds = ["jax", "torch"] + (["torch-compile"] if torch_compile else [])
-            results = [run_worker(kind, spec, worker_env(kind, hugepages, xla_flags)) for kind in kinds]
+            # The sides take turns, `rounds` times, and each reports its median: on a shared VM the machine's
+            # speed drifts by ±10 % over minutes, and alternating keeps the drift out of the ratio.
+            runs = {kind: [] for kind in kinds}
+            for _ in range(rounds):
+                for kind in kinds:
+                    runs[kind].append(run_worker(kind, spec, worker_env(kind, hugepages, xla_flags)))
+            results = [median_result(runs[kind]) for kind in kinds]
             fpt = flops_per_token(cfg.model, seq)
             reference = results[1].tokens_per_s
             for r in results:
                 if r.error:
-                    lines.append(f"| {seq} | {r.name} | {r.error} | | | | | |")
+                    lines.append(f"| {seq} | {r.name} | {r.error} | | | | | | |")
                     continue
                 ratio = f"{r.tokens_per_s / reference:.2f}×" if reference else "-"
-                lines.append(f"| {seq} | {r.name} | {r.tokens_per_s:,.0f} | {ratio} | {r.tokens_per_s * fpt / peak:.1%} "
-                             f"| {r.first_step_s:.1f} | {r.peak_rss_mb:,.0f} | {r.step_rss_growth_mb:,.0f} |")
+                lines.append(f"| {seq} | {r.name} | {r.tokens_per_s:,.0f} | {r.spread} | {ratio} | "
+                             f"{r.tokens_per_s * fpt / peak:.1%} | {r.first_step_s:.1f} | {r.peak_rss_mb:,.0f} | "
+                             f"{r.step_rss_growth_mb:,.0f} |")
             step_tps = results[0].tokens_per_s
             if step_tps and cfg.loss.impl != "full" and cfg.loss.chunk_size:
                 loss_share = float(np.mean([np.mean(b["loss_mask"] > 0) for b in read_batches(path)]))
@@ -281,6 +303,8 @@ def main(argv=None) -> None:
     p.add_argument("--seq", default="512,1024,2048", help="comma-separated sequence lengths (default %(default)s)")
     p.add_argument("--tokens-per-step", type=int, default=2048, help="rows × seq per step (default %(default)s)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measurements per side, taking turns; the median is reported (default %(default)s)")
     p.add_argument("--smoke", action="store_true", help="toy model, short sequences: checks the benchmark runs")
     p.add_argument("--torch-compile", action="store_true", help="add a torch.compile row (slow to compile)")
     p.add_argument("--no-hugepages", action="store_true", help=f"do not set GLIBC_TUNABLES={HUGEPAGES} (both sides)")
@@ -297,7 +321,8 @@ def main(argv=None) -> None:
     if args.smoke:
         seqs = [s // 8 for s in seqs]
     print(benchmark(seqs, tokens_per_step=args.tokens_per_step // (8 if args.smoke else 1), steps=args.steps,
-                    smoke=args.smoke, torch_compile=args.torch_compile, hugepages=not args.no_hugepages,
+                    smoke=args.smoke, torch_compile=args.torch_compile, rounds=args.rounds,
+                    hugepages=not args.no_hugepages,
                     xla_flags=args.xla_flags, extra=args.set))
 
 
