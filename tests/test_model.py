@@ -126,3 +126,32 @@ def test_compute_dtype_is_separate_from_parameter_dtype(hf_checkpoints):
     expected = torch_logits(torch_model, tokens)
     error = np.abs(np.asarray(logits) - expected).max()
     assert 1e-4 < error < 0.1 * np.abs(expected).max()  # bfloat16 arithmetic: visibly rounded, still right
+
+
+@pytest.mark.parametrize("equation, x_shape, kernel_shape", [
+    ("BTD,DF->BTF", (2, 5, 6), (6, 7)),
+    ("BTD,DNH->BTNH", (2, 5, 6), (6, 3, 4)),
+    ("BTNH,NHD->BTD", (2, 5, 3, 4), (3, 4, 6)),
+])
+def test_dense_equals_einsum_and_its_gradients(equation, x_shape, kernel_shape):
+    """layers.dense reshapes to one 2-D matmul with a hand-written backward pass: same values and gradients as
+    the einsum it replaces."""
+    from agentlm_jax.model.layers import dense
+    rng = np.random.default_rng(0)
+    x, kernel = rng.normal(size=x_shape).astype(np.float32), rng.normal(size=kernel_shape).astype(np.float32)
+    weights = rng.normal(size=jnp.einsum(equation, x, kernel).shape).astype(np.float32)
+
+    def loss(fn):
+        return jax.value_and_grad(lambda a, b: jnp.sum(fn(equation, a, b) * weights), argnums=(0, 1))(x, kernel)
+
+    (value, grads), (ref_value, ref_grads) = loss(dense), loss(jnp.einsum)
+    assert value == pytest.approx(float(ref_value), rel=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_rejects_an_equation_that_is_not_a_projection():
+    from agentlm_jax.model.layers import dense
+    with pytest.raises(ValueError, match="trailing dimensions"):
+        dense("BTD,FD->BTF", jnp.ones((1, 2, 3)), jnp.ones((4, 3)))

@@ -66,16 +66,11 @@ class Attention(nnx.Module):
         return self._project_out(out), cache
 
     def _project_in(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """q [B,T,N,H], k and v [B,T,K,H]. Kernels of one shape are multiplied as one stacked kernel [D,C,K,H]
-        (k and v; q too without grouped heads): one wider matmul instead of two or three (the parameters stay
-        separate, as in Hugging Face checkpoints; stacked on a new axis, so sharded heads stay in place)."""
         dt = self.dtype
-        kernels = [self.k_proj[...].astype(dt), self.v_proj[...].astype(dt)]
-        if self.q_proj.shape == self.k_proj.shape:
-            kernels.insert(0, self.q_proj[...].astype(dt))
-        projected = dense("BTD,DCKH->BTCKH", x, jnp.stack(kernels, axis=1))
-        q = projected[:, :, 0] if len(kernels) == 3 else dense("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
-        return q, projected[:, :, -2], projected[:, :, -1]
+        q = dense("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+        k = dense("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
+        v = dense("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
+        return q, k, v
 
     def _project_out(self, out: jax.Array) -> jax.Array:
         out = constrain(out, ("batch", "seq", "act_heads", None))

@@ -7,7 +7,7 @@ Dimension letters used in every einsum of this package:
 
 from __future__ import annotations
 
-import functools
+import math
 from typing import Sequence
 
 import jax
@@ -34,34 +34,41 @@ DENSE = "dense"  # checkpoint name of every projection's output (see llama.REMAT
 
 
 def dense(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """einsum(equation, x, kernel) for a projection by a parameter, e.g. "BTD,DNH->BTNH".
+    """einsum(equation, x, kernel) for a projection by a parameter, e.g. "BTD,DNH->BTNH": x's trailing
+    dimensions are contracted with the kernel's leading ones, in order.
 
-    The same product, with a backward pass that computes the kernel's gradient directly in the kernel's own
-    dimension order (einsum "BTD,BTNH->DNH"). Autodiff of einsum computes it as [N,H,D] and transposes,
-    and XLA:CPU fuses that transpose into every optimizer update that reads the gradient (strided reads,
-    several times slower than the update itself). The output is named "dense" for the remat policies."""
-    return checkpoint_name(_dense(equation, x, kernel), DENSE)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense(equation, x, kernel):
-    return jnp.einsum(equation, x, kernel)
-
-
-def _dense_fwd(equation, x, kernel):
-    return jnp.einsum(equation, x, kernel), (x, kernel)
-
-
-def _dense_bwd(equation, residuals, g):
-    x, kernel = residuals
+    Computed as one 2-D matmul [M,I] @ [I,O] (M = the leading dimensions of x, e.g. B·T; I the contracted,
+    O the kernel's other dimensions; reshapes of contiguous arrays, so free). On XLA:CPU that is faster than
+    the einsum (whose backward pass contracts over B and T as two dimensions): an MLP's forward and backward
+    ~120 -> ~105 ms at 2,048 tokens. The backward pass computes the kernel's gradient directly in the
+    kernel's layout [I,O]: autodiff computes [O,I] and transposes, and XLA:CPU fuses that transpose into each
+    optimizer update that reads the gradient (strided reads, several times slower). The output is named
+    "dense" for the remat policies."""
     x_dims, rest = equation.split(",")
     kernel_dims, out_dims = rest.split("->")
-    dx = jnp.einsum(f"{out_dims},{kernel_dims}->{x_dims}", g, kernel)
-    dkernel = jnp.einsum(f"{x_dims},{out_dims}->{kernel_dims}", x, g)
-    return dx, dkernel
+    n = sum(d in kernel_dims for d in x_dims)
+    if not n or x_dims[-n:] != kernel_dims[:n] or out_dims != x_dims[:-n] + kernel_dims[n:]:
+        raise ValueError(f"dense: {equation!r} does not contract x's trailing dimensions with the kernel's leading")
+    lead, out = x.shape[:-n], kernel.shape[n:]
+    y = _matmul(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(kernel.shape[:n]), -1))
+    return checkpoint_name(y.reshape(*lead, *out), DENSE)
 
 
-_dense.defvjp(_dense_fwd, _dense_bwd)
+@jax.custom_vjp
+def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jnp.einsum("MI,IO->MO", x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+    return _matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, g):
+    x, kernel = residuals
+    return jnp.einsum("MO,IO->MI", g, kernel), jnp.einsum("MI,MO->IO", x, g)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class RMSNorm(nnx.Module):

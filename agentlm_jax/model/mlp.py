@@ -22,12 +22,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        # gate and up as one matmul over their stacked kernels [D,2,F] (the parameters stay separate, as in
-        # Hugging Face checkpoints; stacked on a new axis, so an `mlp`-sharded F stays where it is). On XLA:CPU
-        # one wider matmul and one backward elementwise pass instead of two: bench seq 512 ~860 -> ~910 tokens/s.
-        gate_up = jnp.stack([self.gate_proj[...].astype(dt), self.up_proj[...].astype(dt)], axis=1)
-        gate_up = dense("BTD,DCF->BTCF", x, gate_up)
-        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+        gate = dense("BTD,DF->BTF", x, self.gate_proj[...].astype(dt))
+        up = dense("BTD,DF->BTF", x, self.up_proj[...].astype(dt))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
         out = dense("BTF,FD->BTD", hidden, self.down_proj[...].astype(dt))
         return constrain(out, ("batch", "seq", "act_embed"))
