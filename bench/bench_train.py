@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -186,6 +187,16 @@ def torch_worker(cfg, batches, steps: int, compile_model: bool) -> Result:
     return Result(name, steps * tokens_per_batch(batches) / seconds, first, peak_rss_mb(), peak_rss_mb() - before)
 
 
+def cpu_model() -> str:
+    """The CPU's name as /proc/cpuinfo gives it (the ratio to PyTorch differs between CPU models)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine())
+
+
 def tokens_per_batch(batches) -> int:
     return int(np.prod(batches[0]["tokens"].shape))
 
@@ -246,7 +257,7 @@ def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool,
     lines = [f"Model: {count_params(m) / 1e6:.1f}M parameters (D={m.hidden_size}, L={m.num_layers}, "
              f"N={m.num_heads}, F={m.intermediate_size}, V={m.vocab_size}), float32, JAX attention_impl "
              f"{m.attention_impl} (auto: blockwise on CPU), overrides {extra or 'none'}; {tokens_per_step:,} tokens per "
-             f"step (packed sample data); {len(os.sched_getaffinity(0))} CPU threads; measured float32 matmul peak "
+             f"step (packed sample data); {len(os.sched_getaffinity(0))} CPU threads ({cpu_model()}); measured float32 matmul peak "
              f"{peak / 1e9:.1f} GFLOP/s; {steps} timed steps after one warm-up step, {rounds} rounds with the "
              f"sides taking turns (median reported). Environment: "
              f"GLIBC_TUNABLES={HUGEPAGES if hugepages else '(unset)'} on both sides; JAX XLA_FLAGS "
@@ -265,9 +276,12 @@ def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool,
             # The sides take turns, `rounds` times, and each reports its median: on a shared VM the machine's
             # speed drifts by ±10 % over minutes, and alternating keeps the drift out of the ratio.
             runs = {kind: [] for kind in kinds}
-            for _ in range(rounds):
+            for round_ in range(rounds):
                 for kind in kinds:
-                    runs[kind].append(run_worker(kind, spec, worker_env(kind, hugepages, xla_flags)))
+                    result = run_worker(kind, spec, worker_env(kind, hugepages, xla_flags))
+                    runs[kind].append(result)
+                    print(f"seq {seq}, round {round_ + 1}/{rounds}, {kind}: "
+                          f"{result.error or f'{result.tokens_per_s:,.0f} tokens/s'}", file=sys.stderr, flush=True)
             results = [median_result(runs[kind]) for kind in kinds]
             fpt = flops_per_token(cfg.model, seq)
             reference = results[1].tokens_per_s
