@@ -15,8 +15,9 @@ sample data by agentlm_jax.input_pipeline, identical batches on both sides):
   * tokens/s = rows × T × steps / wall time of the timed steps (after one warm-up step); first-step time
     (JAX: tracing + XLA compilation); peak host memory (the worker process's maximum resident set, and its
     growth over the timed steps).
-  * MFU = tokens/s × model FLOPs per token / the float32 matmul peak of this machine, measured in the same run
-    (bench/matmul_peak.py; FLOPs per token as agentlm_jax/metrics.py: 6·(parameters − embedding) + 6·L·T·D).
+  * MFU = tokens/s × model FLOPs per token / the float32 matmul peak of this machine (bench/matmul_peak.py),
+    measured in the same run before each sequence length, the best measurement counting; FLOPs per token as
+    agentlm_jax/metrics.py: 6·(parameters − embedding) + 6·L·T·D.
   * the input pipeline alone (no model): tokens/s it delivers, against what the JAX step consumes.
 Each side runs in its own worker process (clean memory peaks, no thread pools shared between XLA and PyTorch).
 """
@@ -246,27 +247,16 @@ def worker_main(kind: str, spec: dict) -> None:
 # ---------------------------------------------------------------------------------------------------- main
 def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool, torch_compile: bool,
               rounds: int = 1, hugepages: bool = True, xla_flags: str = XLA_CPU_FLAGS, extra: list[str] = ()) -> str:
-    from agentlm_jax.metrics import flops_per_token
-    from agentlm_jax.model.llama import count_params
     from bench.matmul_peak import measure_matmul_peak
 
     overrides = [*(SMOKE_OVERRIDES if smoke else []), *extra]
-    peak = measure_matmul_peak((256, 512) if smoke else (1024, 2048, 3072))["peak_flops"]
-    cfg0 = load(overrides, seqs[0], max(1, tokens_per_step // seqs[0]))
-    m = cfg0.model
-    lines = [f"Model: {count_params(m) / 1e6:.1f}M parameters (D={m.hidden_size}, L={m.num_layers}, "
-             f"N={m.num_heads}, F={m.intermediate_size}, V={m.vocab_size}), float32, JAX attention_impl "
-             f"{m.attention_impl} (auto: blockwise on CPU), overrides {extra or 'none'}; {tokens_per_step:,} tokens per "
-             f"step (packed sample data); {len(os.sched_getaffinity(0))} CPU threads ({cpu_model()}); measured float32 matmul peak "
-             f"{peak / 1e9:.1f} GFLOP/s; {steps} timed steps after one warm-up step, {rounds} rounds with the "
-             f"sides taking turns (median reported). Environment: "
-             f"GLIBC_TUNABLES={HUGEPAGES if hugepages else '(unset)'} on both sides; JAX XLA_FLAGS "
-             f"{xla_flags or '(none)'}.", "",
-             "| seq | training step | tokens/s (median) | rounds (min–max) | vs PyTorch | MFU | first step (s) | "
-             "peak RSS (MB) | RSS growth over steps (MB) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    pipeline_rows, head_notes = [], []
+    peak_sizes = (256, 512) if smoke else (1024, 2048, 3072)
+    # The matmul peak is measured before each sequence length's rounds and the best is the MFU denominator:
+    # the VM's speed drifts over the run, and a peak taken at one slow moment would flatter every MFU.
+    peaks, measured = [], []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         for seq in seqs:
+            peaks.append(measure_matmul_peak(peak_sizes)["peak_flops"])
             rows = max(1, tokens_per_step // seq)
             cfg = load(overrides, seq, rows)
             path = os.path.join(tmp, f"batches-{seq}.npz")
@@ -282,26 +272,51 @@ def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool,
                     runs[kind].append(result)
                     print(f"seq {seq}, round {round_ + 1}/{rounds}, {kind}: "
                           f"{result.error or f'{result.tokens_per_s:,.0f} tokens/s'}", file=sys.stderr, flush=True)
-            results = [median_result(runs[kind]) for kind in kinds]
-            fpt = flops_per_token(cfg.model, seq)
-            reference = results[1].tokens_per_s
-            for r in results:
-                if r.error:
-                    lines.append(f"| {seq} | {r.name} | {r.error} | | | | | | |")
-                    continue
-                ratio = f"{r.tokens_per_s / reference:.2f}×" if reference else "-"
-                lines.append(f"| {seq} | {r.name} | {r.tokens_per_s:,.0f} | {r.spread} | {ratio} | "
-                             f"{r.tokens_per_s * fpt / peak:.1%} | {r.first_step_s:.1f} | {r.peak_rss_mb:,.0f} | "
-                             f"{r.step_rss_growth_mb:,.0f} |")
-            step_tps = results[0].tokens_per_s
-            if step_tps and cfg.loss.impl != "full" and cfg.loss.chunk_size:
-                loss_share = float(np.mean([np.mean(b["loss_mask"] > 0) for b in read_batches(path)]))
-                executed = fpt - 6 * cfg.model.hidden_size * cfg.model.vocab_size * (1 - loss_share)
-                head_notes.append(f"seq {seq}: {loss_share:.0%} of positions carry loss, so JAX executes up "
-                                  f"to {1 - executed / fpt:.0%} fewer FLOPs per token than PyTorch (loss chunks "
-                                  f"round up), an MFU of at least {step_tps * executed / peak:.1%} on executed FLOPs")
-            pipeline_rows.append(f"| {seq} | {pipeline_tps:,.0f} | {step_tps:,.0f} | "
-                                 f"{pipeline_tps / step_tps:,.0f}× |" if step_tps else f"| {seq} | {pipeline_tps:,.0f} | - | - |")
+            loss_share = float(np.mean([np.mean(b["loss_mask"] > 0) for b in read_batches(path)]))
+            measured.append((seq, cfg, [median_result(runs[kind]) for kind in kinds], pipeline_tps, loss_share))
+    return format_report(measured, peaks, tokens_per_step=tokens_per_step, steps=steps, rounds=rounds,
+                         hugepages=hugepages, xla_flags=xla_flags, extra=extra)
+
+
+def format_report(measured, peaks: list[float], *, tokens_per_step: int, steps: int, rounds: int, hugepages: bool,
+                  xla_flags: str, extra) -> str:
+    """The Markdown tables from [(seq, cfg, [JAX, PyTorch, ...] results, pipeline tokens/s, loss share)]."""
+    from agentlm_jax.metrics import flops_per_token
+    from agentlm_jax.model.llama import count_params
+
+    peak = max(peaks)
+    m = measured[0][1].model
+    lines = [f"Model: {count_params(m) / 1e6:.1f}M parameters (D={m.hidden_size}, L={m.num_layers}, "
+             f"N={m.num_heads}, F={m.intermediate_size}, V={m.vocab_size}), float32, JAX attention_impl "
+             f"{m.attention_impl} (auto: blockwise on CPU), overrides {extra or 'none'}; {tokens_per_step:,} tokens per "
+             f"step (packed sample data); {len(os.sched_getaffinity(0))} CPU threads ({cpu_model()}); float32 matmul "
+             f"peak {peak / 1e9:.1f} GFLOP/s (the best of {len(peaks)} measurements spread over the run: "
+             f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)}); {steps} timed steps after one warm-up step, {rounds} "
+             f"rounds with the sides taking turns (median reported). Environment: "
+             f"GLIBC_TUNABLES={HUGEPAGES if hugepages else '(unset)'} on both sides; JAX XLA_FLAGS "
+             f"{xla_flags or '(none)'}.", "",
+             "| seq | training step | tokens/s (median) | rounds (min–max) | vs PyTorch | MFU | first step (s) | "
+             "peak RSS (MB) | RSS growth over steps (MB) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    pipeline_rows, head_notes = [], []
+    for seq, cfg, results, pipeline_tps, loss_share in measured:
+        fpt = flops_per_token(cfg.model, seq)
+        reference = results[1].tokens_per_s
+        for r in results:
+            if r.error:
+                lines.append(f"| {seq} | {r.name} | {r.error} | | | | | | |")
+                continue
+            ratio = f"{r.tokens_per_s / reference:.2f}×" if reference else "-"
+            lines.append(f"| {seq} | {r.name} | {r.tokens_per_s:,.0f} | {r.spread} | {ratio} | "
+                         f"{r.tokens_per_s * fpt / peak:.1%} | {r.first_step_s:.1f} | {r.peak_rss_mb:,.0f} | "
+                         f"{r.step_rss_growth_mb:,.0f} |")
+        step_tps = results[0].tokens_per_s
+        if step_tps and cfg.loss.impl != "full" and cfg.loss.chunk_size:
+            executed = fpt - 6 * cfg.model.hidden_size * cfg.model.vocab_size * (1 - loss_share)
+            head_notes.append(f"seq {seq}: {loss_share:.0%} of positions carry loss, so JAX executes up "
+                              f"to {1 - executed / fpt:.0%} fewer FLOPs per token than PyTorch (loss chunks "
+                              f"round up), an MFU of at least {step_tps * executed / peak:.1%} on executed FLOPs")
+        pipeline_rows.append(f"| {seq} | {pipeline_tps:,.0f} | {step_tps:,.0f} | {pipeline_tps / step_tps:,.0f}× |"
+                             if step_tps else f"| {seq} | {pipeline_tps:,.0f} | - | - |")
     if head_notes:
         lines += ["", "MFU counts the model's FLOPs per token for both sides (the output head at every position). "
                   "The JAX step's chunked loss computes the head only at the loss positions (the same loss and "
