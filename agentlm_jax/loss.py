@@ -4,19 +4,21 @@ Every variant computes, per position, nll = logsumexp(logits) - logits[target] w
 accumulation), where h [B,T,D] are `Llama.hidden_states` and W [D,V] is `lm_head.kernel`:
 
   full            the whole [B,T,V] float32 logits at once (fastest for small vocabularies and batches).
-  chunked         `chunk_size` positions at a time, the backward pass recomputing each chunk's logits: only
-                  [B,chunk,V] logits ever exist. Given the loss mask, only the loss positions are computed:
-                  they are gathered to the front and only the chunks holding them run (most positions of SFT
-                  data carry no loss); with one vocabulary shard, a `fori_loop` over exactly those chunks
-                  with a custom VJP, else a rematerialised `lax.scan` with a `lax.cond` per chunk.
+  chunked         `chunk_size` positions at a time: only [B,chunk,V] logits ever exist. Given the loss mask,
+                  only the loss positions are computed: they are gathered to the front and only the chunks
+                  holding them run (most positions of SFT data carry no loss). With one vocabulary shard, a
+                  `fori_loop` over exactly those chunks with a custom VJP that also computes each chunk's
+                  gradients in the forward pass (fused linear cross-entropy; the backward pass recomputes the
+                  logits only for a cotangent that is not a constant times the loss mask); else a
+                  rematerialised `lax.scan` with a `lax.cond` per chunk.
   vocab_parallel  a `shard_map` over the mesh: each `tensor` shard multiplies h by its own slice W[:, v0:v1]
                   and gets logits for its vocabulary slice only. The row maximum (`pmax`), the sum of
                   exponentials and the target's logit (each `psum`) are combined across `tensor`; the
                   full-vocabulary logits are never gathered. Chunked (and masked) as well when chunk_size is
                   set.
 
-The reductions to a loss (token-level mean over the loss tokens of the global batch) are in `loss_sums`:
-the train step sums nll·mask and the mask over micro-batches and divides once.
+The reductions to a loss (token-level mean over the loss tokens of the global batch) are in `loss_sums`;
+the train step divides Σ nll·mask of each micro-batch by the global batch's loss-token count.
 """
 
 from __future__ import annotations
