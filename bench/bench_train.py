@@ -77,8 +77,9 @@ def peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------- data, input
-def write_batches(cfg, count: int, path: str) -> float:
-    """Pack `count` batches with the input pipeline into an .npz; returns the pipeline's tokens/s."""
+def write_batches(cfg, count: int, path: str) -> tuple[float, float]:
+    """Pack `count` batches with the input pipeline into an .npz; returns the pipeline's tokens/s and the
+    share of positions that carry loss."""
     from agentlm_jax import input_pipeline
     from agentlm_jax.trainer import prepare_dataset
 
@@ -93,7 +94,8 @@ def write_batches(cfg, count: int, path: str) -> float:
     finally:
         it.close()
     np.savez(path, **{f"{i}/{k}": b[k] for i, b in enumerate(batches) for k in STEP_KEYS})
-    return count * cfg.data.global_batch * cfg.data.max_seq_len / seconds
+    loss_share = float(np.mean([np.mean(b["loss_mask"] > 0) for b in batches]))
+    return count * cfg.data.global_batch * cfg.data.max_seq_len / seconds, loss_share
 
 
 def read_batches(path: str) -> list[dict[str, np.ndarray]]:
@@ -260,7 +262,7 @@ def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool,
             rows = max(1, tokens_per_step // seq)
             cfg = load(overrides, seq, rows)
             path = os.path.join(tmp, f"batches-{seq}.npz")
-            pipeline_tps = write_batches(cfg, max(4, steps + 1), path)
+            pipeline_tps, loss_share = write_batches(cfg, max(4, steps + 1), path)
             spec = {"overrides": overrides, "seq": seq, "rows": rows, "batches": path, "steps": steps}
             kinds = ["jax", "torch"] + (["torch-compile"] if torch_compile else [])
             # The sides take turns, `rounds` times, and each reports its median: on a shared VM the machine's
@@ -272,7 +274,6 @@ def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool,
                     runs[kind].append(result)
                     print(f"seq {seq}, round {round_ + 1}/{rounds}, {kind}: "
                           f"{result.error or f'{result.tokens_per_s:,.0f} tokens/s'}", file=sys.stderr, flush=True)
-            loss_share = float(np.mean([np.mean(b["loss_mask"] > 0) for b in read_batches(path)]))
             measured.append((seq, cfg, [median_result(runs[kind]) for kind in kinds], pipeline_tps, loss_share))
     return format_report(measured, peaks, tokens_per_step=tokens_per_step, steps=steps, rounds=rounds,
                          hugepages=hugepages, xla_flags=xla_flags, extra=extra)

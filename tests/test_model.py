@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from agentlm_jax.hf_io import load_hf_model
+from agentlm_jax.model.layers import dense
 from tests.test_hf_helpers import hf_checkpoints, random_tokens, single_segment_inputs, torch_logits  # noqa: F401
 
 forward = nnx.jit(lambda model, tokens, positions, segment_ids: model(tokens, positions, segment_ids))
@@ -136,7 +137,6 @@ def test_compute_dtype_is_separate_from_parameter_dtype(hf_checkpoints):
 def test_dense_equals_einsum_and_its_gradients(equation, x_shape, kernel_shape):
     """layers.dense reshapes to one 2-D matmul with a hand-written backward pass: same values and gradients as
     the einsum it replaces."""
-    from agentlm_jax.model.layers import dense
     rng = np.random.default_rng(0)
     x, kernel = rng.normal(size=x_shape).astype(np.float32), rng.normal(size=kernel_shape).astype(np.float32)
     weights = rng.normal(size=jnp.einsum(equation, x, kernel).shape).astype(np.float32)
@@ -152,6 +152,5 @@ def test_dense_equals_einsum_and_its_gradients(equation, x_shape, kernel_shape):
 
 
 def test_dense_rejects_an_equation_that_is_not_a_projection():
-    from agentlm_jax.model.layers import dense
     with pytest.raises(ValueError, match="trailing dimensions"):
         dense("BTD,FD->BTF", jnp.ones((1, 2, 3)), jnp.ones((4, 3)))
