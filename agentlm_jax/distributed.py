@@ -11,8 +11,10 @@ import logging
 import os
 import signal
 import threading
+from typing import Any
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +88,9 @@ class PreemptionWatch:
             self._previous = None
 
 
-def to_host(x: jax.Array):
+def to_host(x: jax.Array) -> np.ndarray:
     """The whole array as numpy on this host: its own copy when it has every shard (or a full replica), else
     gathered from all hosts (a collective: every host must call it)."""
-    import numpy as np
-
     if x.is_fully_addressable:
         return np.asarray(x)
     if x.is_fully_replicated:
@@ -98,3 +98,13 @@ def to_host(x: jax.Array):
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def tree_to_host(tree: Any) -> Any:
+    """`to_host` over a tree of arrays."""
+    return jax.tree.map(to_host, tree)
+
+
+def host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """Device metrics (replicated scalars) as Python floats."""
+    return {k: float(v) for k, v in tree_to_host(dict(metrics)).items()}

@@ -1,10 +1,12 @@
 """Logical axis names → mesh axes, the MaxText way.
 
 Every parameter and activation is annotated with logical axis names (`embed`, `mlp`, `heads`, ...).
-One table of rules (`MeshConfig.rules`, defaults in DEFAULT_RULES) maps each logical name to mesh axes,
-so a new parallelism layout is a config change, not a code change.
+One table of rules (`MeshConfig.rules`, defaults in `config.DEFAULT_RULES`) maps each logical name to mesh
+axes, so a new parallelism layout is a config change, not a code change. Everything that needs to know where
+the batch or the vocabulary lives asks this module (`batch_axes`, `batch_sharding`, `vocab_axes`), which asks
+the rules.
 
-Mesh axes:
+Mesh axes (`config.MESH_AXES`):
   data    pure data parallelism (parameters replicated)
   fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
   tensor  tensor (model) parallelism over heads, MLP width and vocabulary
@@ -24,67 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-MeshAxes = str | tuple[str, ...] | None
-Rules = tuple[tuple[str, MeshAxes], ...]
-
-DEFAULT_RULES: Rules = (
-    # activations
-    ("batch", ("data", "fsdp")),
-    ("seq", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    # parameters
-    ("layers", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("norm", None),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh shape (-1 = all remaining devices; at most one -1) and the logical→mesh rules."""
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    rules: tuple[tuple[str, MeshAxes], ...] = DEFAULT_RULES
-
-    def __post_init__(self):
-        # YAML gives lists; normalise to hashable tuples so configs compare and hash.
-        norm = tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in self.rules)
-        object.__setattr__(self, "rules", norm)
-        for logical, axes in self.rules:
-            for ax in (axes,) if isinstance(axes, str) else (axes or ()):
-                if ax not in MESH_AXES:
-                    raise ValueError(f"mesh.rules maps {logical!r} to unknown mesh axis {ax!r}; "
-                                     f"mesh axes are {MESH_AXES}")
-
-    def shape(self, num_devices: int) -> tuple[int, int, int]:
-        sizes = [self.data, self.fsdp, self.tensor]
-        if sizes.count(-1) > 1:
-            raise ValueError(f"mesh: at most one axis may be -1, got data={self.data} fsdp={self.fsdp} "
-                             f"tensor={self.tensor}")
-        known = math.prod(s for s in sizes if s != -1)
-        if -1 in sizes:
-            if num_devices % known:
-                raise ValueError(f"mesh: {num_devices} devices cannot be split with fixed axes of "
-                                 f"product {known}")
-            sizes[sizes.index(-1)] = num_devices // known
-        if math.prod(sizes) != num_devices:
-            raise ValueError(f"mesh data×fsdp×tensor = {sizes} uses {math.prod(sizes)} devices, "
-                             f"but there are {num_devices}")
-        return tuple(sizes)
-
+from agentlm_jax.config.schema import DEFAULT_RULES, MESH_AXES, MeshConfig, Rules
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh over all devices (or the given ones)."""
@@ -112,6 +54,36 @@ def logical_to_pspec(logical_axes: Sequence[str | None] | None, rules: Rules) ->
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*out)
+
+
+def mesh_axes_of(logical_name: str, rules: Rules) -> tuple[str, ...]:
+    """The mesh axes a logical axis name maps to under `rules` (empty: replicated)."""
+    axes = dict(rules).get(logical_name)
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+    """The mesh axes the batch is split over (the logical `batch` axis)."""
+    return mesh_axes_of("batch", rules)
+
+
+def vocab_axes(rules: Rules) -> tuple[str, ...]:
+    """The mesh axes the output head's vocabulary is split over (the logical `vocab` axis), minus the batch's."""
+    return tuple(a for a in mesh_axes_of("vocab", rules) if a not in batch_axes(rules))
+
+
+def axes_size(mesh: Mesh, axes: Sequence[str]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+    """Into how many pieces the batch is split across the mesh."""
+    return axes_size(mesh, batch_axes(rules))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """The sharding of a [batch, seq] array of the train step's batch."""
+    return NamedSharding(mesh, logical_to_pspec(("batch", "seq"), rules))
 
 
 def logical_sharding(logical_axes: Sequence[str | None] | None, mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -1,7 +1,7 @@
 """Train: `python -m agentlm_jax.train [--config configs/X.yaml] [key=value ...]`.
 
-With no arguments: the tiny model on the bundled sample dataset (built under data/sample if missing), 150
-steps (`steps=N` for more), then a checkpoint and a Hugging Face export under runs/tiny. Overrides are
+With no arguments: the tiny model on the bundled sample dataset (built under data/sample if missing) for the
+default number of steps (`steps=N` for another), then a checkpoint and a Hugging Face export under runs/tiny. Overrides are
 dotted config keys, e.g. `optimizer.learning_rate=2e-5 mesh.tensor=4 data.path=gs://bucket/agentlm-data`.
 Rerunning the same command resumes from the run's latest checkpoint. Exit status: 0 when training finished,
 143 when stopped by SIGTERM (preemption) after saving a checkpoint, 1 with an `error: ...` line when the
@@ -12,34 +12,28 @@ config, the mesh, the dataset or the run directory does not allow the run (or th
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Sequence
 
-from agentlm_jax.config import ConfigError, load_config
-from agentlm_jax.trainer import (EXIT_PREEMPTED, RunResult, SetupError, TrainingDivergedError, check_mesh_config,
-                                 train)
+from agentlm_jax import cli
+from agentlm_jax.config import TrainConfig, load_config
+from agentlm_jax.training.trainer import EXIT_PREEMPTED, RunResult, train
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m agentlm_jax.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"Defaults: {TrainConfig().steps} steps, run_dir={TrainConfig().run_dir}, "
+                                       f"data.path={TrainConfig().data.path} (all: agentlm_jax/config/schema.py)")
     p.add_argument("--config", default=None, help="YAML config (default: the built-in tiny CPU demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> RunResult:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("absl", "jax._src.xla_bridge"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.configure_logging()
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check_mesh_config(cfg.mesh)  # before JAX starts
-        result = train(cfg)
-    except (ConfigError, SetupError, TrainingDivergedError) as e:
-        sys.exit(f"error: {e}")
+    result = cli.run_reporting_errors(lambda: train(load_config(args.config, args.overrides)))
     if result.status == "preempted":
         sys.exit(EXIT_PREEMPTED)
     return result

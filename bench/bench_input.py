@@ -33,9 +33,11 @@ import time
 import fsspec
 import numpy as np
 
-from agentlm_jax import input_pipeline
-from agentlm_jax.data.tfrecord_source import TFRecordSource, split_files
-from data_pipeline import records
+from agentlm_jax.config import DataConfig
+from agentlm_jax.data import iterator
+from agentlm_jax.data.dataset import TFRecordSource, split_files
+from data_pipeline import SAMPLE_DATASET_DIR, build_sample_dataset
+from data_pipeline.formats import records
 
 SIZES = {
     "bench": dict(seqs=(512, 1024, 2048), host_batch=8, batches=100, scale=10, synthetic=4000),
@@ -46,16 +48,16 @@ SIZES = {
 def sample_dataset(synthetic_records: int) -> tuple[str, str]:
     """(dataset dir, description): the pipeline's sample dataset, else a synthetic one."""
     try:
-        from data_pipeline.build import DEFAULT_OUTPUT, build_sample_dataset
+        import apache_beam  # noqa: F401  (what building the sample needs)
     except ImportError:
         root = f"data/bench-input-synthetic-{synthetic_records}"
         if not os.path.exists(f"{root}/{records.MANIFEST_NAME}"):
             write_synthetic_dataset(root, synthetic_records)
-        return root, f"synthetic ({synthetic_records} conversations; data_pipeline.build not available)"
-    if not os.path.exists(f"{DEFAULT_OUTPUT}/{records.MANIFEST_NAME}"):
-        logging.info("building the sample dataset in %s", DEFAULT_OUTPUT)
-        build_sample_dataset(DEFAULT_OUTPUT)
-    return DEFAULT_OUTPUT, f"data_pipeline sample ({DEFAULT_OUTPUT})"
+        return root, f"synthetic ({synthetic_records} conversations; apache-beam not installed)"
+    if not os.path.exists(f"{SAMPLE_DATASET_DIR}/{records.MANIFEST_NAME}"):
+        logging.info("building the sample dataset in %s", SAMPLE_DATASET_DIR)
+        build_sample_dataset(SAMPLE_DATASET_DIR)
+    return SAMPLE_DATASET_DIR, f"data_pipeline sample ({SAMPLE_DATASET_DIR})"
 
 
 def write_synthetic_dataset(root: str, count: int, seed: int = 0) -> None:
@@ -106,8 +108,8 @@ def measure(data_dir: str, seq: int, host_batch: int, batches: int) -> dict[str,
     startup = time.perf_counter() - t0
     del source
     t0 = time.perf_counter()
-    it = input_pipeline.train_iterator(data_dir, global_batch=host_batch, max_seq_len=seq, seed=0,
-                                       process_index=0, process_count=1)
+    it = iterator.train_iterator(DataConfig(path=data_dir, global_batch=host_batch, max_seq_len=seq), seed=0,
+                                 process_index=0, process_count=1)
     next(it)
     first = time.perf_counter() - t0
     real = conversations = unpacked_real = 0

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agentlm_jax.generate import Generator
-from agentlm_jax.model.config import ModelConfig
+from agentlm_jax.inference.generate import Generator
+from agentlm_jax.config import ModelConfig, SamplingConfig
 from agentlm_jax.model.llama import Llama, count_params
-from agentlm_jax.sampling import SamplingConfig
+
 from bench.matmul_peak import measure_matmul_peak
 
 SIZES = {
@@ -102,7 +102,7 @@ def torch_model(cfg: ModelConfig):
     import torch
     import transformers
 
-    from agentlm_jax.hf_io import hf_config
+    from agentlm_jax.hf import hf_config
 
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(hf_config(cfg, "float32")).float()

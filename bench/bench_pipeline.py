@@ -64,8 +64,8 @@ def write_scaled(rows: list[dict], n: int, path: str) -> None:
 def run_datasets_map(path: str, tokenizer_path: str, max_seq_len: int, batch_size: int) -> tuple[float, int]:
     import datasets
 
-    from data_pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, ChatEncoder, Pair
-    from data_pipeline.tokenizer import load_tokenizer
+    from data_pipeline.formats.chat_template import DEFAULT_SYSTEM_PROMPT, ChatEncoder, Pair
+    from data_pipeline.formats.tokenizer import load_tokenizer
 
     datasets.disable_caching()
     datasets.disable_progress_bars()
@@ -101,7 +101,7 @@ def run_beam(path: str, tokenizer_path: str, max_seq_len: int, mode: str, worker
 
 
 def main(argv=None) -> list[dict]:
-    from data_pipeline.tokenizer import SAMPLE_TOKENIZER_DIR
+    from data_pipeline.formats.tokenizer import SAMPLE_TOKENIZER_DIR
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,10000,40000", help="conversation counts")

@@ -5,10 +5,10 @@
     python -m bench.bench_train --smoke                  # a toy model, seconds long (checks the benchmark itself)
 
 What is measured, per sequence length T (rows per step = tokens_per_step / T, packed from the pipeline's
-sample data by agentlm_jax.input_pipeline, identical batches on both sides):
+sample data by agentlm_jax.data.iterator, identical batches on both sides):
   * a full optimizer step: forward, token-level mean cross-entropy over the loss tokens, backward, global-norm
     clipping at 1.0 and AdamW (β 0.9/0.95, weight decay 0.1 not on norms), float32 on both sides.
-    JAX: `agentlm_jax.train_step.TrainStep`, as the trainer runs it (one jit, donated state, no host sync
+    JAX: `agentlm_jax.training.step.TrainStep`, as the trainer runs it (one jit, donated state, no host sync
     inside the timed steps). PyTorch: `transformers.LlamaForCausalLM` (SDPA attention, causal over the whole
     row: the same FLOPs as our segment-masked attention) + `torch.optim.AdamW` (foreach) + `clip_grad_norm_`,
     on all the cores this process may use.
@@ -17,7 +17,7 @@ sample data by agentlm_jax.input_pipeline, identical batches on both sides):
     growth over the timed steps).
   * MFU = tokens/s × model FLOPs per token / the float32 matmul peak of this machine (bench/matmul_peak.py),
     measured in the same run before each sequence length, the best measurement counting; FLOPs per token as
-    agentlm_jax/metrics.py: 6·(parameters − embedding) + 6·L·T·D.
+    agentlm_jax/training/metrics.py: 6·(parameters − embedding) + 6·L·T·D.
   * the input pipeline alone (no model): tokens/s it delivers, against what the JAX step consumes.
 Each side runs in its own worker process (clean memory peaks, no thread pools shared between XLA and PyTorch).
 """
@@ -38,6 +38,8 @@ import time
 
 import numpy as np
 
+from agentlm_jax.data.packing import BATCH_KEYS
+
 CONFIG = "configs/bench.yaml"
 # glibc malloc on transparent huge pages: every step allocates hundreds of MB of fresh buffers, and on a VM
 # their page faults cost as much as the arithmetic of an elementwise op (a 32 MB add: 16 ms -> 6 ms).
@@ -47,7 +49,6 @@ HUGEPAGES = "glibc.malloc.hugetlb=1"
 XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot"
 SMOKE_OVERRIDES = ["model.vocab_size=1024", "model.hidden_size=64", "model.intermediate_size=160",
                    "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=4", "loss.chunk_size=16"]
-STEP_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "is_agent", "task_ids")
 
 
 @dataclasses.dataclass
@@ -80,12 +81,11 @@ def peak_rss_mb() -> float:
 def write_batches(cfg, count: int, path: str) -> tuple[float, float]:
     """Pack `count` batches with the input pipeline into an .npz; returns the pipeline's tokens/s and the
     share of positions that carry loss."""
-    from agentlm_jax import input_pipeline
-    from agentlm_jax.trainer import prepare_dataset
+    from agentlm_jax.data import iterator
+    from agentlm_jax.training.trainer import prepare_dataset
 
-    data_dir = prepare_dataset(cfg.data.path)
-    it = input_pipeline.train_iterator(data_dir, global_batch=cfg.data.global_batch, max_seq_len=cfg.data.max_seq_len,
-                                       seed=0, process_index=0, process_count=1)
+    prepare_dataset(cfg.data.path)
+    it = iterator.train_iterator(cfg.data, seed=0, process_index=0, process_count=1)
     try:
         next(it)  # opening the files and the first packing group are not steady state
         start = time.perf_counter()
@@ -93,7 +93,7 @@ def write_batches(cfg, count: int, path: str) -> tuple[float, float]:
         seconds = time.perf_counter() - start
     finally:
         it.close()
-    np.savez(path, **{f"{i}/{k}": b[k] for i, b in enumerate(batches) for k in STEP_KEYS})
+    np.savez(path, **{f"{i}/{k}": b[k] for i, b in enumerate(batches) for k in BATCH_KEYS})
     loss_share = float(np.mean([np.mean(b["loss_mask"] > 0) for b in batches]))
     return count * cfg.data.global_batch * cfg.data.max_seq_len / seconds, loss_share
 
@@ -101,7 +101,7 @@ def write_batches(cfg, count: int, path: str) -> tuple[float, float]:
 def read_batches(path: str) -> list[dict[str, np.ndarray]]:
     data = np.load(path)
     count = len({k.split("/")[0] for k in data.files})
-    return [{k: data[f"{i}/{k}"] for k in STEP_KEYS} for i in range(count)]
+    return [{k: data[f"{i}/{k}"] for k in BATCH_KEYS} for i in range(count)]
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -109,22 +109,19 @@ def jax_worker(cfg, batches, steps: int) -> Result:
     import jax
     from flax import nnx
 
-    from agentlm_jax.loss import resolve_impl
     from agentlm_jax.model.llama import init_model
-    from agentlm_jax.optimizer import learning_rate_schedule, make_optimizer
-    from agentlm_jax.sharding import make_mesh
-    from agentlm_jax.train_step import (TrainStep, abstract_params, batch_sharding, init_train_state,
-                                        train_state_shardings)
+    from agentlm_jax.sharding import batch_sharding, make_mesh
+    from agentlm_jax.training.optimizer import learning_rate_schedule, make_optimizer
+    from agentlm_jax.training.state import abstract_params, init_train_state, train_state_shardings
+    from agentlm_jax.training.step import TrainStep
 
     mesh = make_mesh(cfg.mesh)
     optimizer = make_optimizer(cfg.optimizer, cfg.steps, abstract_params(cfg.model))
     shardings = train_state_shardings(cfg.model, optimizer, mesh, cfg.mesh.rules)
     params = nnx.state(init_model(cfg.model, seed=0, mesh=mesh, rules=cfg.mesh.rules), nnx.Param).to_pure_dict()
-    state = jax.jit(lambda p: init_train_state(p, optimizer, 0), out_shardings=shardings, donate_argnums=0)(params)
+    state = jax.jit(lambda p: init_train_state(p, optimizer), out_shardings=shardings, donate_argnums=0)(params)
     step = TrainStep(cfg.model, optimizer, learning_rate_schedule(cfg.optimizer, cfg.steps), mesh=mesh,
-                     rules=cfg.mesh.rules, state_shardings=shardings, micro_batches=cfg.data.micro_batches,
-                     loss_impl=resolve_impl(cfg.loss.impl, cfg.loss.chunk_size, cfg.data.max_seq_len, 1),
-                     loss_chunk_size=cfg.loss.chunk_size)
+                     rules=cfg.mesh.rules, state_shardings=shardings, data=cfg.data, loss=cfg.loss)
     on_device = batch_sharding(mesh, cfg.mesh.rules)
     device_batches = [{k: jax.device_put(v, on_device) for k, v in b.items()} for b in batches]  # as the loop does
     start = time.perf_counter()
@@ -147,7 +144,7 @@ def torch_worker(cfg, batches, steps: int, compile_model: bool) -> Result:
     import torch
     import transformers
 
-    from agentlm_jax.hf_io import hf_config
+    from agentlm_jax.hf import hf_config
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
@@ -282,7 +279,7 @@ def benchmark(seqs: list[int], *, tokens_per_step: int, steps: int, smoke: bool,
 def format_report(measured, peaks: list[float], *, tokens_per_step: int, steps: int, rounds: int, hugepages: bool,
                   xla_flags: str, extra) -> str:
     """The Markdown tables from [(seq, cfg, [JAX, PyTorch, ...] results, pipeline tokens/s, loss share)]."""
-    from agentlm_jax.metrics import flops_per_token
+    from agentlm_jax.training.metrics import flops_per_token
     from agentlm_jax.model.llama import count_params
 
     peak = max(peaks)

@@ -21,22 +21,21 @@ with any number of workers. Shards are written by us through fsspec (local or gs
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
-import posixpath
-import threading
 import time
 from typing import Iterator, NamedTuple
 
 import apache_beam as beam
 
 from data_pipeline import manifest as mf
-from data_pipeline import mixing, records
-from data_pipeline.chat_template import ChatEncoder
+from data_pipeline import mixing
+from data_pipeline.formats import records
+from data_pipeline.staging import StagedTokenizer
 from data_pipeline.config import PipelineConfig
 from data_pipeline.normalize import REJECTED, Conversation, Dropped, normalize
 from data_pipeline.sources import RawItem, ReadTask, read_task
+from data_pipeline.writers import write_manifest, write_rejected, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -65,71 +64,47 @@ def unpack_raw_batch(batch: tuple) -> tuple[ReadTask, list[RawItem]]:
     return ReadTask(*task), [RawItem(*fields) for fields in items]
 
 
-class EncodedRow(NamedTuple):
-    """One encoded conversation. Only str/bytes/int fields; it travels as a plain tuple."""
+class RowKey(NamedTuple):
+    """What the plan needs of an encoded conversation: its example key and its place in the input."""
     source: str
     kind: str
     task: str
     id: str
     file: str  # (file, number): the record's place in the input; decides which of duplicate ids is kept
     number: int
+
+    @property
+    def example(self) -> mixing.ExampleKey:
+        return mixing.ExampleKey(self.source, self.kind, self.task, self.id)
+
+    @property
+    def location(self) -> tuple[str, int]:
+        return self.file, self.number
+
+
+class EncodedRow(NamedTuple):
+    """One encoded conversation. Beam would pickle a NamedTuple, so it travels as a plain tuple (`tuple(row)`,
+    its key too) and is rebuilt with `EncodedRow.of`."""
+    key: RowKey
     payload: bytes  # the serialized tf.train.Example
     tokens: int
     loss_tokens: int
 
-    @property
-    def key(self) -> mixing.ExampleKey:
-        return mixing.ExampleKey(self.source, self.kind, self.task, self.id)
-
-
-KEY_FIELDS = 6  # EncodedRow[:6] = (source, kind, task, id, file, number): what the plan needs of a row
-STAGING_DIR = ".build-staging"  # OUTPUT/.build-staging: files for the workers during a run, removed after it
-
-
-class StagedTokenizer(NamedTuple):
-    """The fast tokenizer as the workers get it: its JSON in a file every worker can read (under OUTPUT), so
-    the workers import neither transformers nor convert tokenizer files. Not inside the Encode DoFn: Beam
-    pickles (bz2) and unpickles a DoFn a dozen times per run, which for Llama 2's 1.3 MB of JSON was ~2 s."""
-    path: str
-    sha256: str
-    bos_id: int
-    eos_id: int
-
     @classmethod
-    def write(cls, serialized: tuple[str, int, int], output: str) -> "StagedTokenizer":
-        """Stages `chat_template.serialize_tokenizer(...)` in OUTPUT/.build-staging."""
-        import fsspec
+    def of(cls, fields: tuple) -> "EncodedRow":
+        key, *rest = fields
+        return cls(RowKey(*key), *rest)
 
-        text, bos_id, eos_id = serialized
-        data = text.encode()
-        path = posixpath.join(output, STAGING_DIR, "tokenizer.json")
-        fs, local = fsspec.core.url_to_fs(path)
-        fs.makedirs(posixpath.dirname(local), exist_ok=True)
-        with fs.open(local, "wb") as f:
-            f.write(data)
-        return cls(path, hashlib.sha256(data).hexdigest(), bos_id, eos_id)
-
-    def encoder(self, max_seq_len: int) -> ChatEncoder:
-        """The ChatEncoder, built once per process (worker threads share it: the tokenizer encodes from
-        several threads at once, and building Llama 2's takes 0.3 s of the GIL)."""
-        import fsspec
-
-        with _ENCODERS_LOCK:
-            key = (self.sha256, self.bos_id, self.eos_id, max_seq_len)
-            if key not in _ENCODERS:
-                with fsspec.open(self.path, "rb") as f:
-                    data = f.read()
-                if hashlib.sha256(data).hexdigest() != self.sha256:
-                    raise RuntimeError(f"{self.path} is not the tokenizer this run staged: is another build "
-                                       "writing to the same output directory?")
-                _ENCODERS.clear()  # only the current run's (a process may run many builds)
-                _ENCODERS[key] = ChatEncoder.from_serialized(data.decode(), self.bos_id, self.eos_id,
-                                                             max_seq_len=max_seq_len)
-            return _ENCODERS[key]
+    def plain(self) -> tuple:
+        return (tuple(self.key), *self[1:])
 
 
-_ENCODERS: dict[tuple, ChatEncoder] = {}
-_ENCODERS_LOCK = threading.Lock()
+class ShardRow(NamedTuple):
+    """An example placed in a shard: sorted by `order` before writing (plain tuple on the wire, as above)."""
+    order: tuple
+    payload: bytes
+    tokens: int
+    loss_tokens: int
 
 
 def rejected_row(item: RawItem, source: str, dropped: Dropped) -> dict:
@@ -239,16 +214,16 @@ class Encode(beam.DoFn):
             if enc.pairs_dropped:
                 tally.repairs(source, [TRUNCATED_TRAILING_PAIRS])
             payload = records.encode_fields(enc.ids, enc.mask, kind, conv.task, conv.id)
-            rows.append((source, kind, conv.task, conv.id, conv.file, conv.number, payload,
-                         len(enc.ids), enc.mask.count(1)))
+            key = RowKey(source, kind, conv.task, conv.id, conv.file, conv.number)
+            rows.append(EncodedRow(key, payload, len(enc.ids), enc.mask.count(1)))
             tokens += len(enc.ids)
         RECORDS_READ.inc(len(items))
         CONVERSATIONS_ENCODED.inc(len(rows))
         TOKENS_ENCODED.inc(tokens)
         self.progress(len(rows), tokens)
         if rows:
-            yield rows
-        yield beam.pvalue.TaggedOutput(self.SUMMARY, ([row[:KEY_FIELDS] for row in rows], tally, rejected))
+            yield [row.plain() for row in rows]
+        yield beam.pvalue.TaggedOutput(self.SUMMARY, ([tuple(row.key) for row in rows], tally, rejected))
 
 
 class GatherSummaries(beam.CombineFn):
@@ -286,11 +261,11 @@ def make_plan(summary: tuple, cfg: PipelineConfig) -> dict:
     """The single global step: the plan from every row's key, with the run's full tally (the encoders'
     plus what Place will keep or drop) and rejected.jsonl written (`rejected_written` rows)."""
     keys, tally, rejected = summary
+    keys = [RowKey(*k) for k in keys]
     plan = plan_from_keys(keys, cfg)
     tally = mf.Tally(tally)
-    for k in keys:
-        key = mixing.ExampleKey(*k[:4])
-        reason = dropped_by_plan(plan, key, k[4:KEY_FIELDS])
+    for key in keys:
+        reason = dropped_by_plan(plan, key.example, key.location)
         if reason:
             tally.drop(mf.FILTERED, key.source, reason)
         else:
@@ -310,13 +285,14 @@ class Place(beam.DoFn):
     def process(self, rows: list[tuple], plan: dict) -> Iterator:
         seed = plan["seed"]
         shards = collections.defaultdict(list)
-        for row in map(EncodedRow._make, rows):
-            key = row.key
-            if dropped_by_plan(plan, key, (row.file, row.number)):
+        for row in map(EncodedRow.of, rows):
+            key = row.key.example
+            if dropped_by_plan(plan, key, row.key.location):
                 continue
             split = mixing.split_of(plan, key)
             shard = mixing.shard_of(seed, key, self.shard_counts[split])
-            shards[(split, shard)].append((mixing.order_key(seed, key), row.payload, row.tokens, row.loss_tokens))
+            shards[(split, shard)].append(tuple(ShardRow(mixing.order_key(seed, key), row.payload, row.tokens,
+                                                         row.loss_tokens)))
         yield from shards.items()
 
 
@@ -326,58 +302,15 @@ class WriteShard(beam.DoFn):
 
     def process(self, keyed) -> Iterator[dict]:
         (split, index), groups = keyed
-        rows = sorted((row for group in groups for row in group), key=lambda r: r[0])
-        stats = write_shard(self.output, split, index, self.shard_counts[split], [r[1:] for r in rows])
+        rows = sorted((ShardRow(*row) for group in groups for row in group), key=lambda r: r.order)
+        stats = write_shard(self.output, split, index, self.shard_counts[split], rows)
         EXAMPLES_WRITTEN.inc(len(rows))
         yield stats
 
 
-def write_shard(output: str, split: str, index: int, count: int, rows: list[tuple[bytes, int, int]]) -> dict:
-    """Writes one shard of (payload, tokens, loss_tokens) rows; returns its stats for the manifest."""
-    import fsspec
-
-    data = b"".join(records.frame_record(payload) for payload, _, _ in rows)
-    name = records.shard_filename(split, index, count)
-    with fsspec.open(posixpath.join(output, name), "wb") as f:
-        f.write(data)
-    return {"split": split, "index": index, "name": name, "examples": len(rows), "bytes": len(data),
-            "tokens": sum(r[1] for r in rows), "loss_tokens": sum(r[2] for r in rows)}
-
-
-def write_rejected(rows: list[dict], output: str) -> int:
-    import fsspec
-
-    rows = sorted(rows, key=lambda r: (r["source"], r["file"], r["number"]))
-    with fsspec.open(posixpath.join(output, records.REJECTED_NAME), "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=repr) + "\n")
-    return len(rows)
-
-
-def write_manifest(plan: dict, *, output: str, config: dict, tokenizer: dict, sources: dict[str, str],
-                   shard_counts: dict[str, int], shards: list[dict]) -> dict:
-    """Writes the shards no example went to (empty files: every shard exists), the TFDS metadata and, last,
-    manifest.json."""
-    import fsspec
-
-    written = {(s["split"], s["index"]) for s in shards}
-    shards = list(shards) + [write_shard(output, split, i, n, []) for split, n in shard_counts.items()
-                             for i in range(n) if (split, i) not in written]
-    manifest = mf.build_manifest(config=config, tokenizer=tokenizer, tally=plan["tally"], sources=sources,
-                                 plan=plan, shards=shards, shard_counts=shard_counts,
-                                 rejected_written=plan["rejected_written"])
-    for name, content in ((mf.TFDS_FEATURES, mf.tfds_features()),
-                          (mf.TFDS_DATASET_INFO, mf.tfds_dataset_info(manifest))):
-        with fsspec.open(posixpath.join(output, name), "w") as f:
-            f.write(mf.dumps(content))
-    with fsspec.open(posixpath.join(output, records.MANIFEST_NAME), "w") as f:  # last: marks a complete build
-        f.write(mf.dumps(manifest))
-    return manifest
-
-
-def plan_from_keys(keys: list[tuple], cfg: PipelineConfig) -> dict:
-    """The plan from every row's (source, kind, task, id, file, number)."""
-    keys, duplicates = mixing.drop_duplicates((mixing.ExampleKey(*k[:4]), k[4:]) for k in keys)
+def plan_from_keys(keys: list[RowKey], cfg: PipelineConfig) -> dict:
+    """The plan from every encoded row's key."""
+    keys, duplicates = mixing.drop_duplicates((k.example, k.location) for k in keys)
     weights = dict(zip([s.name for s in cfg.general], cfg.general_weights)) if cfg.general_weights else None
     return mixing.make_plan(keys, seed=cfg.seed, eta=cfg.eta, general_weights=weights,
                             validation_fraction=cfg.validation_fraction, agent_sources=[s.name for s in cfg.agent],

@@ -8,32 +8,26 @@ options this parser does not know are handed to Apache Beam (e.g. `--experiments
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import posixpath
 import sys
 import time
 from typing import Sequence
 
-from data_pipeline import records
+from data_pipeline.config import PipelineConfig, SourceConfig, expand_path, load_config
+from data_pipeline.formats import records
+from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR, TOKENIZER_SUBDIR, load_manifest
 from data_pipeline.manifest import TFDS_DATASET_INFO, TFDS_FEATURES
-from data_pipeline.config import DEFAULT_OUTPUT, PipelineConfig, SourceConfig, expand_path, load_config
+from data_pipeline.runner import (DEFAULT_DIRECT_MODE, DEFAULT_DIRECT_WORKERS, DEFAULT_RUNNER, local_runner,
+                                  one_tokenizer_thread_per_worker)
+from data_pipeline.staging import StagedTokenizer, remove_staging
 
 log = logging.getLogger("data_pipeline.build")
 
-DEFAULT_RUNNER = "DirectRunner"
-DEFAULT_DIRECT_MODE = "in_memory"  # with 2 workers: 2 threads in this process (see README)
-DEFAULT_DIRECT_WORKERS = 2
-TOKENIZER_SUBDIR = "tokenizer"
 OUTPUT_FILES = (records.MANIFEST_NAME, records.REJECTED_NAME, TFDS_DATASET_INFO, TFDS_FEATURES)
 QUIET_BEAM_LOGGERS = ("apache_beam",)  # Beam's INFO lines (and its workers' relayed warnings) unless --verbose
-BEAM_WORKER_MAIN = "-m apache_beam.runners.worker.sdk_worker_main"  # what multi_processing starts per worker
-FAST_WORKER_MAIN = "data_pipeline.beam_worker"  # ... and what we start instead (same harness)
-NO_TIMED_FLUSH_MS = 2**31 - 1  # multi_threading workers: see local_worker_environments
-TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM"  # the fast tokenizer's switch for its own thread pool
 
-__all__ = ["DEFAULT_OUTPUT", "build_sample_dataset", "main", "parse_args", "run"]
+__all__ = ["main", "parse_args", "run"]
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -76,7 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-shards", type=int, help=f"train shards (default {d.num_shards})")
     g.add_argument("--num-validation-shards", type=int, help=f"validation shards (default {d.num_validation_shards})")
     g.add_argument("--seed", type=int, help=f"seed of every sampling decision (default {d.seed})")
-    g.add_argument("--output", metavar="DIR_OR_GS", help=f"output directory, local or gs:// (default {DEFAULT_OUTPUT})")
+    g.add_argument("--output", metavar="DIR_OR_GS", help=f"output directory, local or gs:// (default {SAMPLE_DATASET_DIR})")
     g.add_argument("--system-prompt", help=f"system prompt of records without one (default {d.system_prompt!r})")
     g.add_argument("--reward-threshold", type=_threshold, action="append", metavar="TASK=VALUE",
                    help="keep records whose reward >= VALUE for TASK ('default' for all other tasks); "
@@ -161,22 +155,11 @@ def prepare_output(output: str) -> None:
     remove_staging(output)
 
 
-def remove_staging(output: str) -> None:
-    """Removes OUTPUT/.build-staging (what the workers read during a run)."""
-    import fsspec
-
-    from data_pipeline.beam_pipeline import STAGING_DIR
-
-    fs, root = fsspec.core.url_to_fs(posixpath.join(output, STAGING_DIR))
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-
-
 def load_pipeline_tokenizer(cfg: PipelineConfig):
     """(the fast tokenizer, the manifest's tokenizer entry, {file name: bytes} of its defining files)."""
     import os
 
-    from data_pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer, resolve_tokenizer_dir, tokenizer_info
+    from data_pipeline.formats.tokenizer import TOKENIZER_FILES, load_tokenizer, resolve_tokenizer_dir, tokenizer_info
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     local_dir = resolve_tokenizer_dir(cfg.tokenizer)
@@ -207,8 +190,8 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from data_pipeline.beam_pipeline import StagedTokenizer, build_graph
-    from data_pipeline.chat_template import serialize_tokenizer
+    from data_pipeline.beam_pipeline import build_graph
+    from data_pipeline.formats.chat_template import serialize_tokenizer
 
     if not verbose:
         for name in QUIET_BEAM_LOGGERS:
@@ -232,7 +215,7 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
                 build_graph(p, cfg, tasks, tokenizer=staged, tokenizer_info=tokenizer_info)
     finally:
         remove_staging(cfg.output)
-    manifest = read_manifest(cfg.output)
+    manifest = load_manifest(cfg.output)
     log.info("done in %.1f s: %s", time.perf_counter() - start, summary(manifest))
     if not manifest["totals"]["kept"]:
         log.warning("no conversation was kept: see the reasons in %s and %s/%s", records.MANIFEST_NAME,
@@ -264,94 +247,12 @@ def read_tasks(cfg: PipelineConfig) -> list:
     return tasks
 
 
-def local_runner(options):
-    """For `--runner DirectRunner`: Beam's FnApiRunner (honouring direct_running_mode/direct_num_workers),
-    which is what DirectRunner itself runs after first trying PrismRunner. Prism would download its binary
-    from GitHub (fails offline) and ignores the worker settings, so we skip that attempt. None for other
-    runners (Beam resolves `--runner` itself)."""
-    from apache_beam.options.pipeline_options import StandardOptions
-
-    if options.view_as(StandardOptions).runner not in (None, DEFAULT_RUNNER):
-        return None
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
-
-    class LocalRunner(fn_runner.FnApiRunner):
-        def run_via_runner_api(self, pipeline_proto, options):
-            return super().run_via_runner_api(local_worker_environments(pipeline_proto), options)
-
-    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-    return LocalRunner(provision_info=provision)
-
-
-def local_worker_environments(pipeline_proto):
-    """Adjusts the local runner's worker environments in the pipeline proto (in place; returned):
-
-    - multi_processing: each worker runs `data_pipeline.beam_worker` (Beam's harness, faster start and exit).
-    - multi_threading: the workers' time-based output flush is pushed out of reach. Beam's threaded workers
-      also send their buffered output every second from a timer thread, which can cut an element in two
-      while it is being encoded; the runner decodes each piece it feeds to a GroupByKey on its own and fails
-      ("Invalid PaneInfoEncoding", seen with our ~100 KB batches). Size-based flushing, which happens
-      between elements only, stays.
-    """
-    import json
-
-    from apache_beam.portability import python_urns
-
-    for env in pipeline_proto.components.environments.values():
-        if env.urn == python_urns.SUBPROCESS_SDK and env.payload.endswith(BEAM_WORKER_MAIN.encode()):
-            env.payload = f"{sys.executable} -m {FAST_WORKER_MAIN}".encode()
-        elif env.urn == python_urns.EMBEDDED_PYTHON_GRPC:
-            config = json.loads(env.payload or b"{}")
-            env.payload = json.dumps(config | {"data_buffer_time_limit_ms": NO_TIMED_FLUSH_MS}).encode()
-    return pipeline_proto
-
-
-@contextlib.contextmanager
-def one_tokenizer_thread_per_worker(local_options):
-    """With several local workers (threads or processes), each tokenizes its own batches single-threaded.
-
-    The fast tokenizer parallelises every batch call over all cores (Rayon) unless TOKENIZERS_PARALLELISM
-    is false. That suits one caller; with a worker per core, each worker's calls would compete with the
-    others' for the same cores, and in threads the tokenizer would not overlap with the other workers'
-    Python work (it releases the GIL). Workers started as processes inherit the setting; the caller's own
-    value is restored afterwards (and one set explicitly is left alone). `local_options` None: not local.
-    """
-    import os
-
-    from apache_beam.options.pipeline_options import DirectOptions
-
-    workers = local_options.view_as(DirectOptions).direct_num_workers if local_options else 1
-    if workers == 1 or TOKENIZERS_PARALLELISM in os.environ:
-        yield
-        return
-    os.environ[TOKENIZERS_PARALLELISM] = "false"
-    try:
-        yield
-    finally:
-        del os.environ[TOKENIZERS_PARALLELISM]
-
-
-def read_manifest(output: str) -> dict:
-    import fsspec
-
-    with fsspec.open(posixpath.join(output, records.MANIFEST_NAME), "r") as f:
-        return json.load(f)
-
-
 def summary(manifest: dict) -> str:
     t, mix = manifest["totals"], manifest["mix"]
     splits = ", ".join(f"{s} {v['examples']} examples / {v['tokens']} tokens ({v['loss_tokens']} loss) "
                        f"in {v['shards']} shards" for s, v in manifest["splits"].items())
     return (f"read {t['read']}, kept {t['kept']}, filtered {t['filtered']}, rejected {t['rejected']}; "
             f"eta {mix['eta']} achieved {mix['eta_achieved']:.4f}; {splits}")
-
-
-def build_sample_dataset(output_dir: str = DEFAULT_OUTPUT, beam_args: Sequence[str] = ()) -> dict:
-    """Builds the embedded sample dataset (the defaults) into `output_dir`; returns its manifest."""
-    return run(PipelineConfig(output=output_dir), beam_args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

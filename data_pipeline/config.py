@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from data_pipeline.chat_template import DEFAULT_SYSTEM_PROMPT
+from data_pipeline.formats.chat_template import DEFAULT_SYSTEM_PROMPT
+from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR
 
 SAMPLE_DATA = str(Path(__file__).resolve().parent / "sample_data")
-DEFAULT_OUTPUT = "data/sample"
 SOURCE_FORMATS = ("auto", "jsonl", "json", "parquet", "hf")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -116,7 +116,7 @@ class PipelineConfig:
     num_shards: int = 4  # train split
     num_validation_shards: int = 1
     seed: int = 0
-    output: str = DEFAULT_OUTPUT
+    output: str = SAMPLE_DATASET_DIR
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # A record with a reward is kept when reward >= its task's threshold ("default" for other tasks).
     reward_thresholds: dict[str, float] = dataclasses.field(default_factory=_agenttuning_thresholds)

@@ -1,4 +1,4 @@
-"""The accounting of a run and `manifest.json` (DESIGN.md: "manifest.json").
+"""The accounting of a run and `manifest.json` (docs/design.md: "manifest.json").
 
 Every input record ends in exactly one bucket per source: `kept` (in a train or validation shard),
 `filtered` (a valid record not used, by reason) or `rejected` (bad input, by reason, written to

@@ -32,7 +32,7 @@ import dataclasses
 import posixpath
 
 from data_pipeline import reward_filter
-from data_pipeline.chat_template import Pair
+from data_pipeline.formats.chat_template import Pair
 from data_pipeline.sources import RawItem
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"

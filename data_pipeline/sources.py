@@ -2,7 +2,7 @@
 
 Formats: JSONL (one object per line), JSON arrays (parsed incrementally, never loaded whole; a malformed
 element is rejected alone and reading goes on; a truncated array keeps its complete records and reports
-the cut tail: see `iter_json_array`), Parquet (pyarrow, batch by batch), and Hugging Face datasets
+the cut tail: json_stream.py), Parquet (pyarrow, batch by batch), and Hugging Face datasets
 through `datasets` (one read task per split). Files are local or any fsspec URL (`gs://` through gcsfs);
 `.gz`/`.zst` etc. are decompressed on the fly.
 
@@ -23,21 +23,14 @@ from typing import Any, Iterator
 import fsspec
 
 from data_pipeline.config import SourceConfig
+from data_pipeline.json_stream import INVALID_JSON, iter_json_array, shorten
 
 log = logging.getLogger(__name__)
 
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-MAX_RECORD_BYTES = 64 << 20  # a JSON array element larger than this is reported instead of buffered
-READ_CHUNK = 1 << 20
-RAW_TEXT_LIMIT = 20_000  # characters of an unparseable line/tail kept in rejected.jsonl
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
-INVALID_JSON = "invalid_json"
-TRUNCATED_JSON_ARRAY = "truncated_json_array"
-JSON_ELEMENT_TOO_LARGE = "json_element_too_large"
-TEXT_AFTER_JSON_ARRAY = "text_after_json_array"
-NOT_A_JSON_ARRAY = "not_a_json_array"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +65,7 @@ class RawItem:
                            rel_path=self.rel_path)
         except ValueError as e:
             return dataclasses.replace(self, line=None, error=INVALID_JSON,
-                                       raw=_shorten(self.line.decode("utf-8", "replace").rstrip("\n")) + f"  [{e}]")
+                                       raw=shorten(self.line.decode("utf-8", "replace").rstrip("\n")) + f"  [{e}]")
 
 
 # --------------------------------------------------------------------------- expansion (launcher)
@@ -181,198 +174,8 @@ def read_jsonl(task: ReadTask) -> Iterator[RawItem]:
 
 def read_json_array(task: ReadTask) -> Iterator[RawItem]:
     with _open(task.path) as f:
-        yield from iter_json_array(f, task.path, rel_path=task.rel_path)
-
-
-def iter_json_array(f, path: str, chunk_size: int = READ_CHUNK, max_record_bytes: int = MAX_RECORD_BYTES,
-                    rel_path: str | None = None) -> Iterator[RawItem]:
-    """Elements of a top-level JSON array, decoded incrementally (`json.JSONDecoder.raw_decode` over a
-    sliding buffer). Byte offsets are exact. Every element is yielded, as a record or as an error:
-
-    - an element that is not valid JSON (or unexpected text between elements) → `invalid_json`, and
-      reading goes on with the next element. An element's end is found without parsing it: the next
-      `,` or `]` outside strings at nesting depth 0, so this resynchronises whenever the bad element's
-      quotes pair up and its brackets close (a bad literal or escape, a raw control character, a missing
-      `:` or `,`, a stray or mismatched bracket). When they don't (an unterminated string, a missing
-      closing bracket), its end can't be told and the rest of the file is reported as below;
-    - an element over `max_record_bytes` → `json_element_too_large` (scanned, not buffered), reading
-      goes on;
-    - the file ends inside an element (a cut file) → that tail is reported once as
-      `truncated_json_array`, with its byte offset and the start of its text; everything before it is
-      yielded normally;
-    - text after the array's closing `]` → `text_after_json_array` (once, from its byte offset). It also
-      catches an unpaired `"` in an element that made a `]` inside it look like the end of the array.
-    Memory stays within about `max_record_bytes` plus a chunk, whatever the file size."""
-    reader = _JsonArrayBuffer(f, chunk_size)
-    if not reader.skip_whitespace() or reader.peek() != "[":
-        yield reader.tail(NOT_A_JSON_ARRAY, path, 1, "expected '['", rel_path)
-        return
-    reader.advance(1)
-    number, expect_value = 0, True
-    while True:
-        if not reader.skip_whitespace():
-            log.warning("%s: JSON array ends after element %d without ']'; no element was cut", path, number)
-            return
-        char = reader.peek()
-        if char == "]":  # (after a ',' too: a trailing comma loses nothing)
-            reader.advance(1)
-            if reader.skip_whitespace():  # (e.g. an unpaired '"' made a ']' inside an element look like the end)
-                yield reader.tail(TEXT_AFTER_JSON_ARRAY, path, number + 1, "text after the array's closing "
-                                  "']' (or an element before it has an unpaired '\"' or bracket)", rel_path)
-            return
-        if not expect_value and char == ",":
-            reader.advance(1)
-            expect_value = True
-            continue
-        number += 1
-        value = reader.decode_value(max_record_bytes) if expect_value else None
-        if value is not None:
-            yield RawItem(value[0], path, number, value[1], rel_path=rel_path)
-        else:
-            item = reader.scan_element(path, number, max_record_bytes, rel_path,
-                                       after=None if expect_value else number - 1)
-            yield item
-            if item.error == TRUNCATED_JSON_ARRAY:
-                return
-        expect_value = False
-
-
-_STRUCTURE = re.compile(r'["{}\[\],]')
-_STRING_BODY = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.S)  # up to a closing '"' (or a lone trailing '\')
-
-
-class _JsonArrayBuffer:
-    """A text window over a binary file that knows the byte offset of its read position."""
-
-    def __init__(self, f, chunk_size: int):
-        import codecs
-
-        self.f, self.chunk_size = f, chunk_size
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.decoder = json.JSONDecoder()
-        self.buf, self.pos, self.byte_pos, self.eof = "", 0, 0, False
-        if self.fill() and self.buf.startswith("\ufeff"):
-            self.advance(1)
-
-    def fill(self) -> bool:
-        if self.eof:
-            return False
-        data = self.f.read(self.chunk_size)
-        self.eof = not data
-        self.buf = self.buf[self.pos:] + self.utf8.decode(data, final=self.eof)
-        self.pos = 0
-        return bool(data)
-
-    def advance(self, n: int) -> None:
-        self.byte_pos += len(self.buf[self.pos:self.pos + n].encode("utf-8"))
-        self.pos += n
-
-    def peek(self) -> str:
-        return self.buf[self.pos]
-
-    def skip_whitespace(self) -> bool:
-        """Moves to the next non-whitespace character; False at the end of the file."""
-        while True:
-            start = self.pos
-            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
-                self.pos += 1
-            self.byte_pos += self.pos - start  # whitespace is ASCII
-            if self.pos < len(self.buf) or not self.fill():
-                return self.pos < len(self.buf)
-
-    def decode_value(self, max_bytes: int):
-        """The fast path: (value, byte offset) of the JSON value at the read position when it is valid, whole
-        in the buffer and not over `max_bytes`; None otherwise (then `scan_element` takes it)."""
-        try:
-            value, end = self.decoder.raw_decode(self.buf, self.pos)
-        except (ValueError, RecursionError):
-            return None
-        if (end == len(self.buf) and not self.eof) or end - self.pos > max_bytes:  # (a number could go on)
-            return None
-        offset = self.byte_pos
-        self.advance(end - self.pos)
-        return value, offset
-
-    def scan_element(self, path: str, number: int, max_bytes: int, rel_path: str | None,
-                     after: int | None = None) -> RawItem:
-        """The element at the read position as a RawItem (its record, or an error), found by scanning for
-        its end (`iter_json_array`); moves past it. `after`: the number of the element that this text
-        follows without a ',' (the text is then reported as it is, not parsed)."""
-        offset = self.byte_pos
-        length, head, complete = self._scan(max_bytes)
-        where = f"element {number} at byte {offset}"
-        text = self.buf[self.pos:self.pos + length]
-        if not complete:
-            self.advance(length)
-            return RawItem(None, path, number, offset, error=TRUNCATED_JSON_ARRAY, rel_path=rel_path,
-                           raw=_shorten(text if head is None else head) + f"  [the file ends inside {where}]")
-        if head is not None:
-            self.advance(length)
-            return RawItem(None, path, number, offset, error=JSON_ELEMENT_TOO_LARGE, rel_path=rel_path,
-                           raw=head[:RAW_TEXT_LIMIT] + f"...  [{where} is over {max_bytes} bytes]")
-        if after is None:
-            try:  # (text after the value, e.g. a missing ',', is left for the next round: as the fast path)
-                value, end = self.decoder.raw_decode(self.buf, self.pos)
-            except json.JSONDecodeError as e:
-                note = f"invalid JSON: {e.msg} at character {e.pos - self.pos} of the element"
-            except (ValueError, RecursionError) as e:
-                note = f"invalid JSON: {e}"
-            else:
-                if end - self.pos > max_bytes:
-                    self.advance(length)
-                    return RawItem(None, path, number, offset, error=JSON_ELEMENT_TOO_LARGE, rel_path=rel_path,
-                                   raw=text[:RAW_TEXT_LIMIT] + f"...  [{where} is over {max_bytes} bytes]")
-                self.advance(end - self.pos)
-                return RawItem(value, path, number, offset, rel_path=rel_path)
-        else:
-            note = f"expected ',' or ']' after element {after}"
-        self.advance(length)
-        return RawItem(None, path, number, offset, error=INVALID_JSON, rel_path=rel_path,
-                       raw=_shorten(text.rstrip()) + f"  [{where}: {note}]")
-
-    def _scan(self, max_bytes: int) -> tuple[int, str | None, bool]:
-        """Finds the next ',' or ']' outside strings at nesting depth 0 (a closing bracket also closes the
-        brackets opened after its match; one without a match is ignored). Returns (its distance from the
-        read position; the text's head if it was over `max_bytes`, when all but its last part was dropped
-        while scanning and the read position moved on; whether the ',' or ']' was found: if not, the
-        distance is to the end of the file)."""
-        open_, in_string, k, head = [], False, 0, None  # open brackets; k: characters scanned past self.pos
-        while True:
-            buf, i = self.buf, self.pos + k
-            if in_string:
-                i = _STRING_BODY.match(buf, i).end()
-                if i < len(buf) and buf[i] == '"':
-                    in_string, k = False, i + 1 - self.pos
-                    continue
-            elif m := _STRUCTURE.search(buf, i):
-                char, i = m[0], m.start()
-                if (char == "," or char == "]") and not open_:
-                    return i - self.pos, head, True
-                if char == '"':
-                    in_string = True
-                elif char == "{" or char == "[":
-                    open_.append(char)
-                elif char != "," and (opener := "{" if char == "}" else "[") in open_:
-                    while open_.pop() != opener:  # (it also closes the brackets opened after its match)
-                        pass
-                k = i + 1 - self.pos
-                continue
-            else:
-                i = len(buf)
-            k = i - self.pos  # the end of the buffer, or a backslash whose escaped character is still to come
-            if k > max_bytes:  # too large to keep: go on scanning without buffering it
-                if head is None:
-                    head = buf[self.pos:self.pos + RAW_TEXT_LIMIT]
-                self.advance(k)
-                k = 0
-            if not self.fill():
-                return len(self.buf) - self.pos, head, False
-
-    def tail(self, reason: str, path: str, number: int, note: str, rel_path: str | None = None) -> RawItem:
-        while len(self.buf) - self.pos <= RAW_TEXT_LIMIT and self.fill():
-            pass
-        return RawItem(None, path, number, self.byte_pos, error=reason, rel_path=rel_path,
-                       raw=_shorten(self.buf[self.pos:]) + f"  [{note} at byte {self.byte_pos}]")
+        for e in iter_json_array(f, task.path):
+            yield RawItem(e.record, task.path, e.number, e.byte_offset, error=e.error, raw=e.raw, rel_path=task.rel_path)
 
 
 def read_parquet(task: ReadTask) -> Iterator[RawItem]:
@@ -397,7 +200,3 @@ def read_hub_split(task: ReadTask) -> Iterator[RawItem]:
             "Offline? Download the dataset's files where the hub is reachable and pass them as local files.") from e
     for number, row in enumerate(ds, start=1):
         yield RawItem(row, f"hf://{task.path}/{task.split}", number, split=task.split)
-
-
-def _shorten(text: str) -> str:
-    return text if len(text) <= RAW_TEXT_LIMIT else text[:RAW_TEXT_LIMIT] + f"... [{len(text)} characters]"

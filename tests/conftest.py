@@ -15,6 +15,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["tests.helpers.hf", "tests.helpers.training"]  # their fixtures, for every test module
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 SHAREGPT_SAMPLE = SHARED / "data" / "sharegpt_v3_first2000.jsonl"
@@ -23,7 +25,7 @@ SHAREGPT_SAMPLE = SHARED / "data" / "sharegpt_v3_first2000.jsonl"
 @pytest.fixture(scope="session")
 def gcs_bucket():
     """`gs://agentlm-test` on a local gcp-storage-emulator (127.0.0.1), for the whole session."""
-    from tests.gcs_emulator import running_emulator
+    from tests.helpers.gcs_emulator import running_emulator
 
     with running_emulator() as url:
         yield url

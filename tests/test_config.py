@@ -4,9 +4,9 @@ import pytest
 
 from agentlm_jax import train
 from agentlm_jax.config import ConfigError, TrainConfig, load_config, parse_overrides, to_yaml
-from agentlm_jax.model.config import ModelConfig
+from agentlm_jax.config import ModelConfig
 from agentlm_jax.model.llama import count_params
-from agentlm_jax.optimizer import warmup_and_decay_steps
+from agentlm_jax.training.optimizer import warmup_and_decay_steps
 
 # The official Hugging Face config.json values of Llama-2-{7,13,70}b-chat.
 HF_LLAMA2 = {

@@ -9,9 +9,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from agentlm_jax import sharding
-from agentlm_jax.hf_io import import_hf, load_hf_model
+from agentlm_jax.hf import import_hf, load_hf_model
 from agentlm_jax.model.llama import abstract_model
-from tests.test_hf_helpers import SMALL, hf_checkpoints, random_tokens, single_segment_inputs  # noqa: F401
+from tests.helpers.hf import SMALL, random_tokens, single_segment_inputs
 
 
 def test_state_shardings_follow_the_rules_table():

@@ -1,6 +1,7 @@
-"""Building blocks of the trainer's input pipeline (the public API is `agentlm_jax.input_pipeline`).
+"""The trainer's input pipeline: TFRecord shards (local or `gs://`) → host-local packed batches → global arrays.
 
-  tfrecord_source.py   the dataset dir (manifest, shard files) and a random-access record source over
-                       TFRecord files, local or `gs://`
-  packing.py           per-conversation next-token features and first-fit packing into fixed-length rows
+  dataset.py      a dataset dir's shard files, and random access to their records (grain's data source)
+  packing.py      per-conversation next-token features, first-fit packing into fixed-length rows, BATCH_KEYS
+  iterator.py     the checkpointable training stream and the validation pass (grain), per host
+  host_shard.py   which rows each host reads; host batches → global, batch-sharded jax.Arrays
 """

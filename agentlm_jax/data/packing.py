@@ -27,15 +27,15 @@ import threading
 import grain
 import numpy as np
 
-from data_pipeline import records
+from agentlm_jax.config import OVERLONG_POLICIES, DataConfig
+from data_pipeline.formats import records
 
 log = logging.getLogger(__name__)
 
 # Columns of the packed per-token feature, in order.
 TOKEN_COLUMNS = ("tokens", "targets", "loss_mask", "is_agent", "task_ids")
-# Every array of a batch: int32 [batch, max_seq_len].
+# Every array of a batch, the train step's inputs: int32 [batch, max_seq_len] (meanings: iterator.py).
 BATCH_KEYS = TOKEN_COLUMNS + ("positions", "segment_ids")
-OVERLONG_POLICIES = ("truncate", "drop")
 _PACKED = "columns"  # the packed feature's name inside grain
 _LOGGED_OVERLONG = 5
 
@@ -71,7 +71,7 @@ class ExampleCounts:
 class NextTokenFeatures:
     """record -> {"columns": int32 [n - 1, 5]} (see module docstring), or None to drop it."""
 
-    def __init__(self, max_seq_len: int, tasks: list[str], *, overlong: str = "truncate",
+    def __init__(self, max_seq_len: int, tasks: list[str], *, overlong: str = DataConfig.overlong,
                  counts: ExampleCounts | None = None):
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from agentlm_jax.model.attention import Attention
-from agentlm_jax.model.config import ModelConfig
+from agentlm_jax.config import ModelConfig
 from agentlm_jax.model.kv_cache import LayerCache
 from agentlm_jax.model.layers import RMSNorm
 from agentlm_jax.model.mlp import MLP

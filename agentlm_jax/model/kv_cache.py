@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from agentlm_jax.model.config import ModelConfig
+from agentlm_jax.config import ModelConfig
 
 
 class LayerCache(NamedTuple):

@@ -1,4 +1,5 @@
-"""Primitives of the Llama 2 architecture: parameters with logical axes, RMSNorm, token embedding, rotary.
+"""Primitives of the Llama 2 architecture: parameters with logical axes, RMSNorm, token embedding, output head,
+rotary positions.
 
 Dimension letters used in every einsum of this package:
   B batch · T query length · S key/value length · D model width (hidden_size) · F MLP width
@@ -7,13 +8,11 @@ Dimension letters used in every einsum of this package:
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from agentlm_jax.sharding import constrain
 
@@ -28,47 +27,6 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None]
     if len(shape) != len(axes):
         raise ValueError(f"parameter of shape {tuple(shape)} needs {len(shape)} axis names, got {tuple(axes)}")
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
-
-
-DENSE = "dense"  # checkpoint name of every projection's output (see llama.REMAT_POLICY)
-
-
-def dense(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """einsum(equation, x, kernel) for a projection by a parameter, e.g. "BTD,DNH->BTNH": x's trailing
-    dimensions are contracted with the kernel's leading ones, in order.
-
-    Computed as one 2-D matmul [M,I] @ [I,O] (M = the leading dimensions of x, e.g. B·T; I the contracted,
-    O the kernel's other dimensions; reshapes of contiguous arrays, so free). On XLA:CPU that is faster than
-    the einsum (whose backward pass contracts over B and T as two dimensions): an MLP's forward and backward
-    ~120 -> ~105 ms at 2,048 tokens. The backward pass computes the kernel's gradient directly in the
-    kernel's layout [I,O]: autodiff computes [O,I] and transposes, and XLA:CPU fuses that transpose into each
-    optimizer update that reads the gradient (strided reads, several times slower). The output is named
-    "dense" for the remat policies."""
-    x_dims, rest = equation.split(",")
-    kernel_dims, out_dims = rest.split("->")
-    n = sum(d in kernel_dims for d in x_dims)
-    if not n or x_dims[-n:] != kernel_dims[:n] or out_dims != x_dims[:-n] + kernel_dims[n:]:
-        raise ValueError(f"dense: {equation!r} does not contract x's trailing dimensions with the kernel's leading")
-    lead, out = x.shape[:-n], kernel.shape[n:]
-    y = _matmul(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(kernel.shape[:n]), -1))
-    return checkpoint_name(y.reshape(*lead, *out), DENSE)
-
-
-@jax.custom_vjp
-def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jnp.einsum("MI,IO->MO", x, kernel)
-
-
-def _matmul_fwd(x, kernel):
-    return _matmul(x, kernel), (x, kernel)
-
-
-def _matmul_bwd(residuals, g):
-    x, kernel = residuals
-    return jnp.einsum("MO,IO->MI", g, kernel), jnp.einsum("MI,MO->IO", x, g)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -128,11 +86,3 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     rotated_half = jnp.concatenate([-x2, x1], axis=-1)
     out = x.astype(jnp.float32) * cos[:, :, None, :] + rotated_half * sin[:, :, None, :]
     return out.astype(x.dtype)
-
-
-def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_slots: jax.Array,
-                   kv_slots: jax.Array) -> jax.Array:
-    """Boolean [B,1,T,S]: causal by slot, and only within the same segment."""
-    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B,T,S]
-    causal = kv_slots[None, :] <= q_slots[:, None]  # [T,S]
-    return (same_segment & causal[None])[:, None]

@@ -7,16 +7,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from agentlm_jax.model.block import DecoderBlock
-from agentlm_jax.model.config import ModelConfig
+from agentlm_jax.config import DEFAULT_RULES, ModelConfig, Rules
 from agentlm_jax.model.kv_cache import KVCache, LayerCache
-from agentlm_jax.model.layers import DENSE, Embedder, LMHead, RMSNorm, rotary_angles
-from agentlm_jax.sharding import DEFAULT_RULES, Rules, state_shardings
+from agentlm_jax.model.layers import Embedder, LMHead, RMSNorm, rotary_angles
+from agentlm_jax.ops import PROJECTION
+from agentlm_jax.sharding import state_shardings
 
 # What the backward pass may keep from the forward pass of a block (the rest is recomputed).
 REMAT_POLICY = {
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
-    "save_dots": jax.checkpoint_policies.save_from_both_policies(  # keep matmul outputs (projections: `dense`)
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.save_only_these_names(DENSE)),
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(  # keep matmul outputs (the named projections)
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.save_only_these_names(PROJECTION)),
 }
 LAYERS_AXIS = "layers"  # logical name of the stacked-layer axis of scanned parameters
 

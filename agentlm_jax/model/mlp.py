@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agentlm_jax.model.config import ModelConfig
-from agentlm_jax.model.layers import dense, param
+from agentlm_jax import ops
+from agentlm_jax.config import ModelConfig
+from agentlm_jax.model.layers import param
 from agentlm_jax.sharding import constrain
 
 
@@ -22,8 +23,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate = dense("BTD,DF->BTF", x, self.gate_proj[...].astype(dt))
-        up = dense("BTD,DF->BTF", x, self.up_proj[...].astype(dt))
+        gate = ops.project("BTD,DF->BTF", x, self.gate_proj[...].astype(dt))
+        up = ops.project("BTD,DF->BTF", x, self.up_proj[...].astype(dt))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-        out = dense("BTF,FD->BTD", hidden, self.down_proj[...].astype(dt))
+        out = ops.project("BTF,FD->BTD", hidden, self.down_proj[...].astype(dt))
         return constrain(out, ("batch", "seq", "act_embed"))

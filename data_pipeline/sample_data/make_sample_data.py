@@ -1,6 +1,7 @@
 """Writes the bundled sample data (deterministic; run `python -m data_pipeline.sample_data.make_sample_data`).
 
-Everything here is written by us from templates; nothing is copied from the real datasets. The files
+Everything here is written by us from templates; nothing is copied from the real datasets. (Long because the
+templates of six agent tasks and the messy chat cases are spelled out as data, one function each.) The files
 mimic the real formats closely enough to exercise every path of the pipeline:
 
   agentinstruct_sample.jsonl   AgentInstruct format, all six tasks (os, db, alfworld, webshop, kg,

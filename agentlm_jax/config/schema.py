@@ -1,0 +1,327 @@
+"""Every configuration of the stack as typed, frozen dataclasses: the ONE source of defaults.
+
+The defaults describe the CPU demo (the tiny model on the bundled sample, `python -m agentlm_jax.train` with
+no arguments); a YAML file states only what differs (`configs/tiny.yaml` resolves to exactly these, a test
+checks it). Each choice list below exists once; code that needs it imports it from here. Values are checked
+when a config is built, and every error names the key.
+
+Dimension letters of the model fields (used in every einsum of the model and ops):
+  B batch · T query length · S key/value length · D hidden_size · F intermediate_size
+  N query heads · K key/value heads · H head dim · V vocabulary · L layers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from agentlm_jax.errors import ConfigError
+from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn")
+LOSS_IMPLS = ("auto", "full", "chunked", "vocab_parallel")
+OVERLONG_POLICIES = ("truncate", "drop")
+EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+DISTRIBUTED_MODES = ("auto", "on", "off")
+# Fields of ModelConfig that say how to run the model, not what it is: never read from or written to an HF
+# config.json, and free to differ between a checkpoint and the run that loads it.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "attention_block_size")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ------------------------------------------------------------------------------------------------- model
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The Llama 2 architecture (hf/config.py maps it to and from a Hugging Face LlamaConfig) and how to run it."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128  # D
+    intermediate_size: int = 344  # F
+    num_layers: int = 4  # L
+    num_heads: int = 4  # N (query heads)
+    num_kv_heads: int = 2  # K (key/value heads; K < N is grouped-query attention)
+    head_dim: int | None = None  # H; None means hidden_size // num_heads
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of the (master) parameters
+    remat: str = "none"  # one of REMAT_POLICIES
+    scan_layers: bool = True
+    # auto: what agentlm_jax.ops picks for the backend (blockwise on CPU; XLA's on TPU; cuDNN if it can on GPU);
+    # blockwise (the CPU kernel, anywhere), or jax.nn.dot_product_attention's xla or cudnn.
+    attention_impl: str = "auto"
+    attention_block_size: int = 128  # query/key block of the blockwise attention
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        for name in ("dtype", "param_dtype"):
+            _require(getattr(self, name) in DTYPES, f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        _require(self.attention_impl in ATTENTION_IMPLS,
+                 f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        _require(self.attention_block_size >= 1,
+                 f"model.attention_block_size must be positive, got {self.attention_block_size}")
+        _require(self.num_heads % self.num_kv_heads == 0,
+                 f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
+        _require(self.head_dim is not None or self.hidden_size % self.num_heads == 0,
+                 f"model.hidden_size ({self.hidden_size}) is not divisible by model.num_heads ({self.num_heads}); "
+                 f"set model.head_dim")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+# -------------------------------------------------------------------------------------------------- mesh
+MESH_AXES = ("data", "fsdp", "tensor")
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+# Logical axis name -> mesh axes (see sharding.py). Activations first, then parameters.
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes (-1 = all remaining devices; at most one -1) and the logical -> mesh axis rules."""
+
+    data: int = 1  # pure data parallelism (parameters replicated)
+    fsdp: int = -1  # data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
+    tensor: int = 1  # tensor parallelism over heads, MLP width and vocabulary
+    rules: Rules = DEFAULT_RULES
+
+    def __post_init__(self):
+        # YAML gives lists; normalise to hashable tuples so configs compare and hash.
+        norm = tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in self.rules)
+        object.__setattr__(self, "rules", norm)
+        for logical, axes in self.rules:
+            for ax in (axes,) if isinstance(axes, str) else (axes or ()):
+                _require(ax in MESH_AXES, f"mesh.rules maps {logical!r} to unknown mesh axis {ax!r}; "
+                                          f"mesh axes are {MESH_AXES}")
+        sizes = self.sizes
+        bad = [f"mesh.{axis}={size}" for axis, size in sizes.items() if size != -1 and size < 1]
+        _require(not bad, f"{', '.join(bad)}: a mesh axis size must be a positive number of devices, or -1 for all "
+                          "the remaining devices")
+        rest = [f"mesh.{axis}" for axis, size in sizes.items() if size == -1]
+        _require(len(rest) <= 1, f"{' and '.join(rest)} are both -1 (\"all remaining devices\"): at most one axis may "
+                                 "be -1; give the others explicit sizes, e.g. mesh.data=1 mesh.fsdp=-1 mesh.tensor=1")
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) over `num_devices`, the -1 axis filled in; ConfigError if they do not fit."""
+        sizes = list(self.sizes.values())
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            _require(num_devices % known == 0,
+                     f"mesh: {num_devices} devices cannot be split with fixed axes of product {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        _require(math.prod(sizes) == num_devices, f"mesh data×fsdp×tensor = {sizes} uses {math.prod(sizes)} "
+                                                  f"devices, but there are {num_devices}")
+        return tuple(sizes)
+
+
+# -------------------------------------------------------------------------------------------- training
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str = SAMPLE_DATASET_DIR  # a data_pipeline output dir (local or gs://); the sample is built here if missing
+    global_batch: int = 2  # packed sequences per optimizer step, over all hosts
+    max_seq_len: int = 1024  # the sample's agent conversations are 360-1,180 tokens long
+    micro_batches: int = 1  # gradient accumulation: the global batch is processed in this many pieces
+    # Rows open at once for first-fit packing; None: max(rows per batch, 64). More bins, less padding (uniform
+    # 20..1500-token conversations in 2048: 84% of positions used with 8 bins, 96% with 128).
+    packing_bins: int | None = None
+    overlong: str = "truncate"  # conversations longer than max_seq_len + 1 tokens: "truncate" or "drop"
+    # Threads reading and decoding records; None: 16 for remote (gs://) files, whose reads are latency-bound,
+    # 2 for local ones, whose decoding holds the GIL.
+    read_threads: int | None = None
+    prefetch_batches: int = 2  # batches prepared ahead in a background thread (0: none)
+
+    def bins_for(self, rows_per_batch: int) -> int:
+        return self.packing_bins or max(rows_per_batch, 64)
+
+    def threads_for(self, paths: list[str]) -> int:
+        if self.read_threads is not None:
+            return self.read_threads
+        return 16 if any("://" in p and not p.startswith("file://") for p in paths) else 2
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with a linear-warmup cosine schedule (see `training.optimizer.learning_rate_schedule` for the exact
+    formula): the learning rate rises to `learning_rate` over `warmup_fraction` of the steps, then follows a
+    half cosine to `min_learning_rate`, reached at `decay_fraction` of the steps and kept to the end."""
+
+    learning_rate: float = 3e-3  # peak
+    min_learning_rate: float = 0.0
+    warmup_fraction: float = 0.02
+    decay_fraction: float = 0.9
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled (AdamW); never on norm scales
+    decay_embedding: bool = True  # decay the token embedding too (as Megatron-LM, the paper's trainer, does)
+    clip_norm: float = 1.0  # global gradient-norm clipping; 0 turns it off
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """How the token cross-entropy is computed (all give the same value; they differ in memory and speed).
+
+    full: [B,T,V] float32 logits at once. chunked: `chunk_size` positions at a time, recomputed in the
+    backward pass, so only [B,chunk,V] logits ever exist. vocab_parallel: a shard_map in which every shard of
+    the vocabulary's mesh axis computes its own slice of the logits (never gathering the full vocabulary);
+    chunked too when chunk_size is set. auto (resolved by `ops.cross_entropy.resolve_impl`): vocab_parallel
+    when the vocabulary is split over several devices, else chunked when chunk_size is set and smaller than
+    max_seq_len, else full.
+    """
+
+    impl: str = "auto"
+    chunk_size: int | None = None  # sequence positions per chunk (must divide max_seq_len); None: no chunking
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 50  # also saved at the end, and on SIGTERM (preemption)
+    keep: int = 2  # the latest checkpoints kept
+    async_save: bool = True  # write in the background while training continues
+    resume: bool = True  # continue from the latest checkpoint in run_dir/checkpoints if there is one
+    # Arrays in one OCDBT database per process (orbax's default: few large files, fast on GCS). false: a file
+    # per array chunk, for object stores that do not report object generations (the gcp-storage-emulator).
+    ocdbt: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    every_steps: int = 10  # metrics.jsonl / TensorBoard / progress-bar postfix
+    eval_every_steps: int = 50  # validation loss per task; 0 = only at the end; -1 = never
+    eval_batches: int | None = 8  # validation batches per evaluation (None: the whole split)
+    tensorboard: bool = True
+    progress_bar: bool = True
+    # Peak FLOP/s of one device, the MFU denominator. None: the known bf16 peak of the TPU/GPU kind, or on CPU
+    # a float32 matmul peak measured at start-up (about a second).
+    peak_flops_per_device: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    enabled: bool = True  # write a Hugging Face checkpoint when training ends
+    path: str | None = None  # None: {run_dir}/hf
+    dtype: str = "bfloat16"  # one of EXPORT_DTYPES
+    max_shard_size: str = "5GB"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = ModelConfig(max_position_embeddings=1024)  # the tiny model of configs/tiny.yaml
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    export: ExportConfig = ExportConfig()
+    run_dir: str = "runs/tiny"  # checkpoints/, metrics.jsonl, tensorboard/, config.yaml, hf/ (local or gs://)
+    steps: int = 150  # optimizer steps
+    seed: int = 0  # parameter init (random) and data order
+    init_from: str | None = None  # a Hugging Face Llama directory (local or gs://); None: random init
+    distributed: str = "auto"  # jax.distributed.initialize(): auto (on TPU pods / cluster env), on, off
+
+    def __post_init__(self):
+        check(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.data.global_batch // self.data.micro_batches
+
+    @property
+    def export_path(self) -> str:
+        return self.export.path or f"{self.run_dir.rstrip('/')}/hf"
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return f"{self.run_dir.rstrip('/')}/checkpoints"
+
+
+def check(cfg: TrainConfig) -> None:
+    """Cross-field checks (each field's type is checked when the config is built from a dict)."""
+    d, o, lo = cfg.data, cfg.optimizer, cfg.loss
+    rules = [
+        (cfg.steps > 0, "steps must be > 0"),
+        (d.global_batch > 0 and d.max_seq_len > 1, "data.global_batch must be > 0 and data.max_seq_len > 1"),
+        (d.micro_batches > 0 and d.global_batch % d.micro_batches == 0,
+         f"data.global_batch ({d.global_batch}) must be a multiple of data.micro_batches ({d.micro_batches})"),
+        (d.overlong in OVERLONG_POLICIES, f"data.overlong must be one of {OVERLONG_POLICIES}"),
+        (d.max_seq_len <= cfg.model.max_position_embeddings,
+         f"data.max_seq_len ({d.max_seq_len}) exceeds model.max_position_embeddings "
+         f"({cfg.model.max_position_embeddings})"),
+        (o.learning_rate >= 0 and 0 <= o.min_learning_rate <= o.learning_rate,
+         "optimizer: need 0 <= min_learning_rate <= learning_rate"),
+        (0 <= o.warmup_fraction <= o.decay_fraction <= 1,
+         "optimizer: need 0 <= warmup_fraction <= decay_fraction <= 1"),
+        (o.clip_norm >= 0 and o.weight_decay >= 0, "optimizer.clip_norm and weight_decay must be >= 0"),
+        (lo.impl in LOSS_IMPLS, f"loss.impl must be one of {LOSS_IMPLS}"),
+        (lo.chunk_size is None or (lo.chunk_size > 0 and d.max_seq_len % lo.chunk_size == 0),
+         f"loss.chunk_size ({lo.chunk_size}) must divide data.max_seq_len ({d.max_seq_len})"),
+        (lo.impl != "chunked" or lo.chunk_size, "loss.impl=chunked needs loss.chunk_size"),
+        (cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep > 0,
+         "checkpoint.every_steps and checkpoint.keep must be > 0"),
+        (cfg.logging.every_steps > 0, "logging.every_steps must be > 0"),
+        (cfg.export.dtype in EXPORT_DTYPES, f"export.dtype must be one of {EXPORT_DTYPES}"),
+        (cfg.distributed in DISTRIBUTED_MODES, f"distributed must be one of {DISTRIBUTED_MODES}"),
+    ]
+    problems = [msg for ok, msg in rules if not ok]
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+# -------------------------------------------------------------------------------------------- generation
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How `inference.sampling` picks the next token: greedy, or sampling with temperature, top-k and top-p."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # keep the k most likely tokens (0 = all)
+    top_p: float = 1.0  # keep the smallest set of most likely tokens whose probability reaches p (1 = all)
+
+    def __post_init__(self):
+        _require(self.greedy or self.temperature > 0,
+                 f"temperature must be > 0 when sampling (use greedy instead), got {self.temperature}")
+        _require(self.top_k >= 0 and 0 < self.top_p <= 1,
+                 f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k} top_p={self.top_p}")

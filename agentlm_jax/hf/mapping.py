@@ -1,0 +1,123 @@
+"""Hugging Face Llama tensor names ↔ paths in our parameters, and the layout change between them.
+
+Hugging Face `nn.Linear` weights are [out, in]; our kernels are [in..., out...] einsum operands (e.g. q_proj
+[D,N,H] ↔ HF [N·H, D]), so conversion is a transpose and a reshape. Rotary embeddings use the Hugging Face
+("rotate_half") layout, so q/k need no permutation in either direction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from agentlm_jax.config import ModelConfig
+
+# Buffers some older checkpoints saved; they are recomputed from the config, so they are skipped on import.
+DERIVED_BUFFERS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not match the architecture in its config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    hf: str  # Hugging Face name; "{i}" stands for the layer index
+    ours: tuple[str, ...]  # path in our parameters (inside one decoder block for per-layer tensors)
+    in_dims: int  # how many leading dims of our array are the HF Linear's input dims; 0 = same layout
+
+    def shape_in_hf(self, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if not self.in_dims:
+            return tuple(our_shape)
+        return math.prod(our_shape[self.in_dims:]), math.prod(our_shape[:self.in_dims])
+
+    def to_ours(self, x: np.ndarray, our_shape: tuple[int, ...]) -> np.ndarray:
+        return (x.T if self.in_dims else x).reshape(our_shape)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if not self.in_dims:
+            return x
+        return x.reshape(math.prod(x.shape[:self.in_dims]), -1).T
+
+
+GLOBAL_TENSORS = (
+    TensorMap("model.embed_tokens.weight", ("embedder", "embedding"), 0),
+    TensorMap("model.norm.weight", ("final_norm", "scale"), 0),
+    TensorMap("lm_head.weight", ("lm_head", "kernel"), 1),
+)
+LAYER_TENSORS = (
+    TensorMap("model.layers.{i}.self_attn.q_proj.weight", ("attn", "q_proj"), 1),
+    TensorMap("model.layers.{i}.self_attn.k_proj.weight", ("attn", "k_proj"), 1),
+    TensorMap("model.layers.{i}.self_attn.v_proj.weight", ("attn", "v_proj"), 1),
+    TensorMap("model.layers.{i}.self_attn.o_proj.weight", ("attn", "o_proj"), 2),
+    TensorMap("model.layers.{i}.mlp.gate_proj.weight", ("mlp", "gate_proj"), 1),
+    TensorMap("model.layers.{i}.mlp.up_proj.weight", ("mlp", "up_proj"), 1),
+    TensorMap("model.layers.{i}.mlp.down_proj.weight", ("mlp", "down_proj"), 1),
+    TensorMap("model.layers.{i}.input_layernorm.weight", ("attn_norm", "scale"), 0),
+    TensorMap("model.layers.{i}.post_attention_layernorm.weight", ("mlp_norm", "scale"), 0),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One Hugging Face tensor and where it lives in our parameters."""
+
+    name: str  # Hugging Face name
+    path: tuple  # path of our parameter array in the pure-dict params
+    layer: int | None  # index along the stacked `layers` axis, or None if the array is this tensor alone
+    shape: tuple[int, ...]  # our shape of this tensor (one layer's slice for stacked arrays)
+    tmap: TensorMap
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return self.tmap.shape_in_hf(self.shape)
+
+
+def get_path(tree: dict, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+def tensor_entries(cfg: ModelConfig, params: dict) -> list[Entry]:
+    """All Hugging Face tensors of the architecture, in Hugging Face order, mapped onto `params` (pure dict)."""
+    entries = []
+
+    def add(tmap: TensorMap, hf_name: str, path: tuple, layer: int | None):
+        shape = tuple(get_path(params, path).shape)
+        entries.append(Entry(hf_name, path, layer, shape[1:] if layer is not None else shape, tmap))
+
+    add(GLOBAL_TENSORS[0], GLOBAL_TENSORS[0].hf, GLOBAL_TENSORS[0].ours, None)
+    for i in range(cfg.num_layers):
+        for t in LAYER_TENSORS:
+            if cfg.scan_layers:
+                add(t, t.hf.format(i=i), ("layers",) + t.ours, i)
+            else:
+                add(t, t.hf.format(i=i), ("layers", i) + t.ours, None)
+    for t in GLOBAL_TENSORS[1:]:
+        add(t, t.hf, t.ours, None)
+    return entries
+
+
+def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str) -> None:
+    """Raise CheckpointMismatchError naming every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(n for n in set(found) - set(expected) if not DERIVED_BUFFERS.match(n))
+    misshaped = sorted(f"{n}: expected {expected[n]}, found {found[n]}"
+                       for n in set(expected) & set(found) if tuple(found[n]) != tuple(expected[n]))
+    problems = [f"{title} ({len(items)}):\n    " + "\n    ".join(items)
+                for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                if items]
+    if problems:
+        raise CheckpointMismatchError(f"{where}: the tensors do not match the Llama architecture of its "
+                                      f"config.json:\n  " + "\n  ".join(problems))

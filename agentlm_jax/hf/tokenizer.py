@@ -1,0 +1,96 @@
+"""The tokenizer files of an export: what `transformers.AutoTokenizer` (vLLM, TGI, lm-eval, AgentBench clients) needs
+to tokenize and render prompts exactly as the model was trained, chat template included."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+
+from agentlm_jax.hf import files
+
+
+def llama2_chat_jinja() -> str:
+    """The training chat template (`data_pipeline.formats.chat_template`) as a Hugging Face Jinja `chat_template`, so
+    `tokenizer.apply_chat_template` (vLLM, lm-eval, AgentBench clients) renders prompts exactly as AgentLM
+    was trained: the AgentTuning system prompt unless the messages bring their own, each user/assistant pair
+    its own `<s>[INST] ... [/INST] {answer} </s>` block."""
+    from data_pipeline.formats.chat_template import B_INST, B_SYS, DEFAULT_SYSTEM_PROMPT, E_INST, E_SYS
+
+    def q(text: str) -> str:  # a Jinja string literal
+        return json.dumps(text)
+
+    return (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{% set system_message = messages[0]['content'] | trim %}{% set loop_messages = messages[1:] %}"
+        f"{{% else %}}{{% set system_message = {q(DEFAULT_SYSTEM_PROMPT)} %}}{{% set loop_messages = messages %}}"
+        "{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}"
+        "{% if loop.index0 == 0 and system_message %}"
+        f"{{% set content = {q(B_SYS)} + system_message + {q(E_SYS)} + (message['content'] | trim) %}}"
+        "{% else %}{% set content = message['content'] | trim %}{% endif %}"
+        f"{{{{ bos_token + {q(B_INST + ' ')} + content + {q(' ' + E_INST)} }}}}"
+        "{% else %}{{ ' ' + (message['content'] | trim) + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
+    )
+
+
+def hf_tokenizer_files(tokenizer, model_max_length: int | None = None) -> dict[str, str]:
+    """`tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` for a pipeline tokenizer.
+
+    `tokenizer.json` is the exact fast tokenizer the data was tokenized with, plus a post-processor that adds
+    `<s>` as Llama's tokenizer does; the config names the generic `PreTrainedTokenizerFast`, which every
+    `transformers` version loads from `tokenizer.json` as it is (no SentencePiece conversion, whose result
+    differs between versions), and carries the training chat template."""
+    from tokenizers import Tokenizer, processors
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    bos = tokenizer.bos_token
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)])
+    special = {"bos_token": bos, "eos_token": tokenizer.eos_token, "unk_token": tokenizer.unk_token}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "pad_token": None,
+              "clean_up_tokenization_spaces": False, "padding_side": "left",
+              "model_max_length": model_max_length or 4096, "chat_template": llama2_chat_jinja()}
+    return {"tokenizer.json": backend.to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+            "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
+
+
+def _set_training_chat_template(fs, path: str) -> None:
+    """Puts the training chat template into a copied `tokenizer_config.json`, keeping everything else: Meta's
+    Llama-2-chat template has no default system prompt, so `apply_chat_template` would not render what the
+    model was trained on."""
+    with fs.open(path, "r") as f:
+        config = json.load(f)
+    if config.get("chat_template") != llama2_chat_jinja():
+        config["chat_template"] = llama2_chat_jinja()
+        files.write_text(fs, path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_tokenizer(tokenizer_path: str, output_dir: str, model_max_length: int | None = None) -> list[str]:
+    """Write the tokenizer at `tokenizer_path` (a directory, gs:// URL or hub id, as the pipeline resolves it)
+    into `output_dir` so `transformers.AutoTokenizer` loads it anywhere; returns the file names.
+
+    A Hugging Face tokenizer directory (with `tokenizer_config.json`) is copied as its authors made it, except
+    that its `chat_template` becomes the training one (`llama2_chat_jinja`). A bare SentencePiece `tokenizer.model` (the bundled tokenizer, a Llama 2 download)
+    is copied too, and `hf_tokenizer_files` adds what `AutoTokenizer` needs beside it."""
+    from data_pipeline.formats.tokenizer import TOKENIZER_FILES, load_tokenizer, resolve_tokenizer_dir
+
+    tokenizer = load_tokenizer(tokenizer_path)  # fails early on something that is not a usable tokenizer
+    source = resolve_tokenizer_dir(tokenizer_path)
+    fs, root = files.fs_and_path(output_dir)
+    fs.makedirs(root, exist_ok=True)
+    copied = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(source, name))]
+    for name in copied:
+        fs.put(os.path.join(source, name), posixpath.join(root, name))
+    if "tokenizer_config.json" in copied:
+        _set_training_chat_template(fs, posixpath.join(root, "tokenizer_config.json"))
+        return copied
+    written = hf_tokenizer_files(tokenizer, model_max_length)
+    for name, text in written.items():
+        files.write_text(fs, posixpath.join(root, name), text)
+    return sorted(set(copied) | set(written))

@@ -1,0 +1,124 @@
+"""Batched text generation with a KV cache, compiled once: prefill the prompts, then one token per step in a
+`jax.lax.while_loop`, all inside one `jax.jit`.
+
+    generator = Generator(model, stop_token_ids=[2])
+    result = generator([[1, 22172], [1, 3532, 29973]], max_new_tokens=32)   # result.tokens, .finished
+
+Prompts of a batch are left-padded to a common length (padding has segment id 0 and is never attended to;
+positions start at 0 at each prompt's first real token), so every row decodes into the same cache slot at
+each step. Shapes are bucketed (prompt length and cache capacity rounded up to `length_multiple`), so new
+prompts or a different `max_new_tokens` within a bucket reuse the compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from agentlm_jax import distributed
+from agentlm_jax.config import ModelConfig, SamplingConfig
+from agentlm_jax.inference.sampling import sample
+from agentlm_jax.model.kv_cache import KVCache
+from agentlm_jax.model.llama import Llama
+
+log = logging.getLogger(__name__)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    """tokens, positions, segment_ids [B, length] int32 with each prompt right-aligned after padding."""
+    B = len(prompts)
+    tokens = np.full((B, length), pad_id, np.int32)
+    positions = np.zeros((B, length), np.int32)
+    segment_ids = np.zeros((B, length), np.int32)
+    for b, prompt in enumerate(prompts):
+        n = len(prompt)
+        tokens[b, length - n:] = prompt
+        positions[b, length - n:] = np.arange(n)
+        segment_ids[b, length - n:] = 1
+    return tokens, positions, segment_ids
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt, ending with the stop token if one was produced
+    finished: list[bool]  # True where a stop token ended the row (False: max_new_tokens reached)
+    steps: int  # decode steps taken (the longest row)
+
+
+class Generator:
+    """Batched KV-cache decoding for a Llama; reuse one instance to reuse its compiled programs."""
+
+    def __init__(self, model: Llama, *, stop_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
+                 length_multiple: int = 64):
+        self.config: ModelConfig = model.config
+        self.graphdef, self.state = nnx.split(model)
+        self.stop_ids = np.asarray(stop_token_ids if stop_token_ids is not None else [self.config.eos_token_id],
+                                   np.int32)
+        self.pad_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        self.length_multiple = length_multiple
+
+    def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> Generation:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt_len = round_up(max(len(p) for p in prompts), self.length_multiple)
+        capacity = round_up(prompt_len + max_new_tokens, self.length_multiple)
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if longest > self.config.max_position_embeddings:
+            log.warning("prompt + new tokens = %d positions > max_position_embeddings = %d: quality will suffer",
+                        longest, self.config.max_position_embeddings)
+        tokens, positions, segment_ids = left_pad(prompts, prompt_len, self.pad_id)
+        out, steps = _generate(self.graphdef, self.state, tokens, positions, segment_ids,
+                               jnp.int32(max_new_tokens), self.stop_ids, jax.random.key(seed),
+                               sampling=sampling, capacity=capacity, pad_id=self.pad_id)
+        out, steps = distributed.to_host(out), int(distributed.to_host(steps))
+        result, finished = [], []
+        for row in out[:, :steps]:
+            stops = np.flatnonzero(np.isin(row, self.stop_ids))
+            result.append(row[: stops[0] + 1].tolist() if len(stops) else row.tolist())
+            finished.append(bool(len(stops)))
+        return Generation(result, finished, steps)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "capacity", "pad_id"))
+def _generate(graphdef, state, tokens, positions, segment_ids, max_new_tokens, stop_ids, rng, *,
+              sampling: SamplingConfig, capacity: int, pad_id: int):
+    """Prefill + while-loop decode. Returns (new tokens [B, capacity - P], number of steps)."""
+    model = nnx.merge(graphdef, state)
+    B, P = tokens.shape
+    cache = KVCache.create(model.config, B, capacity)
+    logits, cache = model.decode(tokens, positions, segment_ids, cache, last_only=True)
+    rng, step_rng = jax.random.split(rng)
+    first = sample(logits[:, -1], step_rng, sampling)
+    out = jnp.full((B, capacity - P), pad_id, jnp.int32).at[:, 0].set(first)
+    one_segment = jnp.ones((B, 1), jnp.int32)
+
+    def keep_going(carry):
+        step, _, _, _, done, _, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def decode_one(carry):
+        # The parameters ride in the carry (unchanged): NNX modules must be built at the loop body's trace level.
+        step, cache, token, position, done, out, rng, state = carry
+        logits, cache = nnx.merge(graphdef, state).decode(token[:, None], position[:, None], one_segment, cache)
+        rng, step_rng = jax.random.split(rng)
+        token = jnp.where(done, pad_id, sample(logits[:, -1], step_rng, sampling))
+        out = jax.lax.dynamic_update_index_in_dim(out, token, step, axis=1)
+        return step + 1, cache, token, position + 1, done | jnp.isin(token, stop_ids), out, rng, state
+
+    carry = (jnp.int32(1), cache, first, positions[:, -1] + 1, jnp.isin(first, stop_ids), out, rng, state)
+    step, _, _, _, _, out, _, _ = jax.lax.while_loop(keep_going, decode_one, carry)
+    return out, step

@@ -1,0 +1,363 @@
+"""The training loop: data → jitted step → metrics, validation, checkpoints, preemption, export.
+
+    result = Trainer(load_config("configs/llama2-7b.yaml")).run()
+
+A run directory holds everything of one run (local or gs://):
+    config.yaml      the resolved config (also saved inside every checkpoint)
+    checkpoints/     orbax checkpoints (checkpointing.py); a rerun resumes from the latest
+    metrics.jsonl    one JSON object per logged step / evaluation
+    tensorboard/     TensorBoard event files
+    hf/              the Hugging Face export at the end (export.enabled)
+
+The loop never waits for the device without need: step k+1 is dispatched before step k's metrics are
+fetched, so the host prepares the next batch while the device computes. Every step's loss is checked; a
+NaN/Inf stops the run before anything from that step is saved, so the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import posixpath
+from typing import Any
+
+import fsspec
+import jax
+from flax import nnx
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from agentlm_jax import distributed
+from agentlm_jax.config import DataConfig, TrainConfig, to_dict, to_yaml
+from agentlm_jax.data import iterator
+from agentlm_jax.data.host_shard import host_batch_to_global
+from agentlm_jax.errors import ConfigError, ExistingRunError, MissingInputError, TrainingDivergedError
+from agentlm_jax.model.llama import count_params, init_model
+from agentlm_jax.sharding import make_mesh
+from agentlm_jax.training.checkpointing import Checkpointer
+from agentlm_jax.training.loss import mean
+from agentlm_jax.training.metrics import MetricsWriter, Throughput, flops_per_token, peak_flops
+from agentlm_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from agentlm_jax.training.state import TrainState, abstract_params, abstract_train_state, init_train_state, \
+    train_state_shardings
+from agentlm_jax.training.step import TrainStep, check_batch_layout
+from data_pipeline.formats.dataset import has_manifest, load_manifest, manifest_tokenizer_path
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a shell reports a process ended by SIGTERM
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str  # "finished" | "preempted"
+    step: int  # the step the run ended at (= the last checkpoint's)
+    run_dir: str
+    first_loss: float | None = None  # training loss of the first step of this invocation
+    last_loss: float | None = None  # training loss of the last step
+    validation: dict[str, float] | None = None  # the last evaluation
+    export_path: str | None = None
+
+
+def prepare_dataset(path: str) -> str:
+    """`path` if it holds a dataset; the bundled sample dataset is built there when it is the default path."""
+    if has_manifest(path):
+        return path
+    if path != DataConfig().path:
+        raise MissingInputError(f"no dataset at {path} (no manifest.json): build one with "
+                                f"`python -m data_pipeline.build --output {path} ...` or set data.path")
+    log.info("%s is missing: building the bundled sample dataset there (python -m data_pipeline.build)", path)
+    import data_pipeline
+
+    data_pipeline.build_sample_dataset(path)
+    return path
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _drop_empty_group_losses(values: dict[str, float]) -> None:
+    """A batch without agent (or general) loss tokens has no agent (general) loss: drop the key, not log 0."""
+    if values["agent_loss_tokens"] == 0:
+        values.pop("agent_loss")
+    if values["loss_tokens"] == values["agent_loss_tokens"]:
+        values.pop("general_loss")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        """Checks what can fail before any heavy work (mesh, batch layout, dataset, existing checkpoints), then
+        builds the optimizer, the step and the input pipeline. Nothing is compiled yet."""
+        distributed.initialize(cfg.distributed)
+        self.cfg = cfg
+        self.is_main = distributed.is_main_process()
+        m = cfg.mesh
+        try:
+            self.mesh = make_mesh(m)
+        except ConfigError as e:
+            raise ConfigError(f"{e}: set mesh.data, mesh.fsdp and mesh.tensor so that their product is the "
+                              f"{jax.device_count()} devices (one of them may be -1)") from None
+        self.rules = m.rules
+        try:
+            check_batch_layout(cfg.data.global_batch, cfg.data.micro_batches, self.mesh, self.rules)
+        except ValueError as e:
+            raise ConfigError(f"{e}, or put fewer devices on the batch axes (mesh {dict(self.mesh.shape)}, from "
+                              f"mesh.data={m.data} mesh.fsdp={m.fsdp} mesh.tensor={m.tensor}), e.g. more on "
+                              f"mesh.tensor") from None
+        self.data_dir = prepare_dataset(cfg.data.path)
+        try:
+            self.manifest = load_manifest(self.data_dir)
+        except FileNotFoundError as e:
+            raise MissingInputError(str(e)) from None
+        self.tasks = list(self.manifest["tasks"])
+        vocab = (self.manifest.get("tokenizer") or {}).get("vocab_size")
+        if vocab and vocab > cfg.model.vocab_size:
+            raise ConfigError(f"the dataset's tokenizer ({self.data_dir}) has {vocab} tokens but model.vocab_size "
+                              f"is {cfg.model.vocab_size}: use the model the data was tokenized for")
+
+        self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, abstract_params(cfg.model))
+        self.schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
+        self.shardings = train_state_shardings(cfg.model, self.optimizer, self.mesh, self.rules)
+        self.step_fn = TrainStep(cfg.model, self.optimizer, self.schedule, mesh=self.mesh, rules=self.rules,
+                                 state_shardings=self.shardings, data=cfg.data, loss=cfg.loss,
+                                 num_tasks=len(self.tasks))
+        self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep,
+                                         async_save=cfg.checkpoint.async_save, ocdbt=cfg.checkpoint.ocdbt)
+        try:
+            self._refuse_existing_run(self.checkpointer.latest_step())
+            try:
+                self.train_data = iterator.train_iterator(cfg.data, seed=cfg.seed, mesh=self.mesh, rules=self.rules)
+            except FileNotFoundError as e:
+                raise MissingInputError(f"data.path={cfg.data.path}: {e}") from None
+        except BaseException:
+            self.checkpointer.close()
+            raise
+        self.validation = self._validation_set()
+        self.run_info = {"config": to_dict(cfg), "tasks": self.tasks, "data_dir": self.data_dir,
+                         "tokenizer_path": manifest_tokenizer_path(self.manifest, self.data_dir)}
+
+    def _validation_set(self) -> iterator.ValidationSet | None:
+        if self.cfg.logging.eval_every_steps < 0:
+            return None
+        try:
+            return iterator.ValidationSet(self.cfg.data, max_batches=self.cfg.logging.eval_batches, mesh=self.mesh,
+                                          rules=self.rules)
+        except FileNotFoundError as e:
+            log.warning("no validation loss: %s", e)
+            return None
+
+    # ------------------------------------------------------------------------------------------ the state
+    def initial_state(self) -> TrainState:
+        """Parameters from `init_from` (a Hugging Face Llama dir) or random, and a fresh optimizer state."""
+        cfg = self.cfg
+        if cfg.init_from:
+            from agentlm_jax.hf import CONFIG_NAME, ArchitectureMismatchError, import_hf
+
+            fs, root = fsspec.core.url_to_fs(cfg.init_from)
+            if not fs.exists(posixpath.join(root, CONFIG_NAME)):
+                raise MissingInputError(
+                    f"init_from={cfg.init_from}: no {CONFIG_NAME} there. Point it at a Hugging Face Llama "
+                    f"directory, e.g. `hf download meta-llama/Llama-2-7b-chat-hf --local-dir DIR`, or set "
+                    f"init_from=null for random weights")
+
+            try:
+                _, params = import_hf(cfg.init_from, base=cfg.model, mesh=self.mesh, rules=self.rules,
+                                      show_progress=self.is_main)
+            except ArchitectureMismatchError as e:
+                raise ConfigError(f"init_from={cfg.init_from}: {e}") from None
+        else:
+            params = nnx.state(init_model(cfg.model, seed=cfg.seed, mesh=self.mesh, rules=self.rules), nnx.Param)
+        init = jax.jit(lambda p: init_train_state(p, self.optimizer), out_shardings=self.shardings,
+                       donate_argnums=0)
+        return init(params.to_pure_dict())
+
+    def _refuse_existing_run(self, latest: int | None) -> None:
+        if latest is not None and not self.cfg.checkpoint.resume:
+            raise ExistingRunError(f"{self.cfg.checkpoint_dir} already has checkpoints (latest step {latest}); "
+                                   "set checkpoint.resume=true to continue that run, or choose another run_dir")
+
+    def restore_or_init(self) -> TrainState:
+        latest = self.checkpointer.latest_step()
+        self._refuse_existing_run(latest)  # as in __init__, for callers of this alone
+        if latest is None:
+            self._info("starting from %s", self.cfg.init_from or f"random weights (seed {self.cfg.seed})")
+            return self.initial_state()
+        self._info("resuming from the checkpoint of step %d in %s", latest, self.cfg.checkpoint_dir)
+        saved = self.checkpointer.run_info(latest).get("config", {})
+        if saved.get("model") != to_dict(self.cfg.model):
+            log.warning("the checkpoint was written with a different model config: %s (now %s)",
+                        saved.get("model"), to_dict(self.cfg.model))
+        abstract = abstract_train_state(self.shardings, self.cfg.model, self.optimizer)
+        return self.checkpointer.restore(latest, abstract, self.train_data)
+
+    def save(self, state: TrainState, step: int) -> None:
+        self.checkpointer.save(step, state, self.train_data, self.run_info)
+
+    # ---------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, params: dict) -> dict[str, float]:
+        """Token-level mean validation loss: overall, agent / general, and per task."""
+        totals = None
+        for batch in self.validation:
+            sums = self.step_fn.eval_sums(params, host_batch_to_global(batch, self.mesh, self.rules))
+            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+        if totals is None:
+            return {}
+        t = distributed.tree_to_host(totals)
+        out = {"val/loss": float(mean(t["loss_sum"], t["count"])), "val/loss_tokens": float(t["count"])}
+        for group in ("agent", "general"):
+            if t[f"{group}_count"] > 0:
+                out[f"val/{group}_loss"] = float(t[f"{group}_loss_sum"] / t[f"{group}_count"])
+        for i, task in enumerate(self.tasks):
+            if t["task_count"][i] > 0:
+                out[f"val/loss/{task}"] = float(t["task_loss_sum"][i] / t["task_count"][i])
+        return out
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.logging.eval_every_steps
+        return self.validation is not None and every > 0 and step % every == 0
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        self._write_config()
+        state = self.restore_or_init()
+        start = int(distributed.to_host(state.step))
+        result = RunResult(status="finished", step=start, run_dir=cfg.run_dir)
+        writer = MetricsWriter(cfg.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
+                               resume_step=start)
+        preemption = distributed.PreemptionWatch()
+        tokens_per_step = cfg.data.global_batch * cfg.data.max_seq_len
+        peak, peak_source = peak_flops(cfg.logging.peak_flops_per_device)
+        throughput = Throughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.max_seq_len), peak)
+        self._info("model: %.1fM parameters; mesh %s; loss %s; %d micro-batch(es) of %d x %d; peak %.3g FLOP/s (%s)",
+                   count_params(cfg.model) / 1e6, dict(self.mesh.shape), self.step_fn.loss_impl, cfg.data.micro_batches,
+                   cfg.micro_batch, cfg.data.max_seq_len, peak, peak_source)
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (self.is_main and cfg.logging.progress_bar))
+        pending: tuple[int, dict] | None = None  # (step, device metrics) dispatched but not yet checked
+        try:
+            with logging_redirect_tqdm():
+                for step in range(start + 1, cfg.steps + 1):
+                    batch = host_batch_to_global(next(self.train_data), self.mesh, self.rules)
+                    state, metrics = self.step_fn(state, batch)  # dispatched; runs while we look at step - 1
+                    if pending is not None:
+                        self._check_and_log(*pending, writer, throughput, bar, result)
+                    pending = (step, metrics)
+                    throughput.step()
+                    stop = preemption.stop_requested(step)
+                    save_now = stop or step == cfg.steps or step % cfg.checkpoint.every_steps == 0
+                    eval_now = self._eval_due(step)
+                    if step == start + 1 or save_now or eval_now:  # these need this step's metrics now
+                        self._check_and_log(*pending, writer, throughput, bar, result)
+                        pending = None
+                    with throughput.paused():  # the next step's tokens/s and MFU count training only
+                        if save_now:
+                            self.save(state, step)
+                            writer.sync()
+                        if eval_now:
+                            self._log_validation(step, state, writer, result)
+                    result.step = step
+                    if stop:
+                        result.status = "preempted"
+                        log.warning("stopped at step %d on SIGTERM; checkpoint saved in %s. Rerun the same "
+                                    "command to resume.", step, cfg.checkpoint_dir)
+                        break
+                else:
+                    if start >= cfg.steps:
+                        self._info("the checkpoint is already at step %d of %d: nothing to train", start, cfg.steps)
+                    if self.validation is not None and cfg.logging.eval_every_steps >= 0 \
+                            and not self._eval_due(cfg.steps):
+                        self._log_validation(cfg.steps, state, writer, result)
+            self.checkpointer.wait_until_finished()
+            if result.status == "finished" and cfg.export.enabled:
+                result.export_path = self.export(state)
+        except TrainingDivergedError:
+            self.checkpointer.wait_until_finished()  # earlier (good) saves complete; the bad state is never saved
+            log.error("the last good checkpoint is step %s in %s", self.checkpointer.latest_step(),
+                      cfg.checkpoint_dir)
+            raise
+        finally:
+            bar.close()
+            preemption.close()
+            writer.close()
+            self.checkpointer.close()
+            self.train_data.close()
+        return result
+
+    def _check_and_log(self, step: int, metrics: dict, writer: MetricsWriter, throughput: Throughput, bar: tqdm,
+                       result: RunResult) -> None:
+        """Fetch one step's metrics (waits for that step), stop on NaN/Inf, log at the logging interval."""
+        values = distributed.host_metrics(metrics)
+        loss = values["loss"]
+        if not _finite(loss) or not _finite(values["grad_norm"]):
+            raise TrainingDivergedError(
+                f"step {step}: loss {loss}, gradient norm {values['grad_norm']}: the training diverged. Nothing "
+                f"from this step was saved. Lower optimizer.learning_rate or check the data, then rerun to resume "
+                f"from the last checkpoint in {self.cfg.checkpoint_dir}")
+        first = result.first_loss is None
+        if first:  # the first step of this invocation includes compilation: report it, not its throughput
+            result.first_loss = loss
+            values["first_step_s"] = throughput.rate().get("step_s", 0.0)
+            self._info("first step: %.1f s (compilation included)", values["first_step_s"])
+        result.last_loss = loss
+        _drop_empty_group_losses(values)
+        bar.update(step - bar.n)
+        if first or step % self.cfg.logging.every_steps == 0 or step == self.cfg.steps:
+            if not first:
+                values.update(throughput.rate())
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['learning_rate']:.2e}",
+                            tok_s=f"{values.get('tokens_per_s', 0):.0f}", refresh=False)
+            writer.write(step, values)
+            speed = f", {values['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in values else ""
+            speed += f", MFU {values['mfu']:.1%}" if "mfu" in values else ""
+            self._info("step %d: loss %.4f (agent %s, general %s), lr %.3g, grad norm %.3g%s", step, loss,
+                       _fmt(values.get("agent_loss")), _fmt(values.get("general_loss")), values["learning_rate"],
+                       values["grad_norm"], speed)
+
+    def _log_validation(self, step: int, state: TrainState, writer: MetricsWriter, result: RunResult) -> None:
+        values = self.evaluate(state.params)
+        if not values:
+            return
+        result.validation = values
+        writer.write(step, values)
+        tasks = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.3f}" for k, v in values.items() if k.startswith("val/loss/"))
+        self._info("step %d: validation loss %.4f (agent %s, general %s; %s)", step, values["val/loss"],
+                   _fmt(values.get("val/agent_loss")), _fmt(values.get("val/general_loss")), tasks)
+
+    def _info(self, msg: str, *args: Any) -> None:
+        """An info line from process 0 only (every host runs the same loop); warnings and errors stay on all."""
+        if self.is_main:
+            log.info(msg, *args)
+
+    # -------------------------------------------------------------------------------------- run dir files
+    def _write_config(self) -> None:
+        text = to_yaml(self.cfg)
+        if not self.is_main:
+            return
+        print(f"# resolved config (saved to {self.cfg.run_dir}/config.yaml)\n{text}", flush=True)
+        fs, root = fsspec.core.url_to_fs(self.cfg.run_dir)
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(posixpath.join(root, "config.yaml"), "w") as f:
+            f.write(text)
+
+    def export(self, state: TrainState) -> str:
+        from agentlm_jax.hf import export_hf
+
+        path = self.cfg.export_path
+        tokenizer = self.run_info["tokenizer_path"]
+        self._info("exporting the Hugging Face checkpoint to %s (tokenizer: %s)", path, tokenizer)
+        export_hf(state.params, self.cfg.model, path, dtype=self.cfg.export.dtype,
+                  max_shard_size=self.cfg.export.max_shard_size, tokenizer_path=tokenizer,
+                  show_progress=self.is_main)
+        return path
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    return Trainer(cfg).run()
+

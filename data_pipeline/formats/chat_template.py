@@ -1,0 +1,190 @@
+"""The Llama 2 chat template and the loss mask, as AgentLM was trained (docs/paper.md, "Training recipe").
+
+A conversation is a list of (user, assistant) pairs. Each pair is its own block, tokenized whole:
+
+    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user_1} [/INST] {assistant_1} </s><s>[INST] {user_2} [/INST] ...
+
+(the system prompt only inside the first `[INST]`; user, system and answer texts stripped of surrounding
+whitespace, as Meta's `chat_completion` does). `<s>` and
+`</s>` are inserted as ids, never parsed from text, so a user writing "</s>" or "[INST]" gets plain text
+tokens. The loss mask is 1 on the tokens of the assistant's part of a block (` {answer} `, found through
+the fast tokenizer's character offsets) and on the `</s>` that closes it, for pairs whose answer counts
+(`loss`); 0 everywhere else (BOS, `[INST]`, system prompt, user text, `loss: false` demonstration turns).
+
+Conversations longer than `max_seq_len` keep whole leading pairs that fit; a trailing pair is never cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+FIRST_PAIR_TOO_LONG = "first_pair_too_long"
+NO_LOSS_AFTER_TRUNCATION = "no_loss_after_truncation"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One user message and the assistant's answer; `loss` says whether the answer is a training target."""
+    user: str
+    assistant: str
+    loss: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    ids: list[int]  # the tokenized conversation (plain lists: what the record encoder consumes)
+    mask: list[int]  # 0/1 loss mask, same length
+    pairs_kept: int
+    pairs_dropped: int  # trailing pairs dropped to fit max_seq_len
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return np.asarray(self.ids, np.int32)
+
+    @property
+    def loss_mask(self) -> np.ndarray:
+        return np.asarray(self.mask, np.int32)
+
+
+def user_prompt(user: str, system_prompt: str | None) -> str:
+    """The text between `[INST] ` and ` [/INST]`."""
+    user = user.strip()
+    return f"{B_SYS}{system_prompt.strip()}{E_SYS}{user}" if system_prompt else user
+
+
+def render_block(pair: Pair, system_prompt: str | None) -> tuple[str, int]:
+    """A pair's block text (without BOS/EOS) and the character index where the assistant's part begins."""
+    prompt = f"{B_INST} {user_prompt(pair.user, system_prompt)} {E_INST}"
+    return f"{prompt} {pair.assistant.strip()} ", len(prompt)
+
+
+def render_generation_prompt(user: str, system_prompt: str | None) -> str:
+    return f"{B_INST} {user_prompt(user, system_prompt)} {E_INST}"
+
+
+class ChatEncoder:
+    """Tokenizes conversations block by block in one batched call of the fast tokenizer."""
+
+    def __init__(self, tokenizer, max_seq_len: int | None = None):
+        self._setup(*serialize_tokenizer(tokenizer), max_seq_len)
+
+    @classmethod
+    def from_serialized(cls, tokenizer_json: str, bos_id: int, eos_id: int,
+                        max_seq_len: int | None = None) -> "ChatEncoder":
+        """From the Rust tokenizer's JSON (`serialize_tokenizer`): no transformers import, as Beam workers want."""
+        encoder = cls.__new__(cls)
+        encoder._setup(tokenizer_json, bos_id, eos_id, max_seq_len)
+        return encoder
+
+    def _setup(self, tokenizer_json: str, bos_id: int, eos_id: int, max_seq_len: int | None) -> None:
+        from tokenizers import Tokenizer
+
+        self.bos_id, self.eos_id, self.max_seq_len = bos_id, eos_id, max_seq_len
+        # A private copy that encodes special-token text ("</s>", "<s>") as plain text.
+        self._backend = Tokenizer.from_str(tokenizer_json)
+        self._backend.encode_special_tokens = True
+
+    def encode_texts(self, texts: Sequence[str]) -> list:
+        """`tokenizers.Encoding`s (ids and character offsets) of texts, no special tokens added."""
+        return self._backend.encode_batch(list(texts), add_special_tokens=False)
+
+    def encode_batch(self, conversations: Sequence[tuple[Sequence[Pair], str | None]]) -> list[Encoded | str]:
+        """Encodes (pairs, system_prompt) conversations; a filter reason string for those that cannot be."""
+        texts, starts, owners = [], [], []
+        for c, (pairs, system_prompt) in enumerate(conversations):
+            for i, pair in enumerate(pairs):
+                text, start = render_block(pair, system_prompt if i == 0 else None)
+                texts.append(text)
+                starts.append(start)
+                owners.append(c)
+        encodings = self.encode_texts(texts)
+        blocks: list[list[tuple[list[int], list[int]]]] = [[] for _ in conversations]
+        for encoding, start, c, in zip(encodings, starts, owners):
+            pair = conversations[c][0][len(blocks[c])]
+            blocks[c].append(self._block(encoding, start, pair.loss))
+        return [self._join(b) for b in blocks]
+
+    def _block(self, encoding, answer_start: int, loss: bool) -> tuple[list[int], list[int]]:
+        ids = [self.bos_id, *encoding.ids, self.eos_id]
+        if not loss:
+            return ids, [0] * len(ids)
+        first = answer_token(encoding, answer_start)
+        return ids, [0] * (first + 1) + [1] * (len(ids) - first - 1)
+
+    def _join(self, blocks: list[tuple[list[int], list[int]]]) -> Encoded | str:
+        ids, mask, kept = [], [], 0
+        for block_ids, block_mask in blocks:
+            if self.max_seq_len is not None and len(ids) + len(block_ids) > self.max_seq_len:
+                break
+            ids += block_ids
+            mask += block_mask
+            kept += 1
+        if kept == 0:
+            return FIRST_PAIR_TOO_LONG
+        if 1 not in mask:
+            return NO_LOSS_AFTER_TRUNCATION
+        return Encoded(ids, mask, kept, len(blocks) - kept)
+
+
+def serialize_tokenizer(tokenizer) -> tuple[str, int, int]:
+    """(Rust tokenizer JSON, BOS id, EOS id): what `ChatEncoder.from_serialized` needs."""
+    return tokenizer.backend_tokenizer.to_str(), tokenizer.bos_token_id, tokenizer.eos_token_id
+
+
+def answer_token(encoding, answer_start: int) -> int:
+    """Index of the first token that begins at or after character `answer_start` (the space before the
+    answer), from the tokenizer's character offsets; the token count if there is none."""
+    n = len(encoding.ids)
+    k = encoding.char_to_token(answer_start)
+    if k is None:  # the character maps to no token (e.g. dropped by a normalizer): scan the offsets
+        return next((i for i, (begin, _) in enumerate(encoding.offsets) if begin >= answer_start), n)
+    return k if encoding.token_to_chars(k)[0] >= answer_start else k + 1
+
+
+_encoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _encoder_for(tokenizer) -> ChatEncoder:
+    encoder = _encoders.get(tokenizer)
+    if encoder is None:
+        encoder = _encoders[tokenizer] = ChatEncoder(tokenizer)
+    return encoder
+
+
+def encode_conversation(pairs: Sequence[Pair], tokenizer, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                        max_seq_len: int | None = None) -> Encoded | str:
+    """One conversation through the training encoder (convenience wrapper around ChatEncoder)."""
+    encoder = _encoder_for(tokenizer)
+    if max_seq_len != encoder.max_seq_len:
+        encoder = ChatEncoder(tokenizer, max_seq_len)
+    return encoder.encode_batch([(pairs, system_prompt)])[0]
+
+
+def encode_generation_prompt(messages: Sequence[dict], tokenizer,
+                             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[int]:
+    """Ids of a chat history ending with a user message, up to and including the final `[/INST]`.
+
+    `messages`: `{"role": "user"|"assistant", "content": str}` alternating, starting and ending with
+    "user". The ids equal the training encoder's for the same history (BOS before every block, every
+    completed pair closed by `</s>`), so the model's continuation is the next answer.
+    """
+    roles = [m["role"] for m in messages]
+    if not roles or len(roles) % 2 == 0 or any(r != ("user" if i % 2 == 0 else "assistant")
+                                               for i, r in enumerate(roles)):
+        raise ValueError(f"messages must alternate user/assistant, starting and ending with user; got {roles}")
+    encoder = _encoder_for(tokenizer)
+    pairs = [Pair(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages) - 1, 2)]
+    ids: list[int] = []
+    if pairs:
+        done = encoder.encode_batch([(pairs, system_prompt)])[0]
+        ids = done.ids
+    last = render_generation_prompt(messages[-1]["content"], system_prompt if not pairs else None)
+    return ids + [encoder.bos_id, *encoder.encode_texts([last])[0].ids]

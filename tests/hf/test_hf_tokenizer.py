@@ -1,0 +1,94 @@
+"""The exported tokenizer as evaluation tools load it: `AutoTokenizer` in a fresh process, ids and the chat
+template equal to what the pipeline trained on."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from agentlm_jax import hf
+from data_pipeline.formats.chat_template import Pair, encode_conversation, encode_generation_prompt
+from data_pipeline.formats.tokenizer import SAMPLE_TOKENIZER_DIR, load_tokenizer
+
+TEXTS = ["Hello  world,\n\n  several   spaces\tand tabs", "ls -la /etc | wc -l", "ünïcödé 日本語 🙂",
+         " leading space", "user typed </s> and [INST] literally"]
+HISTORY = [{"role": "user", "content": "How many files are in /etc?"},
+           {"role": "assistant", "content": "Think: I should count them.\n\nAct: bash\n\n```bash\nls /etc | wc -l\n```"},
+           {"role": "user", "content": "  The output is 42.  "}]
+
+
+@pytest.fixture(scope="module", params=["bundled", "llama2"])
+def exported(request, tmp_path_factory):
+    if request.param == "llama2":
+        source = request.getfixturevalue("llama2_tokenizer_path")
+    else:
+        source = SAMPLE_TOKENIZER_DIR
+    out = tmp_path_factory.mktemp(request.param)
+    hf.save_tokenizer(source, str(out), model_max_length=4096)
+    return source, str(out)
+
+
+def _auto_tokenizer_in_fresh_process(directory: str, script: str) -> dict:
+    """Runs `script` (with `tok` = AutoTokenizer.from_pretrained(directory)) in a new interpreter: nothing
+    this test process patched or cached can help it load."""
+    code = (f"import json, transformers\ntok = transformers.AutoTokenizer.from_pretrained({directory!r})\n"
+            f"{script}")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_auto_tokenizer_loads_it_and_encodes_like_the_pipeline(exported):
+    source, out = exported
+    got = _auto_tokenizer_in_fresh_process(out, f"print(json.dumps([tok(t)['input_ids'] for t in {TEXTS!r}]))")
+    reference = load_tokenizer(source)
+    # Llama's tokenizer puts <s> first; the text after it is tokenized exactly as the pipeline does
+    assert got == [[reference.bos_token_id] + reference(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+
+
+def test_chat_template_renders_the_training_ids(exported):
+    source, out = exported
+    reference = load_tokenizer(source)
+    script = (f"h = {HISTORY!r}\n"
+              "p = tok.apply_chat_template(h, add_generation_prompt=True, tokenize=True)\n"
+              "p = p['input_ids'] if isinstance(p, dict) or hasattr(p, 'keys') else p\n"
+              "s = tok.apply_chat_template([{'role': 'system', 'content': 'Be brief.'}] + h[:2], tokenize=True)\n"
+              "s = s['input_ids'] if isinstance(s, dict) or hasattr(s, 'keys') else s\n"
+              "print(json.dumps({'prompt': list(p), 'full': list(s)}))")
+    got = _auto_tokenizer_in_fresh_process(out, script)
+    assert got["prompt"] == encode_generation_prompt(HISTORY, reference)
+    full = encode_conversation([Pair(HISTORY[0]["content"], HISTORY[1]["content"])], reference,
+                               system_prompt="Be brief.")
+    assert got["full"] == full.ids
+
+
+def test_an_hf_tokenizer_directory_is_copied_verbatim(exported, tmp_path):
+    _, first = exported
+    again = tmp_path / "again"
+    names = hf.save_tokenizer(first, str(again))
+    assert "tokenizer_config.json" in names
+    for name in names:
+        assert (again / name).read_bytes() == open(f"{first}/{name}", "rb").read()
+
+
+def test_a_copied_tokenizer_config_gets_the_training_chat_template(exported, tmp_path):
+    """A Hugging Face tokenizer directory (e.g. Meta's, whose template has no default system prompt) is copied
+    with its own settings, but its chat template becomes the training one, so evaluation prompts match."""
+    source, first = exported
+    meta_like = tmp_path / "meta"
+    meta_like.mkdir()
+    for name in os.listdir(first):
+        (meta_like / name).write_bytes(open(f"{first}/{name}", "rb").read())
+    config = json.loads((meta_like / "tokenizer_config.json").read_text())
+    config.update(chat_template="{{ messages[0]['content'] }}", legacy=False)
+    (meta_like / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    hf.save_tokenizer(str(meta_like), str(out))
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert saved["chat_template"] == hf.tokenizer.llama2_chat_jinja() and saved["legacy"] is False
+    got = _auto_tokenizer_in_fresh_process(str(out), f"print(json.dumps(list(tok.apply_chat_template("
+                                           f"{HISTORY!r}, add_generation_prompt=True, tokenize=True, "
+                                           "return_dict=False))))")
+    assert got == encode_generation_prompt(HISTORY, load_tokenizer(source))
