@@ -21,14 +21,15 @@ from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "blockwise", "splash", "xla", "cudnn")
 LOSS_IMPLS = ("auto", "full", "chunked", "vocab_parallel")
 OVERLONG_POLICIES = ("truncate", "drop")
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 # Fields of ModelConfig that say how to run the model, not what it is: never read from or written to an HF
 # config.json, and free to differ between a checkpoint and the run that loads it.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "attention_block_size")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "attention_block_size",
+                  "splash_block_size")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -56,10 +57,11 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the (master) parameters
     remat: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = True
-    # auto: what agentlm_jax.ops picks for the backend (blockwise on CPU; XLA's on TPU; cuDNN if it can on GPU);
-    # blockwise (the CPU kernel, anywhere), or jax.nn.dot_product_attention's xla or cudnn.
+    # auto: what agentlm_jax.ops picks for the backend (blockwise on CPU; splash on TPU; cuDNN if it can on GPU);
+    # blockwise (the CPU kernel), splash (the Pallas TPU kernel), or jax.nn.dot_product_attention's xla or cudnn.
     attention_impl: str = "auto"
     attention_block_size: int = 128  # query/key block of the blockwise attention
+    splash_block_size: int = 512  # query/key block of the splash kernel (a multiple of 128; MaxText's default)
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
@@ -72,6 +74,8 @@ class ModelConfig:
                  f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         _require(self.attention_block_size >= 1,
                  f"model.attention_block_size must be positive, got {self.attention_block_size}")
+        _require(self.splash_block_size >= 128 and self.splash_block_size % 128 == 0,
+                 f"model.splash_block_size must be a positive multiple of 128, got {self.splash_block_size}")
         _require(self.num_heads % self.num_kv_heads == 0,
                  f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
         _require(self.head_dim is not None or self.hidden_size % self.num_heads == 0,

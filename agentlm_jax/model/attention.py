@@ -25,6 +25,7 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.implementation = cfg.attention_impl
         self.block_size = cfg.attention_block_size
+        self.splash_block_size = cfg.splash_block_size
         self.q_proj = param(rngs, init, (D, N, H), ("embed", "heads", "head_dim"), pdt)
         self.k_proj = param(rngs, init, (D, K, H), ("embed", "kv_heads", "head_dim"), pdt)
         self.v_proj = param(rngs, init, (D, K, H), ("embed", "kv_heads", "head_dim"), pdt)
@@ -41,7 +42,8 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
 
         if cache is None:
-            out = ops.attention(q, k, v, segment_ids, impl=self.implementation, block_size=self.block_size)
+            out = ops.attention(q, k, v, segment_ids, impl=self.implementation, block_size=self.block_size,
+                                splash_block_size=self.splash_block_size)
         else:  # write this step's keys/values into their slots, then attend over the whole cache
             at = (0, cache.start, 0, 0)
             cache = cache._replace(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),

@@ -29,9 +29,13 @@ def platform(name: str) -> Iterator[None]:
 
 
 def current_platform() -> str:
-    override = _OVERRIDE.get()
-    if override:
-        return override
+    """The platform the ops choose implementations for."""
+    return _OVERRIDE.get() or devices_platform()
+
+
+def devices_platform() -> str:
+    """The platform of the devices the code will run on (the override aside): a Pallas kernel of another
+    platform runs in interpret mode there."""
     mesh = sharding.active_mesh()
     if mesh is not None:
         return mesh.devices.flat[0].platform
@@ -50,16 +54,16 @@ def projection_impl(platform_name: str) -> str:
 def attention_impl(requested: str, platform_name: str, *, cached: bool) -> str:
     """The attention kernel for `model.attention_impl` = `requested` on a platform.
 
-    auto: `blockwise` (ops/cpu/blockwise_attention.py) on CPU; on GPU `default`, i.e.
-    `jax.nn.dot_product_attention(implementation=None)`, which takes cuDNN's flash attention where it supports
-    the inputs; `xla` elsewhere. `blockwise` computes self-attention over whole sequences only, so decoding
-    with a KV cache (`cached`) takes `xla` in its place.
+    auto: `blockwise` (ops/cpu/blockwise_attention.py) on CPU; `splash` (ops/tpu/splash_attention.py) on TPU;
+    on GPU `default`, i.e. `jax.nn.dot_product_attention(implementation=None)`, which takes cuDNN's flash
+    attention where it supports the inputs; `xla` elsewhere. `blockwise` and `splash` compute self-attention
+    over whole sequences only, so decoding with a KV cache (`cached`) takes `xla` in their place.
     """
     family = _family(platform_name)
     impl = requested
     if requested == "auto":
-        impl = {"cpu": "blockwise", "gpu": "default"}.get(family, "xla")
-    if cached and impl == "blockwise":
+        impl = {"cpu": "blockwise", "tpu": "splash", "gpu": "default"}.get(family, "xla")
+    if cached and impl in ("blockwise", "splash"):
         impl = "default" if family == "gpu" else "xla"
     return impl
 
