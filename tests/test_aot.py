@@ -95,3 +95,17 @@ def test_remat_and_micro_batches_lower_temporary_memory(v5e):
 def test_an_unknown_topology_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown TPU topology 'v9:2x2'"):
         tpu_devices("v9:2x2")
+
+
+@pytest.mark.slow
+def test_the_shipped_7b_config_fits_a_16_chip_v5e_slice():
+    """configs/llama2-7b.yaml as it ships (global batch 64 x 4096, remat full, bf16 compute, float32 master
+    weights and AdamW moments) over 16 v5e chips (fsdp=16) must fit their 16 GiB with 10 % to spare."""
+    from agentlm_jax.aot import HBM_GIB
+
+    from tests.conftest import REPO_ROOT
+
+    cfg = load_config(str(REPO_ROOT / "configs" / "llama2-7b.yaml"), ["mesh.fsdp=16"])
+    report = compile_train_step(cfg, tpu_devices("v5e-16"))
+    assert report.total_bytes <= 0.9 * HBM_GIB["v5e"] * 2**30, (report.memory, report.total_bytes / 2**30)
+    assert "splash" in report.hlo.lower()

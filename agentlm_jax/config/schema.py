@@ -21,7 +21,7 @@ from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("auto", "blockwise", "splash", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "blockwise", "splash", "flash", "xla", "cudnn")
 LOSS_IMPLS = ("auto", "full", "chunked", "vocab_parallel")
 OVERLONG_POLICIES = ("truncate", "drop")
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
@@ -58,9 +58,10 @@ class ModelConfig:
     remat: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = True
     # auto: what agentlm_jax.ops picks for the backend (blockwise on CPU; splash on TPU; cuDNN if it can on GPU);
-    # blockwise (the CPU kernel), splash (the Pallas TPU kernel), or jax.nn.dot_product_attention's xla or cudnn.
+    # blockwise (the CPU kernel), splash (the Pallas TPU kernel), flash (the Pallas GPU kernel), or
+    # jax.nn.dot_product_attention's xla or cudnn.
     attention_impl: str = "auto"
-    attention_block_size: int = 128  # query/key block of the blockwise attention
+    attention_block_size: int = 128  # query/key block of the blockwise attention and the GPU flash kernel
     splash_block_size: int = 512  # query/key block of the splash kernel (a multiple of 128; MaxText's default)
     bos_token_id: int = 1
     eos_token_id: int = 2

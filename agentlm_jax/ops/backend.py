@@ -57,13 +57,15 @@ def attention_impl(requested: str, platform_name: str, *, cached: bool) -> str:
     auto: `blockwise` (ops/cpu/blockwise_attention.py) on CPU; `splash` (ops/tpu/splash_attention.py) on TPU;
     on GPU `default`, i.e. `jax.nn.dot_product_attention(implementation=None)`, which takes cuDNN's flash
     attention where it supports the inputs; `xla` elsewhere. `blockwise` and `splash` compute self-attention
-    over whole sequences only, so decoding with a KV cache (`cached`) takes `xla` in their place.
+    over whole sequences only, so decoding with a KV cache (`cached`) takes `xla` in their place; so does the
+    Pallas GPU kernel `flash` (ops/gpu/flash_attention.py), which only runs when asked for by name (it has not
+    been run on a GPU by this project yet).
     """
     family = _family(platform_name)
     impl = requested
     if requested == "auto":
         impl = {"cpu": "blockwise", "tpu": "splash", "gpu": "default"}.get(family, "xla")
-    if cached and impl in ("blockwise", "splash"):
+    if cached and impl in ("blockwise", "splash", "flash"):
         impl = "default" if family == "gpu" else "xla"
     return impl
 

@@ -27,6 +27,8 @@ def test_the_choice_per_backend():
     assert {p: choice.attention_impl("auto", p, cached=True) for p in ("cpu", "gpu", "tpu")} == {
         "cpu": "xla", "gpu": "default", "tpu": "xla"}  # blockwise and splash have no KV-cache path
     assert choice.attention_impl("blockwise", "tpu", cached=False) == "blockwise"  # asked for by name
+    assert choice.attention_impl("flash", "gpu", cached=False) == "flash"  # the Pallas GPU kernel: by name only
+    assert choice.attention_impl("flash", "gpu", cached=True) == "default"
     assert choice.attention_impl("xla", "cpu", cached=False) == "xla"
     assert [choice.cross_entropy_impl(p) for p in ("cpu", "gpu", "tpu")] == ["cpu_fused", "scan", "scan"]
 

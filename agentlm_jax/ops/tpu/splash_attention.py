@@ -5,7 +5,7 @@ and value head inside the kernel, nothing is repeated in HBM), a causal mask who
 never computes, and segment ids, so packed conversations never see each other. It does not scale the scores:
 q is scaled by 1/sqrt(H) first. Over the mesh it runs under `shard_map`: the batch split like the logical
 `batch` axis and the heads like `act_heads` (the rules table decides, as everywhere), each device calling the
-kernel on its own examples and heads.
+kernel on its own examples and heads (ops/kernel_sharding.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agentlm_jax.config import Rules
-from agentlm_jax.sharding import axes_size, batch_axes, mesh_axes_of
+from agentlm_jax.ops.kernel_sharding import head_axes, run_sharded
+from agentlm_jax.sharding import axes_size
 
 
 def supports(seq_len: int, block_size: int) -> bool:
@@ -38,13 +39,6 @@ def _kernel(seq_len: int, num_heads: int, block_size: int, head_shards: int, int
                                       interpret=interpret)
 
 
-def _head_axes(mesh: Mesh, rules: Rules, num_heads: int, num_kv_heads: int) -> tuple[str, ...]:
-    """The mesh axes the heads are split over: the rules' `act_heads`, if they divide both head counts."""
-    axes = tuple(a for a in mesh_axes_of("act_heads", rules) if a not in batch_axes(rules))
-    shards = axes_size(mesh, axes)
-    return axes if num_heads % shards == 0 and num_kv_heads % shards == 0 else ()
-
-
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, block_size: int,
                      mesh: Mesh | None, rules: Rules | None, interpret: bool) -> jax.Array:
     """Attention output [B,T,N,H] of q [B,T,N,H] over k, v [B,T,K,H], causal within the segments of
@@ -60,12 +54,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     if mesh is None or rules is None:
         out = per_example(_kernel(T, N, block_size, 1, interpret), q, k, v, segment_ids)
     else:
-        heads = _head_axes(mesh, rules, N, K)
-        rows = tuple(a for a in batch_axes(rules) if a not in heads)
+        heads = head_axes(mesh, rules, N, K)
         kernel = _kernel(T, N, block_size, axes_size(mesh, heads), interpret)
-        head_spec = PartitionSpec(rows or None, heads or None, None, None)
         kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(heads or None, None)))
-        out = jax.shard_map(per_example, mesh=mesh, check_vma=False,
-                            in_specs=(kernel_spec, head_spec, head_spec, head_spec, PartitionSpec(rows or None, None)),
-                            out_specs=head_spec)(kernel, q, k, v, segment_ids)
+        out = run_sharded(per_example, q, k, v, segment_ids, mesh=mesh, rules=rules, heads=heads, head_axis=1,
+                          leading=(kernel,), leading_specs=(kernel_spec,))
     return out.transpose(0, 2, 1, 3)
