@@ -8,7 +8,6 @@ import dataclasses
 import json
 
 import fsspec
-import jax
 import numpy as np
 import pytest
 

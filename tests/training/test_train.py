@@ -7,7 +7,6 @@ per-step losses, hence the same data order): the same compiled step runs on the 
 checkpoints restore float32 state exactly.
 """
 
-import json
 import os
 import signal
 import subprocess
