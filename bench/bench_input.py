@@ -131,17 +131,24 @@ def measure(data_dir: str, seq: int, host_batch: int, batches: int) -> dict[str,
                 truncated=counts["truncated"] / max(1, counts["read"]))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=SIZES, default="bench")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_input", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=SIZES, default="bench", help="the defaults of the options below: bench "
+                   f"{SIZES['bench']}, smoke {SIZES['smoke']} (default %(default)s)")
     p.add_argument("--data", help="dataset dir (local or gs://); default: the pipeline's sample")
-    p.add_argument("--scale", type=int, help="repeat the train records this many times (local copy)")
-    p.add_argument("--seq", type=int, nargs="+", help="max_seq_len values")
-    p.add_argument("--host-batch", type=int)
-    p.add_argument("--batches", type=int, help="batches timed per sequence length")
+    p.add_argument("--scale", type=int, help="repeat the train records this many times (local copy; default: "
+                   "--size's scale)")
+    p.add_argument("--seq", type=int, nargs="+", help="max_seq_len values (default: --size's seqs)")
+    p.add_argument("--host-batch", type=int, help="rows per batch (default: --size's host_batch)")
+    p.add_argument("--batches", type=int, help="batches timed per sequence length (default: --size's batches)")
     p.add_argument("--train-tokens-per-s", type=float,
-                   help="the train step's tokens/s (bench_model); adds the input/consumption ratio")
-    args = p.parse_args(argv)
+                   help="the train step's tokens/s (bench_model); adds the input/consumption ratio (default: none)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("agentlm_jax.data.packing").setLevel(logging.ERROR)  # the table counts truncations
     size = SIZES[args.size]

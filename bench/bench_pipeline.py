@@ -100,21 +100,30 @@ def run_beam(path: str, tokenizer_path: str, max_seq_len: int, mode: str, worker
     return seconds, sum(s["tokens"] for s in manifest["splits"].values()), manifest["totals"]["kept"]
 
 
-def main(argv=None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.formats.tokenizer import SAMPLE_TOKENIZER_DIR
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1000,10000,40000", help="conversation counts")
-    p.add_argument("--tokenizer", default=SAMPLE_TOKENIZER_DIR)
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--workers", type=int, default=2, help="Beam workers (threads, or processes in multi_processing)")
+    p = argparse.ArgumentParser(prog="python -m bench.bench_pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1000,10000,40000", help="comma-separated conversation counts "
+                   "(default %(default)s)")
+    p.add_argument("--tokenizer", default=SAMPLE_TOKENIZER_DIR, help="tokenizer directory (default: the bundled "
+                   "tiny tokenizer)")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="the pipeline's --max-seq-len (default %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="Beam workers (threads, or processes in "
+                   "multi_processing; default %(default)s)")
     p.add_argument("--modes", default="in_memory,multi_processing", help="Beam DirectRunner modes, "
-                   "comma-separated (in_memory, multi_threading, multi_processing)")
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="records per batch: datasets.map's and the pipeline's --tokenize-batch-size")
-    p.add_argument("--repeat", type=int, default=3, help="runs of each side per size; the best counts (default 3)")
+                   "comma-separated (in_memory, multi_threading, multi_processing; default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="records per batch: datasets.map's and the "
+                   "pipeline's --tokenize-batch-size (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each side per size; the best counts "
+                   "(default %(default)s)")
     p.add_argument("--workdir", default=None, help="where inputs and outputs go (default: a temp dir)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> list[dict]:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     modes = [m for m in args.modes.split(",") if m]
     import apache_beam  # noqa: F401  (imports are not what we time: both sides start with them loaded)

@@ -324,7 +324,7 @@ def format_report(measured, peaks: list[float], *, tokens_per_step: int, steps: 
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", default="512,1024,2048", help="comma-separated sequence lengths (default %(default)s)")
@@ -337,10 +337,14 @@ def main(argv=None) -> None:
     p.add_argument("--no-hugepages", action="store_true", help=f"do not set GLIBC_TUNABLES={HUGEPAGES} (both sides)")
     p.add_argument("--xla-flags", default=XLA_CPU_FLAGS, help="extra XLA_FLAGS for the JAX side (default %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for configs/bench.yaml, e.g. model.attention_impl=xla (repeatable)")
+                   help="config override for configs/bench.yaml, e.g. model.attention_impl=xla (repeatable; default: none)")
     p.add_argument("--worker", choices=("jax", "torch", "torch-compile"), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.worker:
         worker_main(args.worker, json.loads(args.spec))
         return

@@ -2,11 +2,12 @@
 
 The peak is the best FLOP/s of square float32 matmuls over a few sizes, measured with both XLA (JAX) and
 PyTorch when it is installed, each on all cores; we take the larger, so MFU is never flattered.
-Run: python -m bench.matmul_peak
+Run: python -m bench.matmul_peak [--sizes 1024,2048,3072]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
@@ -54,9 +55,23 @@ def measure_matmul_peak(sizes=SIZES) -> dict:
     return {"peak_flops": peak, "by": by}
 
 
-if __name__ == "__main__":
-    result = measure_matmul_peak()
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.matmul_peak", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                   help="comma-separated square matrix sizes (default %(default)s)")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    result = measure_matmul_peak(tuple(int(n) for n in args.sizes.split(",")))
     for lib, d in result["by"].items():
         for n, f in d.items():
             print(f"{lib:6s} {n:5d}x{n:<5d} {f / 1e9:8.1f} GFLOP/s")
     print(f"peak   {result['peak_flops'] / 1e9:8.1f} GFLOP/s (float32)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

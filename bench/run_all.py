@@ -20,11 +20,17 @@ BENCHMARKS = {  # module: (full arguments, smoke arguments)
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="toy sizes: check that every benchmark runs")
-    parser.add_argument("--only", default="", help="comma-separated module names (e.g. bench.bench_train)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--only", default="", help=f"comma-separated module names, of {', '.join(BENCHMARKS)} "
+                        "(default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     chosen = [m for m in BENCHMARKS if not args.only or m in args.only.split(",")]
     failed = []
     for module in chosen:

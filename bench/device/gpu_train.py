@@ -147,14 +147,18 @@ def torch_side(cfg, batches, steps: int) -> dict:
             "first_step_s": first, "loss": float(loss), "peak_memory_gib": peak}
 
 
-def main(argv=None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.device.gpu_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a toy model and rows of 256 (any device, seconds)")
     p.add_argument("--rows", type=int, default=None, help="rows per step (default 8; --tiny 2)")
     p.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up step (default %(default)s)")
     p.add_argument("--skip-torch", action="store_true", help="the JAX side only")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> list[dict]:
+    args = build_parser().parse_args(argv)
     seq = 256 if args.tiny else 4096
     cfg = config(args.tiny, args.rows or (2 if args.tiny else 8), seq)
     batches = synthetic_batches(cfg, 4)
