@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Delete the TPU VM or slice (and its queued resource, if it was created with --queued). Billing stops here.
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
 if "$GCLOUD" compute tpus queued-resources describe "$TPU_NAME-qr" --project="$PROJECT" --zone="$ZONE" \

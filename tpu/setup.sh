@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Copy this checkout (its committed files) to every worker and install it there in ~/agentlm-jax/.venv
 # with the TPU and GCP extras. Run again after each change you want on the slice.
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
 archive="$(mktemp -d)/agentlm-jax.tar.gz"
 git -C "$REPO_DIR" archive --format=tar.gz -o "$archive" HEAD
 echo "Copying $(git -C "$REPO_DIR" rev-parse --short HEAD) to all workers of $TPU_NAME"
-"$GCLOUD" compute tpus tpu-vm scp "$archive" "$TPU_NAME:~/agentlm-jax.tar.gz" --project="$PROJECT" \
-  --zone="$ZONE" --worker=all
+copy_to_all_workers "$archive" agentlm-jax.tar.gz   # relative to the home directory
 # On each worker. pyproject needs Python >= 3.11, but Ubuntu 22.04 TPU images (tpu-ubuntu2204-base) ship
 # 3.10: then uv (pip --user, or its installer) builds the venv on a uv-managed CPython $PYTHON_VERSION.
 # A venv whose Python is too old (e.g. left by an earlier failed setup) is rebuilt; a good one is kept.
