@@ -20,8 +20,11 @@ usage() { sed -n '2,14p' "$0"; }
 # The trainer's command line (python -m agentlm_jax.train ...), nothing else. The [a] keeps the pattern from
 # matching itself in the remote shell that runs pkill; export and generate don't match.
 TRAINER_PATTERN='[a]gentlm_jax[.]train( |$)'
-# What libtpu opens: /dev/accel* on v4 (and older), /dev/vfio/<group> on v5e, v5p and v6e.
+# What libtpu opens: /dev/accel* on v4 (and older), /dev/vfio/<group> on v5e, v5p and v6e. Older libtpu
+# releases also refuse to start while /tmp/libtpu_lockfile exists, which a crashed process leaves behind
+# (jax-ml/jax#10192). The remote commands take both from TPU_DEVICE_FILES / TPU_LOCKFILE if set (the tests do).
 TPU_DEVICE_FILES='/dev/accel* /dev/vfio/[0-9]*'
+TPU_LOCKFILE='/tmp/libtpu_lockfile'
 
 foreground=0
 action=""
@@ -51,7 +54,10 @@ remote_holders="holders() {
   { sudo -n lsof -t \$devs 2>/dev/null || lsof -t \$devs 2>/dev/null || sudo -n fuser \$devs 2>/dev/null \\
     || fuser \$devs 2>/dev/null; } | tr -s ' \\t' '\\n' | grep -E '^[0-9]+\$' | sort -un
 }
-show() { [ -n \"\$1\" ] && ps -o pid=,user=,etime=,args= -p \"\$(echo \$1 | tr ' ' ,)\" | sed \"s/^/\$(hostname):   /\"; }"
+show() { [ -n \"\$1\" ] && ps -o pid=,user=,etime=,args= -p \"\$(echo \$1 | tr ' ' ,)\" | sed \"s/^/\$(hostname):   /\"; }
+lockfile=\${TPU_LOCKFILE:-$TPU_LOCKFILE}
+stale_lock() { [ -e \"\$lockfile\" ] && echo \"\$(hostname): \$lockfile is left from a process that did not exit cleanly\" \\
+  \"(older libtpu releases refuse to start while it exists; tpu/run.sh --kill-holders removes it)\"; true; }"
 
 case "$action" in
   stop)
@@ -80,20 +86,22 @@ if [ -n \"\$pids\" ]; then echo \"\$(hostname): the TPU is still held by (tpu/ru
   holders)
     on_all_workers "$remote_holders
 pids=\$(holders)
-if [ -z \"\$pids\" ]; then echo \"\$(hostname): the TPU is free\"; else echo \"\$(hostname): the TPU is held by:\"
+if [ -z \"\$pids\" ]; then echo \"\$(hostname): the TPU is free\"; stale_lock; else echo \"\$(hostname): the TPU is held by:\"
   show \"\$pids\"; fi"
     exit $? ;;
   kill-holders)
     on_all_workers "$remote_holders
+unlock() { if [ -e \"\$lockfile\" ]; then sudo -n rm -f \"\$lockfile\" 2>/dev/null || rm -f \"\$lockfile\"
+  echo \"\$(hostname): removed the stale \$lockfile\"; fi; }
 pids=\$(holders)
-if [ -z \"\$pids\" ]; then echo \"\$(hostname): the TPU is free\"; exit 0; fi
+if [ -z \"\$pids\" ]; then unlock; echo \"\$(hostname): the TPU is free\"; exit 0; fi
 echo \"\$(hostname): SIGTERM to the processes holding the TPU:\"; show \"\$pids\"
 sudo -n kill -TERM \$pids 2>/dev/null || kill -TERM \$pids
 for _ in \$(seq 30); do pids=\$(holders); [ -n \"\$pids\" ] || break; sleep 1; done
 if [ -n \"\$pids\" ]; then echo \"\$(hostname): SIGKILL to the ones left:\"; show \"\$pids\"
   sudo -n kill -KILL \$pids 2>/dev/null || kill -KILL \$pids; sleep 1; fi
 pids=\$(holders)
-if [ -z \"\$pids\" ]; then echo \"\$(hostname): the TPU is free\"; else echo \"\$(hostname): still held by\" \\
+if [ -z \"\$pids\" ]; then unlock; echo \"\$(hostname): the TPU is free\"; else echo \"\$(hostname): still held by\" \\
   \"(other users' processes need sudo):\"; show \"\$pids\"; exit 1; fi"
     exit $? ;;
   status)
@@ -103,7 +111,7 @@ if [ -n \"\$trainer\" ]; then echo \"\$(hostname): trainer running:\"; show \"\$
 else echo \"\$(hostname): no trainer running\"; fi
 pids=\$(holders)
 if [ -n \"\$pids\" ]; then echo \"\$(hostname): the TPU is held by:\"; show \"\$pids\"
-else echo \"\$(hostname): the TPU is free\"; fi
+else echo \"\$(hostname): the TPU is free\"; stale_lock; fi
 log=~/$REMOTE_DIR/run.log
 if [ -e \"\$log\" ]; then echo \"\$(hostname): \$(readlink -f \"\$log\"): \$(tail -n 1 \"\$log\" | tr '\\r' '\\n' | tail -n 1)\"; fi"
     exit $? ;;

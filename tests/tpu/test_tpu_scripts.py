@@ -456,6 +456,18 @@ def test_holders_lists_and_kill_holders_ends_the_processes_holding_the_tpu(fake_
     assert "the TPU is free" in listing.stdout
 
 
+def test_a_stale_libtpu_lockfile_is_reported_and_removed_once_nothing_holds_the_tpu(fake_gcloud, home, tmp_path):
+    lock = tmp_path / "libtpu_lockfile"
+    lock.write_text("")
+    env = {"TPU_DEVICE_FILES": str(tmp_path / "no-device-*"), "TPU_LOCKFILE": str(lock)}
+    proc, calls = run("run.sh", fake_gcloud, "--holders")
+    listing = on_worker(_remote_command(calls[-1]), home, **env)
+    assert "the TPU is free" in listing.stdout and "libtpu_lockfile is left" in listing.stdout and lock.exists()
+    proc, calls = run("run.sh", fake_gcloud, "--kill-holders")
+    result = on_worker(_remote_command(calls[-1]), home, **env)
+    assert result.returncode == 0 and "removed the stale" in result.stdout and not lock.exists()
+
+
 def test_the_scripts_pass_shellcheck():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
