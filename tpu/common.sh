@@ -7,8 +7,8 @@ set -euo pipefail
 TPU_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck disable=SC2034  # used by setup.sh
 REPO_DIR="$(cd "$TPU_DIR/.." && pwd)"
-TPU_SETTINGS="GCLOUD TPU_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION REMOTE_DIR PYTHON_VERSION TPU_ENV
-NODE_COUNT STOP_GRACE_S"
+TPU_SETTINGS="GCLOUD GCLOUD_TRACK TPU_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION REMOTE_DIR PYTHON_VERSION
+TPU_ENV NODE_COUNT STOP_GRACE_S"
 
 # config.env may assign any setting; the ones the environment gives are put back afterwards, so they win.
 if [ -f "$TPU_DIR/config.env" ]; then
@@ -22,6 +22,7 @@ if [ -f "$TPU_DIR/config.env" ]; then
 fi
 
 GCLOUD="${GCLOUD:-gcloud}"
+GCLOUD_TRACK="${GCLOUD_TRACK:-}"           # alpha or beta: gcloud alpha compute tpus ... (e.g. for --reservation)
 TPU_NAME="${TPU_NAME:-agentlm}"
 ZONE="${ZONE:-us-central2-b}"
 PROJECT="${PROJECT:-$("$GCLOUD" config get-value project 2>/dev/null || true)}"
@@ -49,6 +50,10 @@ if [ -z "$PROJECT" ]; then
   echo "No Google Cloud project: set PROJECT=... or run 'gcloud config set project ...'" >&2
   exit 2
 fi
+case "$GCLOUD_TRACK" in
+  ''|alpha|beta) ;;
+  *) echo "GCLOUD_TRACK must be empty, alpha or beta, not '$GCLOUD_TRACK'" >&2; exit 2 ;;
+esac
 case "$NODE_COUNT" in
   ''|*[!0-9]*|0) echo "NODE_COUNT must be a positive whole number of slices, not '$NODE_COUNT'" >&2; exit 2 ;;
 esac
@@ -56,14 +61,19 @@ case "$STOP_GRACE_S" in
   ''|*[!0-9]*) echo "STOP_GRACE_S must be a whole number of seconds, not '$STOP_GRACE_S'" >&2; exit 2 ;;
 esac
 
+# gcloud [alpha|beta] compute tpus ARGS...
+tpus() {
+  "$GCLOUD" ${GCLOUD_TRACK:+"$GCLOUD_TRACK"} compute tpus "$@"
+}
+
 # Run one command on every worker of the slice at once; on a multislice queued resource (NODE_COUNT > 1), on every
 # worker of every slice.
 on_all_workers() {
   if [ "$NODE_COUNT" -gt 1 ]; then
-    "$GCLOUD" compute tpus queued-resources ssh "$QUEUED_RESOURCE" --project="$PROJECT" --zone="$ZONE" \
+    tpus queued-resources ssh "$QUEUED_RESOURCE" --project="$PROJECT" --zone="$ZONE" \
       --node=all --worker=all --command="$1"
   else
-    "$GCLOUD" compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" --worker=all \
+    tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" --worker=all \
       --command="$1"
   fi
 }
@@ -71,9 +81,9 @@ on_all_workers() {
 # Copy one local file to every worker; the destination is relative to the home directory there.
 copy_to_all_workers() {
   if [ "$NODE_COUNT" -gt 1 ]; then
-    "$GCLOUD" compute tpus queued-resources scp "$1" "$QUEUED_RESOURCE:$2" --project="$PROJECT" --zone="$ZONE" \
+    tpus queued-resources scp "$1" "$QUEUED_RESOURCE:$2" --project="$PROJECT" --zone="$ZONE" \
       --node=all --worker=all
   else
-    "$GCLOUD" compute tpus tpu-vm scp "$1" "$TPU_NAME:$2" --project="$PROJECT" --zone="$ZONE" --worker=all
+    tpus tpu-vm scp "$1" "$TPU_NAME:$2" --project="$PROJECT" --zone="$ZONE" --worker=all
   fi
 }

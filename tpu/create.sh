@@ -10,11 +10,12 @@
 #   tpu/create.sh --queued -- --any-gcloud-flag=value     # everything after -- goes to gcloud unchecked
 # Settings (environment or tpu/config.env): TPU_NAME, ZONE, PROJECT, ACCELERATOR_TYPE (e.g. v4-32,
 # v5litepod-16, v5p-64, v6e-8), RUNTIME_VERSION (derived from ACCELERATOR_TYPE when unset), NODE_COUNT
-# (slices of a multislice queued resource). WAIT_POLL_S: seconds between --wait polls (default 30).
+# (slices of a multislice queued resource), GCLOUD_TRACK=alpha for flags only gcloud alpha has (--reservation).
+# WAIT_POLL_S: seconds between --wait polls (default 30).
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
-usage() { sed -n '2,13p' "$0"; }
+usage() { sed -n '2,14p' "$0"; }
 
 # Flags that only `queued-resources create` has (gcloud reference, compute tpus queued-resources create).
 QUEUED_ONLY="--valid-until-duration --valid-until-time --valid-after-duration --valid-after-time --guaranteed
@@ -40,6 +41,11 @@ while [ $# -gt 0 ]; do
       echo "$1: set TPU_NAME instead; the node (or the slices' prefix) is named after it" >&2; exit 2 ;;
     --*)
       flag="${1%%=*}"
+      if [ "$flag" = --reservation ] && [ -z "$GCLOUD_TRACK" ]; then
+        echo "--reservation (a reservation by name) exists only in 'gcloud alpha': set GCLOUD_TRACK=alpha, or use" \
+             "--reserved to take any matching reservation of the project" >&2
+        exit 2
+      fi
       if [ "$flag" = --node-count ]; then
         echo "--node-count: set NODE_COUNT=${1#--node-count=} (in tpu/config.env) instead, so that setup.sh and" \
              "run.sh reach every slice too" >&2
@@ -98,7 +104,7 @@ wait_until_active() {
        "giving up after ${timeout_s}s)"
   while :; do
     now="$(date +%s)"
-    if state="$("$GCLOUD" compute tpus queued-resources describe "$QUEUED_RESOURCE" --project="$PROJECT" \
+    if state="$(tpus queued-resources describe "$QUEUED_RESOURCE" --project="$PROJECT" \
         --zone="$ZONE" --format='value(state.state)' 2>"$err")"; then
       failures=0
       if [ "$state" != "$last" ] || [ $(( (now - start) % 600 )) -lt "$poll_s" ]; then
@@ -111,7 +117,7 @@ wait_until_active() {
           return 0 ;;
         FAILED|SUSPENDING|SUSPENDED|DELETING)
           echo "$QUEUED_RESOURCE is $state: it will not become ACTIVE. See why with:" >&2
-          echo "  $GCLOUD compute tpus queued-resources describe $QUEUED_RESOURCE --project=$PROJECT --zone=$ZONE" >&2
+          echo "  $GCLOUD ${GCLOUD_TRACK:+$GCLOUD_TRACK }compute tpus queued-resources describe $QUEUED_RESOURCE --project=$PROJECT --zone=$ZONE" >&2
           echo "then delete it (tpu/delete.sh) before creating it again." >&2
           return 1 ;;
       esac
@@ -119,7 +125,7 @@ wait_until_active() {
       failures=$((failures + 1))
       echo "$(date -u +%H:%M:%S) could not read the state of $QUEUED_RESOURCE ($failures/5): $(tail -n 1 "$err")" >&2
       if [ "$failures" -ge 5 ]; then
-        echo "giving up: check that $QUEUED_RESOURCE exists in $ZONE ($GCLOUD compute tpus queued-resources list" \
+        echo "giving up: check that $QUEUED_RESOURCE exists in $ZONE ($GCLOUD ${GCLOUD_TRACK:+$GCLOUD_TRACK }compute tpus queued-resources list" \
              "--project=$PROJECT --zone=$ZONE)" >&2
         return 1
       fi
@@ -150,16 +156,16 @@ if [ "$queued" = 1 ]; then
   else
     nodes=(--node-id="$TPU_NAME")
   fi
-  "$GCLOUD" compute tpus queued-resources create "$QUEUED_RESOURCE" "${nodes[@]}" \
+  tpus queued-resources create "$QUEUED_RESOURCE" "${nodes[@]}" \
     --project="$PROJECT" --zone="$ZONE" --accelerator-type="$ACCELERATOR_TYPE" \
     --runtime-version="$RUNTIME_VERSION" "${extra[@]+"${extra[@]}"}"
   if [ "$wait" = 1 ]; then
     wait_until_active
     exit $?
   fi
-  echo "Queued. Wait for it with: tpu/create.sh --wait   (or watch: $GCLOUD compute tpus queued-resources" \
+  echo "Queued. Wait for it with: tpu/create.sh --wait   (or watch: $GCLOUD ${GCLOUD_TRACK:+$GCLOUD_TRACK }compute tpus queued-resources" \
        "describe $QUEUED_RESOURCE --zone=$ZONE)"
 else
-  "$GCLOUD" compute tpus tpu-vm create "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" \
+  tpus tpu-vm create "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" \
     --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" "${extra[@]+"${extra[@]}"}"
 fi

@@ -3,10 +3,10 @@
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
-if "$GCLOUD" compute tpus queued-resources describe "$TPU_NAME-qr" --project="$PROJECT" --zone="$ZONE" \
+if tpus queued-resources describe "$TPU_NAME-qr" --project="$PROJECT" --zone="$ZONE" \
     >/dev/null 2>&1; then
-  "$GCLOUD" compute tpus queued-resources delete "$TPU_NAME-qr" --project="$PROJECT" --zone="$ZONE" \
+  tpus queued-resources delete "$TPU_NAME-qr" --project="$PROJECT" --zone="$ZONE" \
     --force --quiet
 else
-  "$GCLOUD" compute tpus tpu-vm delete "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" --quiet
+  tpus tpu-vm delete "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" --quiet
 fi

@@ -169,6 +169,6 @@ else
   on_all_workers "$cmd && (nohup $quoted >> \"\$log\" 2>&1 &) && echo \"started on \$(hostname), log ~/$REMOTE_DIR/\$log\""
   first="$TPU_NAME"
   if [ "$NODE_COUNT" -gt 1 ]; then first="$TPU_NAME-0"; fi   # the first slice of a multislice
-  echo "Follow worker 0 with: $GCLOUD compute tpus tpu-vm ssh $first --zone=$ZONE --worker=0" \
+  echo "Follow worker 0 with: $GCLOUD ${GCLOUD_TRACK:+$GCLOUD_TRACK }compute tpus tpu-vm ssh $first --zone=$ZONE --worker=0" \
        "--command='tail -F ~/$REMOTE_DIR/run.log'   (or: tpu/run.sh --status)"
 fi

@@ -16,7 +16,7 @@ import pytest
 
 TPU = Path(__file__).resolve().parents[2] / "tpu"
 SETTINGS = ("GCLOUD", "TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "REMOTE_DIR",
-            "PYTHON_VERSION", "TPU_ENV", "NODE_COUNT", "STOP_GRACE_S", "WAIT_POLL_S")
+            "PYTHON_VERSION", "TPU_ENV", "NODE_COUNT", "STOP_GRACE_S", "WAIT_POLL_S", "GCLOUD_TRACK")
 
 
 @pytest.fixture
@@ -132,6 +132,7 @@ def test_create_queued_passes_queued_resource_flags_through(fake_gcloud):
     (["spot"], "options start with --"),
     (["--queued", "--wait", "--timeout=soon"], "90s, 30m, 6h or 2d"),
     (["--wait", "--spot"], "creates nothing"),
+    (["--queued", "--reservation=my-res"], "GCLOUD_TRACK=alpha"),
 ])
 def test_create_refuses_flags_that_would_go_wrong_and_says_what_to_do(fake_gcloud, args, message):
     proc, calls = run("create.sh", fake_gcloud, *args)
@@ -139,8 +140,19 @@ def test_create_refuses_flags_that_would_go_wrong_and_says_what_to_do(fake_gclou
     assert not any("create" in c for c in calls)
 
 
+def test_gcloud_track_alpha_reaches_the_alpha_commands(fake_gcloud):
+    proc, calls = run("create.sh", fake_gcloud, "--queued", "--reservation=my-res", GCLOUD_TRACK="alpha")
+    assert proc.returncode == 0, proc.stderr
+    assert calls[-1][:5] == ["alpha", "compute", "tpus", "queued-resources", "create"]
+    assert calls[-1][-1] == "--reservation=my-res"
+    proc, calls = run("run.sh", fake_gcloud, "--status", GCLOUD_TRACK="alpha")
+    assert calls[-1][:4] == ["alpha", "compute", "tpus", "tpu-vm"]
+    proc, calls = run("create.sh", fake_gcloud, GCLOUD_TRACK="gamma")
+    assert proc.returncode == 2 and "GCLOUD_TRACK" in proc.stderr
+
+
 def _describes(calls):
-    return [c for c in calls if c[2:4] == ["queued-resources", "describe"]]
+    return [c for c in calls if c[2:4] == ["queued-resources", "describe"]]  # (no GCLOUD_TRACK in these tests)
 
 
 def test_create_queued_wait_polls_until_active(fake_gcloud, tmp_path):
