@@ -6,34 +6,105 @@
         data/        the input iterator's state, one JSON file per process (grain's checkpoint handler)
         config/      JSON: the resolved TrainConfig, the dataset's tasks and tokenizer path
 
+        checksums.json  size and CRC32C of every file above, written before orbax commits the step
+
 Saves are asynchronous (the arrays are copied to host memory, then written in the background while training
 continues) and atomic (orbax writes to a temporary directory and renames it when complete), so a crash
 or preemption mid-write leaves the previous checkpoint intact. Every process takes part: each writes the
 array shards it holds and its own data-iterator state.
+
+Integrity: once every process has written its files, process 0 records the size and CRC32C of each one in
+`checksums.json`, in orbax's background thread and before the commit, so a committed step always has one
+(a step without it was written before checksums existed). Reads verify the files they need against it first
+(on gs:// from the object metadata, where GCS keeps each object's CRC32C; locally by reading the bytes), and
+a damaged step is named with its file; `restore_latest` then falls back to the previous step.
 """
 
 from __future__ import annotations
 
+import base64
+import concurrent.futures
+import json
 import logging
 import os
-from typing import Any, Callable
+import posixpath
+import time
+from typing import Any, Callable, NamedTuple
 
+import fsspec
+import google_crc32c
 import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from agentlm_jax.config import CheckpointConfig, ModelConfig, from_dict
+from agentlm_jax.errors import SetupError
 from agentlm_jax.training.state import TrainState, abstract_params
 
 log = logging.getLogger(__name__)
 
 PARAMS, OPTIMIZER, DATA, CONFIG = "params", "optimizer", "data", "config"
 CHECKPOINTS_SUBDIR = "checkpoints"
+CHECKSUMS = "checksums.json"
+DAMAGED_SUBDIR = "damaged"  # where restore_latest moves the damaged steps it skipped (a step number is reused)
+_READ_CHUNK = 16 << 20
+
+
+class CheckpointDamagedError(SetupError):
+    """A step's files differ from the checksums saved with it, or (a step saved without checksums) cannot be read."""
+
+    def __init__(self, step: int, problems: list[str]):
+        self.step, self.problems = step, problems
+        super().__init__(f"the checkpoint of step {step} is damaged: " + "; ".join(problems))
+
+
+class NoUsableCheckpointError(SetupError):
+    """Every checkpoint of a run is damaged."""
+
+
+class Restored(NamedTuple):
+    step: int
+    state: TrainState
 
 
 def _absolute(directory: str) -> str:
     return directory if "://" in directory else os.path.abspath(directory)
+
+
+def _crc32c_of_file(fs, path: str) -> str:
+    crc = google_crc32c.Checksum()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            crc.update(chunk)
+    return base64.b64encode(crc.digest()).decode("ascii")  # GCS's encoding of an object's crc32c
+
+
+def _file_checksums(url: str, wanted: Callable[[str], bool] = lambda rel: True) -> dict[str, dict[str, Any]]:
+    """{path relative to `url`: {"size", "crc32c"}} of the files under `url` (missing ones are absent). On GCS
+    the CRC32C comes from the object's metadata (GCS computes it on upload); elsewhere the bytes are read."""
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(root)  # orbax wrote these through tensorstore, not this fsspec instance
+    files = {posixpath.relpath(path, root): info for path, info in fs.find(root, detail=True).items()
+             if info.get("type") == "file"}
+    files = {rel: info for rel, info in files.items() if rel != CHECKSUMS and wanted(rel)}
+
+    def checksum(item):
+        rel, info = item
+        return rel, {"size": int(info["size"]),
+                     "crc32c": info.get("crc32c") or _crc32c_of_file(fs, posixpath.join(root, rel))}
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return dict(sorted(pool.map(checksum, files.items())))
+
+
+def write_checksums(step_dir: str) -> None:
+    """Record the size and CRC32C of every file of the items under `step_dir` in `step_dir`/checksums.json.
+    The step's own files (_CHECKPOINT_METADATA, commit_success.txt) are left out: orbax rewrites them at commit."""
+    manifest = {"algorithm": "crc32c", "files": _file_checksums(step_dir, lambda rel: "/" in rel)}
+    with fsspec.open(posixpath.join(step_dir, CHECKSUMS), "w") as f:
+        json.dump(manifest, f, indent=0)
 
 
 class Checkpointer:
@@ -44,21 +115,35 @@ class Checkpointer:
         """read_only: for readers (export, generate); nothing is created or deleted. ocdbt: store each process's
         arrays in one OCDBT database (few large files; orbax's default) instead of a file per array chunk."""
         self.directory = _absolute(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
-                                               enable_async_checkpointing=async_save and not read_only)
+        self.async_save = async_save
+        self.read_only = read_only
+        self._saving_step: int | None = None
+        self._verified: dict[int, set[str]] = {}  # step -> items whose files matched their checksums
+        self._damaged: dict[int, CheckpointDamagedError] = {}
+        # Saves always go through orbax's background thread, whose post-finalization callback (run on the
+        # primary process once every process has written, before the commit) writes checksums.json; a
+        # synchronous save waits for it.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep, create=not read_only, enable_async_checkpointing=not read_only,
+            async_options=None if read_only else ocp.AsyncOptions(post_finalization_callback=self._write_checksums))
         handlers = {PARAMS: ocp.StandardCheckpointHandler(use_ocdbt=ocdbt),
                     OPTIMIZER: ocp.StandardCheckpointHandler(use_ocdbt=ocdbt),
                     DATA: grain.checkpoint.CheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
+        """The newest committed step, damaged or not (see `usable_step` and `restore_latest`)."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def step_dir(self, step: int) -> str:
+        return posixpath.join(self.directory, ocp.step.standard_name_format().build_name(step))
+
     def save(self, step: int, state, data_iterator=None, run_info: dict[str, Any] | None = None) -> None:
-        """Start saving `state` (a training.state.TrainState) at `step`; returns once arrays are on the host."""
+        """Start saving `state` (a training.state.TrainState) at `step`; returns once arrays are on the host
+        (with async_save=False: once the checkpoint and its checksums are written)."""
         items = {
             PARAMS: ocp.args.StandardSave(state.params),
             OPTIMIZER: ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step}),
@@ -66,30 +151,178 @@ class Checkpointer:
         }
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.wait_until_finished()  # orbax would too; the callback below must see only this step
+        self._saving_step = step
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if not self.async_save:
+            self.manager.wait_until_finished()
 
+    def _write_checksums(self) -> None:
+        """orbax's post-finalization callback: checksums.json in the step's not yet committed directory (the
+        temporary one on a local disk; on GCS the final one, committed by its commit_success.txt)."""
+        step, final = self._saving_step, self.step_dir(self._saving_step)
+        for step_dir in (final + ocp.path.atomicity.TMP_DIR_SUFFIX, final):
+            fs, root = fsspec.core.url_to_fs(step_dir)
+            fs.invalidate_cache(root)
+            if fs.isdir(root):
+                break
+        try:
+            start = time.monotonic()
+            write_checksums(step_dir)
+            log.debug("checksums of step %d written in %.1f s", step, time.monotonic() - start)
+        except Exception as e:  # noqa: BLE001 - the checkpoint itself is complete; losing it would be worse
+            log.error("could not write %s for the checkpoint of step %d (%s: %s): it is saved, but a restore "
+                      "cannot verify its files", CHECKSUMS, step, type(e).__name__, e)
+
+    # ------------------------------------------------------------------------------------------ verifying
+    def verify(self, step: int, items: tuple[str, ...] = (PARAMS, OPTIMIZER, DATA, CONFIG)) -> bool:
+        """Check the files of `items` against the step's checksums.json.
+
+        True: they match. False: the step has no checksums.json (saved before checksums existed), so there is
+        nothing to check against. Raises CheckpointDamagedError naming each missing, truncated or altered file.
+        """
+        if step in self._damaged:
+            raise self._damaged[step]
+        if set(items) <= self._verified.get(step, set()):
+            return True
+        step_dir = self.step_dir(step)
+        fs, root = fsspec.core.url_to_fs(step_dir)
+        manifest_path = posixpath.join(step_dir, CHECKSUMS)
+        try:
+            manifest = json.loads(fs.cat_file(posixpath.join(root, CHECKSUMS)))
+            expected = {rel: (int(e["size"]), e["crc32c"]) for rel, e in manifest["files"].items()}
+        except FileNotFoundError:
+            return False
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            self._fail(step, [f"{manifest_path} cannot be read ({type(e).__name__}: {e})"])
+        wanted = lambda rel: rel.split("/", 1)[0] in items  # noqa: E731
+        actual = _file_checksums(step_dir, wanted)
+        problems = []
+        for rel, (size, crc) in expected.items():
+            if not wanted(rel):
+                continue
+            path = posixpath.join(step_dir, rel)
+            if rel not in actual:
+                problems.append(f"{path} is missing")
+            elif actual[rel]["size"] != size:
+                problems.append(f"{path} has {actual[rel]['size']} bytes, but {size} were written (truncated or "
+                                f"overwritten)")
+            elif actual[rel]["crc32c"] != crc:
+                problems.append(f"{path} does not match the checksum saved with it (crc32c {actual[rel]['crc32c']}"
+                                f", saved {crc}): its bytes changed after the save")
+        if problems:
+            self._fail(step, problems)
+        self._verified.setdefault(step, set()).update(items)
+        return True
+
+    def _fail(self, step: int, problems: list[str]):
+        self._damaged[step] = CheckpointDamagedError(step, problems)
+        raise self._damaged[step]
+
+    def _read(self, step: int, items: tuple[str, ...], read: Callable[[], Any]) -> Any:
+        """`read()` after verifying `items` of `step`. A step without checksums that orbax or grain cannot read
+        is reported as damaged too; with checksums that matched, a read error is not damage and propagates."""
+        if self.verify(step, items):
+            return read()
+        log.warning("the checkpoint of step %d has no %s (saved before checksums existed): reading it unverified",
+                    step, CHECKSUMS)
+        try:
+            return read()
+        except Exception as e:  # noqa: BLE001 - whatever orbax, tensorstore or grain raise for unreadable files
+            self._damaged[step] = CheckpointDamagedError(
+                step, [f"{self.step_dir(step)} cannot be read ({type(e).__name__}: {e})"])
+            raise self._damaged[step] from e
+
+    def usable_step(self, step: int | None = None, items: tuple[str, ...] = (PARAMS, OPTIMIZER, DATA, CONFIG)) -> int | None:
+        """The newest step (at most `step`) whose files of `items` match their checksums, or that has none;
+        each damaged newer step is logged with its files. None if there is no checkpoint at all; raises
+        NoUsableCheckpointError if every one is damaged."""
+        steps = sorted((s for s in self.all_steps() if step is None or s <= step), reverse=True)
+        if not steps:
+            return None
+        for s in steps:
+            try:
+                self.verify(s, items)
+                return s
+            except CheckpointDamagedError as e:
+                self._warn_fallback(e, steps)
+        self._no_usable_checkpoint()
+
+    def _warn_fallback(self, error: CheckpointDamagedError, steps: list[int]) -> None:
+        older = [s for s in steps if s < error.step]
+        log.warning("%s. %s", error, f"Trying the previous checkpoint (step {older[0]})" if older
+                    else "There is no older checkpoint")
+
+    def _no_usable_checkpoint(self):
+        damaged = [str(self._damaged[s]) for s in sorted(self._damaged, reverse=True)]
+        raise NoUsableCheckpointError(
+            f"no usable checkpoint in {self.directory}: " + ". ".join(damaged) + ". Restore the damaged files "
+            f"from a copy, or move the step directories away to start the run again from its beginning")
+
+    # ------------------------------------------------------------------------------------------ restoring
     def restore(self, step: int, abstract_state, data_iterator=None):
         """The train state saved at `step`, each array placed on the sharding of `abstract_state`'s leaf
-        (ShapeDtypeStructs, see training.state.abstract_train_state); restores `data_iterator` in place."""
+        (ShapeDtypeStructs, see training.state.abstract_train_state); restores `data_iterator` in place.
+        Verifies the files first (CheckpointDamagedError names the damaged ones)."""
         items = {
             PARAMS: ocp.args.StandardRestore(abstract_state.params),
             OPTIMIZER: ocp.args.StandardRestore({"opt_state": abstract_state.opt_state, "step": abstract_state.step}),
         }
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._read(step, tuple(items),
+                              lambda: self.manager.restore(step, args=ocp.args.Composite(**items)))
         opt = restored[OPTIMIZER]
         return TrainState(step=opt["step"], params=restored[PARAMS], opt_state=opt["opt_state"])
+
+    def restore_latest(self, abstract_state, data_iterator=None) -> Restored | None:
+        """The newest checkpoint that is intact, restored (as `restore`); None if there is none at all.
+
+        A damaged step is logged (its files and what is wrong) and the previous one is tried. When an older step
+        is restored, the damaged newer ones are moved to `checkpoints/damaged/` (the run will save those step
+        numbers again). Raises NoUsableCheckpointError if every checkpoint is damaged.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            return None
+        for step in steps:
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+            except CheckpointDamagedError as e:
+                self._warn_fallback(e, steps)
+                continue
+            skipped = [s for s in steps if s > step]
+            if skipped:
+                log.warning("resumed from the checkpoint of step %d: the newer one(s) of step(s) %s are damaged",
+                            step, skipped)
+                self._set_aside(skipped)
+            return Restored(step, state)
+        self._no_usable_checkpoint()
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if self.read_only:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                fs, src = fsspec.core.url_to_fs(self.step_dir(step))
+                dst = posixpath.join(posixpath.dirname(src), DAMAGED_SUBDIR, f"{step}-{int(time.time())}")
+                fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+                fs.mv(src, dst, recursive=True)
+                log.warning("moved the damaged checkpoint of step %d to %s; delete it once you no longer need it",
+                            step, dst)
+        multihost_utils.sync_global_devices("agentlm_jax: damaged checkpoints set aside")
+        self.manager.reload()
 
     def run_info(self, step: int | None = None) -> dict[str, Any]:
         """The JSON saved with a checkpoint (latest by default): {"config": ..., "tasks": ..., ...}."""
         step = self._step_or_latest(step)
-        return dict(self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG])
+        return dict(self._read(step, (CONFIG,), lambda: self.manager.restore(
+            step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})))[CONFIG])
 
     def restore_params(self, step: int | None, abstract_params: dict) -> dict:
         step = self._step_or_latest(step)
-        return self.manager.restore(
-            step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract_params)}))[PARAMS]
+        return self._read(step, (PARAMS,), lambda: self.manager.restore(
+            step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract_params)})))[PARAMS]
 
     def _step_or_latest(self, step: int | None) -> int:
         if step is None:
@@ -135,10 +368,13 @@ def load_model_params(checkpoint_dir: str, step: int | None = None,
     parameters: a tree of NamedShardings matching the parameters (an nnx.State, e.g. from
     `sharding.state_shardings`, or its pure dict), or a function from the abstract parameters (nnx.State of
     ShapeDtypeStructs) to such a tree; None = all on the first device. Only the parameters are read, never
-    the optimizer state.
+    the optimizer state. Their files are verified against the checksums saved with them first: a damaged
+    `step` is an error (CheckpointDamagedError, naming the files); by default the newest intact step is used.
     """
     with Checkpointer(resolve_checkpoint_dir(checkpoint_dir), read_only=True) as ckpt:
-        step = ckpt._step_or_latest(step)
+        step = ckpt._step_or_latest(step) if step is not None else ckpt.usable_step(items=(CONFIG, PARAMS))
+        if step is None:
+            ckpt._step_or_latest(None)  # raises: no checkpoint
         cfg = model_config_from_run_info(ckpt.run_info(step))
         abstract = abstract_params(cfg)
         if callable(shardings):
@@ -160,6 +396,8 @@ def tokenizer_path(checkpoint_dir: str, step: int | None = None) -> str | None:
     """The tokenizer directory of the dataset the run trained on (from its saved run info), if known."""
     try:
         with Checkpointer(resolve_checkpoint_dir(checkpoint_dir), read_only=True) as ckpt:
+            if step is None:
+                step = ckpt.usable_step(items=(CONFIG,))
             path = ckpt.run_info(step).get("tokenizer_path")
     except FileNotFoundError:
         return None
