@@ -8,7 +8,7 @@ TPU_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck disable=SC2034  # used by setup.sh
 REPO_DIR="$(cd "$TPU_DIR/.." && pwd)"
 TPU_SETTINGS="GCLOUD GCLOUD_TRACK TPU_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION REMOTE_DIR PYTHON_VERSION
-TPU_ENV NODE_COUNT STOP_GRACE_S"
+TPU_ENV NODE_COUNT STOP_GRACE_S WAIT_POLL_S"
 
 # config.env may assign any setting; the ones the environment gives are put back afterwards, so they win.
 if [ -f "$TPU_DIR/config.env" ]; then

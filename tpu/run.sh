@@ -166,7 +166,7 @@ cmd="$cmd && echo \"# \$(date -u '+%F %T UTC') on \$(hostname)${forward[*]:+, fo
 if [ "$foreground" = 1 ]; then
   on_all_workers "set -o pipefail; $cmd && $quoted 2>&1 | tee -a \"\$log\""
 else
-  on_all_workers "$cmd && (nohup $quoted >> \"\$log\" 2>&1 &) && echo \"started on \$(hostname), log ~/$REMOTE_DIR/\$log\""
+  on_all_workers "$cmd && (nohup $quoted < /dev/null >> \"\$log\" 2>&1 &) && echo \"started on \$(hostname), log ~/$REMOTE_DIR/\$log\""
   first="$TPU_NAME"
   if [ "$NODE_COUNT" -gt 1 ]; then first="$TPU_NAME-0"; fi   # the first slice of a multislice
   echo "Follow worker 0 with: $GCLOUD ${GCLOUD_TRACK:+$GCLOUD_TRACK }compute tpus tpu-vm ssh $first --zone=$ZONE --worker=0" \

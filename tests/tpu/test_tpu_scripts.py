@@ -316,7 +316,8 @@ def test_each_start_keeps_its_own_log_and_run_log_links_to_the_latest(fake_gclou
     old = checkout / "logs" / "run-20260101T000000Z.log"
     old.write_text("the previous start's output\n")
     (checkout / "run.log").symlink_to("logs/run-20260101T000000Z.log")
-    proc, calls = run("run.sh", fake_gcloud, sys.executable, "-c", "print('step 1'); print('step 2')")
+    proc, calls = run("run.sh", fake_gcloud, sys.executable, "-c",
+                      "import os; print('step 1'); print(os.readlink('/proc/self/fd/0')); print('step 2')")
     assert proc.returncode == 0, proc.stderr
     result = on_worker(_remote_command(calls[-1]), home)
     assert result.returncode == 0, result.stderr
@@ -327,7 +328,7 @@ def test_each_start_keeps_its_own_log_and_run_log_links_to_the_latest(fake_gclou
         if "step 2" in new.read_text():
             break
         time.sleep(0.1)
-    assert new.read_text().splitlines()[1:] == ["step 1", "step 2"]
+    assert new.read_text().splitlines()[1:] == ["step 1", "/dev/null", "step 2"]  # detached from the ssh input
     assert new.read_text().startswith("# ") and old.read_text() == "the previous start's output\n"
 
     (checkout / "run.log").unlink()
