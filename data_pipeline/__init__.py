@@ -14,12 +14,13 @@ from __future__ import annotations
 from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR
 
 
-def build_sample_dataset(output_dir: str = SAMPLE_DATASET_DIR) -> dict:
-    """Builds the embedded sample dataset (the pipeline's defaults) into `output_dir`; returns its manifest."""
+def build_sample_dataset(output_dir: str = SAMPLE_DATASET_DIR, overwrite: bool = False) -> dict:
+    """Builds the embedded sample dataset (the pipeline's defaults) into `output_dir`; returns its manifest.
+    A non-empty `output_dir` is refused (data_pipeline.errors.OutputError) unless `overwrite`."""
     from data_pipeline.build import run
     from data_pipeline.config import PipelineConfig
 
-    return run(PipelineConfig(output=output_dir))
+    return run(PipelineConfig(output=output_dir), overwrite=overwrite)
 
 
 __all__ = ["SAMPLE_DATASET_DIR", "build_sample_dataset"]

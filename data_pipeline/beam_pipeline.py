@@ -40,6 +40,9 @@ from data_pipeline.writers import write_manifest, write_rejected, write_shard
 log = logging.getLogger(__name__)
 
 TRUNCATED_TRAILING_PAIRS = "dropped_trailing_pairs_over_max_seq_len"
+# Text of a special token (`</s>`, `<s>`, `<unk>`) in a message: training encodes it as plain text, but a Hugging
+# Face client (apply_chat_template + the tokenizer) reads it as the token itself, e.g. an early end of sequence.
+SPECIAL_TOKEN_TEXT = "special_token_text"
 # Live progress in the Dataflow UI (and the runner's metrics); the manifest has the exact final accounting.
 RECORDS_READ = beam.metrics.Metrics.counter("data_pipeline", "records_read")
 CONVERSATIONS_ENCODED = beam.metrics.Metrics.counter("data_pipeline", "conversations_encoded")
@@ -186,6 +189,16 @@ class Encode(beam.DoFn):
             self.last_log = time.monotonic()
             self.log.info("this worker encoded %d conversations (%d tokens) so far", *self.done)
 
+    def special_token_text(self, conv: Conversation) -> str | None:
+        """Where the conversation's text holds special-token text (a detail for rejected.jsonl), or None."""
+        if found := self.encoder.special_token_text(conv.system):
+            return f"system prompt: {found!r}"
+        for i, pair in enumerate(conv.pairs):
+            for role, text in (("user", pair.user), ("assistant", pair.assistant)):
+                if found := self.encoder.special_token_text(text):
+                    return f"pair {i + 1}, {role}: {found!r}"
+        return None
+
     def threshold(self, task: str) -> float:
         return self.reward_thresholds.get(task, self.reward_thresholds["default"])
 
@@ -200,8 +213,10 @@ class Encode(beam.DoFn):
             result, repairs = normalize(item, source, kind, self.threshold)
             tally.repairs(source, repairs)
             if isinstance(result, Conversation):
-                convs.append(result)
-                continue
+                if not (found := self.special_token_text(result)):
+                    convs.append(result)
+                    continue
+                result = Dropped(REJECTED, SPECIAL_TOKEN_TEXT, found)
             tally.drop(result.bucket, source, result.reason)
             if result.bucket == REJECTED:
                 rejected.append(rejected_row(item, source, result))
@@ -257,7 +272,7 @@ def dropped_by_plan(plan: dict, key: mixing.ExampleKey, location: tuple[str, int
     return None
 
 
-def make_plan(summary: tuple, cfg: PipelineConfig) -> dict:
+def make_plan(summary: tuple, cfg: PipelineConfig, output: str) -> dict:
     """The single global step: the plan from every row's key, with the run's full tally (the encoders'
     plus what Place will keep or drop) and rejected.jsonl written (`rejected_written` rows)."""
     keys, tally, rejected = summary
@@ -271,7 +286,7 @@ def make_plan(summary: tuple, cfg: PipelineConfig) -> dict:
         else:
             tally.kept(key.source, key.task)
     plan["tally"] = tally
-    plan["rejected_written"] = write_rejected(rejected, cfg.output)
+    plan["rejected_written"] = write_rejected(rejected, output)
     return plan
 
 
@@ -322,8 +337,10 @@ def shard_counts(cfg: PipelineConfig) -> dict[str, int]:
 
 
 def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask], *,
-                tokenizer: StagedTokenizer, tokenizer_info: dict) -> None:
-    """Adds the whole pipeline to `p`; running it writes shards, rejected.jsonl and manifest.json."""
+                tokenizer: StagedTokenizer, tokenizer_info: dict, output: str | None = None) -> None:
+    """Adds the whole pipeline to `p`; running it writes shards, rejected.jsonl and manifest.json into
+    `output` (default cfg.output; the build's staging directory); the manifest records cfg."""
+    output = output or cfg.output
     if not read_tasks:
         raise ValueError("no input: configure at least one agent or general source")
     counts = shard_counts(cfg)
@@ -335,12 +352,12 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
                | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds))
                .with_outputs(Encode.SUMMARY, main="rows"))
     plan = (encoded[Encode.SUMMARY] | "GatherSummaries" >> beam.CombineGlobally(GatherSummaries()).without_defaults()
-            | "Plan" >> beam.Map(make_plan, cfg=cfg))
+            | "Plan" >> beam.Map(make_plan, cfg=cfg, output=output))
     shards = (encoded.rows | "Place" >> beam.ParDo(Place(counts), beam.pvalue.AsSingleton(plan))
               | "GroupByShard" >> beam.GroupByKey()
-              | "WriteShard" >> beam.ParDo(WriteShard(cfg.output, counts)))
+              | "WriteShard" >> beam.ParDo(WriteShard(output, counts)))
     _ = plan | "WriteManifest" >> beam.Map(
-        write_manifest, output=cfg.output, config=manifest_config(cfg), tokenizer=tokenizer_info,
+        write_manifest, output=output, config=manifest_config(cfg), tokenizer=tokenizer_info,
         sources=sources, shard_counts=counts, shards=beam.pvalue.AsList(shards))
 
 

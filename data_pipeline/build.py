@@ -1,30 +1,33 @@
 """`python -m data_pipeline.build`: raw agent trajectories + chat logs → η-mixed, loss-masked TFRecord shards.
 
 With no arguments it builds the bundled sample (configs/data/sample.yaml) into data/sample in a few
-seconds. `--config configs/data/agenttuning.yaml` is the paper's recipe. Flags override the config file;
-options this parser does not know are handed to Apache Beam (e.g. `--experiments`, `--sdk_container_image`).
+seconds. `--config configs/data/agenttuning.yaml` is the paper's recipe. Flags override the config file.
+Apache Beam's own options (e.g. `--experiments`, `--sdk_container_image`, `--num_workers`) are passed to
+Beam; anything after `--` is passed to Beam unchecked; any other option is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import os
 import posixpath
 import sys
 import time
 from typing import Sequence
 
 from data_pipeline.config import PipelineConfig, SourceConfig, expand_path, load_config
+from data_pipeline.errors import BuildError, ConfigError, SourceError, TokenizerError
 from data_pipeline.formats import records
 from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR, TOKENIZER_SUBDIR, load_manifest
-from data_pipeline.manifest import TFDS_DATASET_INFO, TFDS_FEATURES
 from data_pipeline.runner import (DEFAULT_DIRECT_MODE, DEFAULT_DIRECT_WORKERS, DEFAULT_RUNNER, local_runner,
                                   one_tokenizer_thread_per_worker)
-from data_pipeline.staging import StagedTokenizer, remove_staging
+from data_pipeline.staging import (StagedTokenizer, check_output, discard, leftover_staging_dirs, publish,
+                                   staging_dir)
 
 log = logging.getLogger("data_pipeline.build")
 
-OUTPUT_FILES = (records.MANIFEST_NAME, records.REJECTED_NAME, TFDS_DATASET_INFO, TFDS_FEATURES)
 QUIET_BEAM_LOGGERS = ("apache_beam",)  # Beam's INFO lines (and its workers' relayed warnings) unless --verbose
 
 __all__ = ["main", "parse_args", "run"]
@@ -46,7 +49,7 @@ def _threshold(text: str) -> tuple[str, float]:
 def make_parser() -> argparse.ArgumentParser:
     d = PipelineConfig()
     p = argparse.ArgumentParser(
-        prog="python -m data_pipeline.build", description=__doc__,
+        prog="python -m data_pipeline.build", description=__doc__, allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Source syntax: [NAME=]PATH where PATH is a local or gs:// file, directory or glob (.jsonl, "
                ".json array, .parquet; .gz etc. decompressed), or [NAME=][hf:]OWNER/DATASET[:SPLIT,...] "
@@ -70,14 +73,17 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-shards", type=int, help=f"train shards (default {d.num_shards})")
     g.add_argument("--num-validation-shards", type=int, help=f"validation shards (default {d.num_validation_shards})")
     g.add_argument("--seed", type=int, help=f"seed of every sampling decision (default {d.seed})")
-    g.add_argument("--output", metavar="DIR_OR_GS", help=f"output directory, local or gs:// (default {SAMPLE_DATASET_DIR})")
+    g.add_argument("--output", metavar="DIR_OR_GS", help=f"output directory, local or gs:// (default {SAMPLE_DATASET_DIR}); "
+                   "must be empty unless --overwrite")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output, once the new build has succeeded (a failed build leaves it as it was)")
     g.add_argument("--system-prompt", help=f"system prompt of records without one (default {d.system_prompt!r})")
     g.add_argument("--reward-threshold", type=_threshold, action="append", metavar="TASK=VALUE",
                    help="keep records whose reward >= VALUE for TASK ('default' for all other tasks); "
                         f"repeatable (default {d.reward_thresholds})")
     g.add_argument("--tokenize-batch-size", type=int, help="records per batch handed from the reader to the encoder, one fast-tokenizer call "
                         f"each (default {d.tokenize_batch_size})")
-    b = p.add_argument_group("Apache Beam (any other Beam option is passed through as well)")
+    b = p.add_argument_group("Apache Beam (any other option Beam defines is passed to it too, and anything after --)")
     b.add_argument("--runner", default=DEFAULT_RUNNER, help=f"Beam runner (default {DEFAULT_RUNNER}; "
                    "DataflowRunner for scale)")
     b.add_argument("--direct_num_workers", type=int, default=DEFAULT_DIRECT_WORKERS,
@@ -95,17 +101,29 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[PipelineConfig, list[str], argparse.Namespace]:
-    """(config, Beam pipeline args, namespace)."""
+    """(config, Beam pipeline args, namespace). Bad syntax, unknown options and bad values exit with argparse's
+    usage line (status 2); a config file that cannot be read or has an unknown key raises ConfigError."""
     parser = make_parser()
-    args, extra = parser.parse_known_args(argv)
-    cfg = load_config(args.config)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = []
+    if "--" in argv:  # everything after a bare "--" goes to Beam as it is
+        argv, passthrough = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    args, extra = parser.parse_known_args(_dashed_flags(parser, argv))
+    beam_extra = _beam_options(parser, extra)
+    try:
+        cfg = load_config(args.config)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     changes = {}
-    if args.agent is not None:
-        changes["agent"] = tuple(_source(s) for s in args.agent)
-    if args.general is not None:
-        changes["general"] = tuple(_source(s) for s in args.general)
-        if args.general_weights is None and len(changes["general"]) != len(cfg.general_weights):
-            changes["general_weights"] = ()  # the config's weights were for other sources
+    try:
+        if args.agent is not None:
+            changes["agent"] = tuple(_source(s) for s in args.agent)
+        if args.general is not None:
+            changes["general"] = tuple(_source(s) for s in args.general)
+            if args.general_weights is None and len(changes["general"]) != len(cfg.general_weights):
+                changes["general_weights"] = ()  # the config's weights were for other sources
+    except ValueError as e:
+        parser.error(str(e))
     for flag in ("general_weights", "eta", "max_seq_len", "validation_fraction", "num_shards",
                  "num_validation_shards", "seed", "system_prompt", "tokenize_batch_size"):
         if getattr(args, flag) is not None:
@@ -126,7 +144,55 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PipelineConfig, list[
     for flag in ("project", "region", "temp_location"):
         if getattr(args, flag):
             beam_args.append(f"--{flag}={getattr(args, flag)}")
-    return cfg, beam_args + extra, args
+    return cfg, beam_args + beam_extra + passthrough, args
+
+
+def _long_flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [o for o in parser._option_string_actions if o.startswith("--")]
+
+
+def _dashed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--max_seq_len` → `--max-seq-len`: the pipeline's flags also in the underscore spelling Beam's use."""
+    ours = set(_long_flags(parser))
+    out = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if name.startswith("--") and name not in ours and name.replace("_", "-") in ours:
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    """A parser of every option Beam's PipelineOptions classes define (as PipelineOptions builds it)."""
+    from apache_beam.options import pipeline_options as po
+
+    parser = po._BeamArgumentParser(allow_abbrev=False)
+    classes = {}
+    for cls in po.PipelineOptions.__subclasses__():
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def _beam_options(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]:
+    """The arguments our parser did not know, when Beam defines them all; otherwise a usage error that
+    suggests the closest known option."""
+    if not extra:
+        return []
+    beam = _beam_parser()
+    _, unknown = beam.parse_known_args(extra)
+    if not unknown:
+        return list(extra)
+    bad = unknown[0]
+    if not bad.startswith("-"):
+        parser.error(f"unexpected argument {bad!r}")
+    name = bad.partition("=")[0]
+    known = _long_flags(parser) + _long_flags(beam)
+    close = difflib.get_close_matches(name, known, n=1) or difflib.get_close_matches(name.replace("_", "-"), known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    parser.error(f"unknown option {name}{hint} (options for Beam that it does not define go after --)")
 
 
 def _source(spec: str) -> SourceConfig:
@@ -135,42 +201,23 @@ def _source(spec: str) -> SourceConfig:
 
 
 # --------------------------------------------------------------------------- running
-def prepare_output(output: str) -> None:
-    """Creates the output dir and removes what an earlier build left there (shards, manifest, rejects,
-    tokenizer), so stale shards of another shard count can never be mixed in."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(output)
-    fs.makedirs(root, exist_ok=True)
-    try:
-        existing = fs.ls(root, detail=False)
-    except FileNotFoundError:  # object stores have no empty directories
-        existing = []
-    stale = [p for p in existing if records.parse_shard_filename(p) or posixpath.basename(p) in OUTPUT_FILES]
-    if stale:
-        log.info("removing %d files of an earlier build in %s", len(stale), output)
-        fs.rm(stale)
-    if fs.exists(posixpath.join(root, TOKENIZER_SUBDIR)):
-        fs.rm(posixpath.join(root, TOKENIZER_SUBDIR), recursive=True)
-    remove_staging(output)
-
-
 def load_pipeline_tokenizer(cfg: PipelineConfig):
-    """(the fast tokenizer, the manifest's tokenizer entry, {file name: bytes} of its defining files)."""
-    import os
-
+    """(the fast tokenizer, the manifest's tokenizer entry, {file name: bytes} of its defining files).
+    The entry's `path` is relative to the dataset (its own copy), so the dataset can be moved."""
     from data_pipeline.formats.tokenizer import TOKENIZER_FILES, load_tokenizer, resolve_tokenizer_dir, tokenizer_info
 
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    local_dir = resolve_tokenizer_dir(cfg.tokenizer)
-    files = {}
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(local_dir, name)):
-            with open(os.path.join(local_dir, name), "rb") as f:
-                files[name] = f.read()
-    target = posixpath.join(cfg.output, TOKENIZER_SUBDIR)
-    info = tokenizer_info(cfg.tokenizer, tokenizer)
-    info["path"] = target if "://" in target else os.path.abspath(target)
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        local_dir = resolve_tokenizer_dir(cfg.tokenizer)
+        files = {}
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(local_dir, name)):
+                with open(os.path.join(local_dir, name), "rb") as f:
+                    files[name] = f.read()
+        info = tokenizer_info(cfg.tokenizer, tokenizer)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise TokenizerError(f"tokenizer {cfg.tokenizer}: {e}") from None
+    info["path"] = TOKENIZER_SUBDIR
     return tokenizer, info, files
 
 
@@ -185,13 +232,28 @@ def write_tokenizer_copy(output: str, files: dict[str, bytes]) -> None:
             f.write(data)
 
 
-def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = False) -> dict:
-    """Runs the pipeline for `cfg`; returns the manifest it wrote."""
+def input_paths(cfg: PipelineConfig) -> list[str]:
+    """The local or URL paths the sources read (a glob's directory part), for the overlap check."""
+    paths = []
+    for source in cfg.agent + cfg.general:
+        path = source.path
+        if source.format == "hf" or "${" in path:
+            continue
+        if any(c in path for c in "*?["):
+            path = path[: min(path.find(c) for c in "*?[" if c in path)].rpartition("/")[0] or "."
+        paths.append(path)
+    return paths
+
+
+def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = False, overwrite: bool = False) -> dict:
+    """Runs the pipeline for `cfg`; returns the manifest it wrote. Everything is checked before the pipeline
+    starts (output, sources, tokenizer: BuildError); the build is written to a staging directory beside the
+    output and replaces the output only when it succeeded (staging.py)."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from data_pipeline.beam_pipeline import build_graph
-    from data_pipeline.formats.chat_template import serialize_tokenizer
+    from data_pipeline.formats.chat_template import ChatEncoder, serialize_tokenizer
 
     if not verbose:
         for name in QUIET_BEAM_LOGGERS:
@@ -200,31 +262,37 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
         beam_args = [f"--runner={DEFAULT_RUNNER}", f"--direct_num_workers={DEFAULT_DIRECT_WORKERS}",
                      f"--direct_running_mode={DEFAULT_DIRECT_MODE}", *beam_args]
     start = time.perf_counter()
+    check_output(cfg.output, input_paths(cfg), overwrite)
     tasks = read_tasks(cfg)
     log.info("%d read tasks from %d agent and %d general sources", len(tasks), len(cfg.agent), len(cfg.general))
-    tokenizer, tokenizer_info, tokenizer_files = load_pipeline_tokenizer(cfg)  # before the output dir is cleared
-    prepare_output(cfg.output)
-    write_tokenizer_copy(cfg.output, tokenizer_files)
-    log.info("running the Beam pipeline (%s) → %s", " ".join(beam_args), cfg.output)
+    tokenizer, tokenizer_info, tokenizer_files = load_pipeline_tokenizer(cfg)
+    serialized = serialize_tokenizer(tokenizer)
+    if found := ChatEncoder.from_serialized(*serialized).special_token_text(cfg.system_prompt):
+        raise TokenizerError(f"--system-prompt contains {found!r}, the text of a special token of the tokenizer: "
+                             "a Hugging Face client would read it as that token; remove it")
+    if leftovers := leftover_staging_dirs(cfg.output):
+        log.warning("staging directories of interrupted builds (safe to delete): %s", " ".join(leftovers))
+    staging = staging_dir(cfg.output)
+    log.info("running the Beam pipeline (%s) → %s (staged in %s)", " ".join(beam_args), cfg.output, staging)
     options = PipelineOptions(list(beam_args))
     runner = local_runner(options)
     try:
-        staged = StagedTokenizer.write(serialize_tokenizer(tokenizer), cfg.output)
+        write_tokenizer_copy(staging, tokenizer_files)
+        staged = StagedTokenizer.write(serialized, staging)
         with one_tokenizer_thread_per_worker(options if runner else None):
             with beam.Pipeline(runner=runner, options=options) as p:
-                build_graph(p, cfg, tasks, tokenizer=staged, tokenizer_info=tokenizer_info)
-    finally:
-        remove_staging(cfg.output)
+                build_graph(p, cfg, tasks, tokenizer=staged, tokenizer_info=tokenizer_info, output=staging)
+        load_manifest(staging)  # (the pipeline finished: its manifest must be there)
+    except BaseException:
+        discard(staging)
+        raise
+    publish(staging, cfg.output)
     manifest = load_manifest(cfg.output)
     log.info("done in %.1f s: %s", time.perf_counter() - start, summary(manifest))
     if not manifest["totals"]["kept"]:
         log.warning("no conversation was kept: see the reasons in %s and %s/%s", records.MANIFEST_NAME,
                     cfg.output, records.REJECTED_NAME)
     return manifest
-
-
-class SourceError(RuntimeError):
-    """A source cannot be read (an unset environment variable, a missing file, an unreachable hub...)."""
 
 
 def read_tasks(cfg: PipelineConfig) -> list:
@@ -256,14 +324,14 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    cfg, beam_args, args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    """The CLI: a BuildError (bad config, source, tokenizer or output) is one `error: ...` line, exit status 1."""
     try:
-        return run(cfg, beam_args, verbose=args.verbose)
-    except SourceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        cfg, beam_args, args = parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr)
+        return run(cfg, beam_args, verbose=args.verbose, overwrite=args.overwrite)
+    except BuildError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,38 @@ TRUNCATED_JSON_ARRAY = "truncated_json_array"
 JSON_ELEMENT_TOO_LARGE = "json_element_too_large"
 TEXT_AFTER_JSON_ARRAY = "text_after_json_array"
 NOT_A_JSON_ARRAY = "not_a_json_array"
+# One policy for every JSON input (JSONL lines, array elements): text that is not Unicode is rejected.
+INVALID_UTF8 = "invalid_utf8"  # bytes that are not UTF-8
+LONE_SURROGATE = "lone_surrogate"  # a `\ud800`-style escape without its pair: valid JSON, not a character
+NESTED_TOO_DEEPLY = "nested_too_deeply"
+MAX_DEPTH = 64  # nesting levels of a record (a conversation needs 4); deeper is rejected, never recursed into
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
+
+
+def value_problem(value: Any) -> tuple[str, str] | None:
+    """(reason, detail) when a parsed JSON value holds a lone surrogate or is nested over MAX_DEPTH; None when
+    it is fine. Iterative, so no depth can exhaust the stack."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if m := _SURROGATE.search(value):
+                return LONE_SURROGATE, f"U+{ord(m[0]):04X} at character {m.start()} of the string {shorten(value[:200])!r}"
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                return NESTED_TOO_DEEPLY, f"nested more than {MAX_DEPTH} levels deep"
+            if isinstance(value, dict):
+                stack.extend((k, depth) for k in value)
+                stack.extend((v, depth + 1) for v in value.values())
+            else:
+                stack.extend((v, depth + 1) for v in value)
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` with lone surrogates (from undecodable bytes or escapes) spelled as `\\udcxx`, so it can be
+    written as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Element(NamedTuple):
@@ -46,6 +78,8 @@ def iter_json_array(f, path: str, chunk_size: int = READ_CHUNK, max_record_bytes
       closing bracket), its end can't be told and the rest of the file is reported as below;
     - an element over `max_record_bytes` → `json_element_too_large` (scanned, not buffered), reading
       goes on;
+    - an element with bytes that are not UTF-8 → `invalid_utf8`; with a lone surrogate escape →
+      `lone_surrogate`; nested over MAX_DEPTH → `nested_too_deeply` (the same policy as for JSONL lines);
     - the file ends inside an element (a cut file) → that tail is reported once as
       `truncated_json_array`, with its byte offset and the start of its text; everything before it is
       yielded normally;
@@ -76,7 +110,7 @@ def iter_json_array(f, path: str, chunk_size: int = READ_CHUNK, max_record_bytes
         number += 1
         value = reader.decode_value(max_record_bytes) if expect_value else None
         if value is not None:
-            yield Element(value[0], number, value[1])
+            yield reader.checked(value[0], number, *value[1:])
         else:
             item = reader.scan_element(number, max_record_bytes,
                                        after=None if expect_value else number - 1)
@@ -97,7 +131,9 @@ class _JsonArrayBuffer:
         import codecs
 
         self.f, self.chunk_size = f, chunk_size
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        # Undecodable bytes become lone surrogates (U+DC80..U+DCFF), which keeps byte offsets exact and lets
+        # the element holding them be rejected (`_checked`); no other surrogate can come out of decoding.
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         self.decoder = json.JSONDecoder()
         self.buf, self.pos, self.byte_pos, self.eof = "", 0, 0, False
         if self.fill() and self.buf.startswith("\ufeff"):
@@ -113,7 +149,7 @@ class _JsonArrayBuffer:
         return bool(data)
 
     def advance(self, n: int) -> None:
-        self.byte_pos += len(self.buf[self.pos:self.pos + n].encode("utf-8"))
+        self.byte_pos += _byte_length(self.buf[self.pos:self.pos + n])
         self.pos += n
 
     def peek(self) -> str:
@@ -130,7 +166,7 @@ class _JsonArrayBuffer:
                 return self.pos < len(self.buf)
 
     def decode_value(self, max_bytes: int):
-        """The fast path: (value, byte offset) of the JSON value at the read position when it is valid, whole
+        """The fast path: (value, byte offset, text) of the JSON value at the read position when it is valid, whole
         in the buffer and not over `max_bytes`; None otherwise (then `scan_element` takes it)."""
         try:
             value, end = self.decoder.raw_decode(self.buf, self.pos)
@@ -138,9 +174,20 @@ class _JsonArrayBuffer:
             return None
         if (end == len(self.buf) and not self.eof) or end - self.pos > max_bytes:  # (a number could go on)
             return None
-        offset = self.byte_pos
+        offset, text = self.byte_pos, self.buf[self.pos:end]
         self.advance(end - self.pos)
-        return value, offset
+        return value, offset, text
+
+    def checked(self, value, number: int, offset: int, text: str) -> Element:
+        """The element, or its rejection when its text is not UTF-8 or its value fails `value_problem`."""
+        if m := _SURROGATE.search(text):
+            at = offset + _byte_length(text[:m.start()])
+            return Element(None, number, offset, error=INVALID_UTF8,
+                           raw=shorten(text) + f"  [element {number}: byte {at} is not UTF-8]")
+        if problem := value_problem(value):
+            return Element(None, number, offset, error=problem[0],
+                           raw=shorten(text) + f"  [element {number} at byte {offset}: {problem[1]}]")
+        return Element(value, number, offset)
 
     def scan_element(self, number: int, max_bytes: int, after: int | None = None) -> Element:
         """The element at the read position (its record, or an error), found by scanning for
@@ -157,21 +204,26 @@ class _JsonArrayBuffer:
         if head is not None:
             self.advance(length)
             return Element(None, number, offset, error=JSON_ELEMENT_TOO_LARGE,
-                           raw=head[:RAW_TEXT_LIMIT] + f"...  [{where} is over {max_bytes} bytes]")
+                           raw=printable(head[:RAW_TEXT_LIMIT]) + f"...  [{where} is over {max_bytes} bytes]")
         if after is None:
             try:  # (text after the value, e.g. a missing ',', is left for the next round: as the fast path)
                 value, end = self.decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as e:
                 note = f"invalid JSON: {e.msg} at character {e.pos - self.pos} of the element"
-            except (ValueError, RecursionError) as e:
+            except RecursionError:
+                self.advance(length)
+                return Element(None, number, offset, error=NESTED_TOO_DEEPLY,
+                               raw=shorten(text.rstrip()) + f"  [{where}: nested too deeply to parse]")
+            except ValueError as e:
                 note = f"invalid JSON: {e}"
             else:
                 if end - self.pos > max_bytes:
                     self.advance(length)
                     return Element(None, number, offset, error=JSON_ELEMENT_TOO_LARGE,
-                                   raw=text[:RAW_TEXT_LIMIT] + f"...  [{where} is over {max_bytes} bytes]")
+                                   raw=printable(text[:RAW_TEXT_LIMIT]) + f"...  [{where} is over {max_bytes} bytes]")
+                text = self.buf[self.pos:end]
                 self.advance(end - self.pos)
-                return Element(value, number, offset)
+                return self.checked(value, number, offset, text)
         else:
             note = f"expected ',' or ']' after element {after}"
         self.advance(length)
@@ -223,5 +275,11 @@ class _JsonArrayBuffer:
                        raw=shorten(self.buf[self.pos:]) + f"  [{note} at byte {self.byte_pos}]")
 
 
+def _byte_length(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
 def shorten(text: str) -> str:
-    return text if len(text) <= RAW_TEXT_LIMIT else text[:RAW_TEXT_LIMIT] + f"... [{len(text)} characters]"
+    """At most RAW_TEXT_LIMIT characters of `text`, writable as UTF-8 (`printable`)."""
+    short = text if len(text) <= RAW_TEXT_LIMIT else text[:RAW_TEXT_LIMIT] + f"... [{len(text)} characters]"
+    return printable(short)

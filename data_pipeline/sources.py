@@ -23,13 +23,15 @@ from typing import Any, Iterator
 import fsspec
 
 from data_pipeline.config import SourceConfig
-from data_pipeline.json_stream import INVALID_JSON, iter_json_array, shorten
+from data_pipeline.json_stream import (INVALID_JSON, INVALID_UTF8, NESTED_TOO_DEEPLY, iter_json_array, shorten,
+                                      value_problem)
 
 log = logging.getLogger(__name__)
 
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+UNREADABLE_FILE = "unreadable_file"  # a file that cannot be read (on) at all: corrupt Parquet, a cut .gz, ...
 
 
 
@@ -57,15 +59,25 @@ class RawItem:
     rel_path: str | None = None  # the file's path within its source (ReadTask.rel_path); None: its name
 
     def parsed(self) -> "RawItem":
-        """This item with `line` parsed into `record`, or with an `invalid_json` error."""
+        """This item with `line` parsed into `record`, or with an error: `invalid_utf8`, `invalid_json`,
+        `nested_too_deeply` or `lone_surrogate` (the JSON arrays' policy: json_stream.py)."""
         if self.line is None:
             return self
         try:
-            return RawItem(json.loads(self.line), self.file, self.number, self.byte_offset, self.split,
-                           rel_path=self.rel_path)
+            record = json.loads(self.line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return self._error(INVALID_UTF8, f"byte {self.byte_offset + e.start} is not UTF-8")
+        except RecursionError:
+            return self._error(NESTED_TOO_DEEPLY, "nested too deeply to parse")
         except ValueError as e:
-            return dataclasses.replace(self, line=None, error=INVALID_JSON,
-                                       raw=shorten(self.line.decode("utf-8", "replace").rstrip("\n")) + f"  [{e}]")
+            return self._error(INVALID_JSON, str(e))
+        if problem := value_problem(record):
+            return self._error(*problem)
+        return RawItem(record, self.file, self.number, self.byte_offset, self.split, rel_path=self.rel_path)
+
+    def _error(self, reason: str, note: str) -> "RawItem":
+        text = self.line.decode("utf-8", "backslashreplace").rstrip("\n")
+        return dataclasses.replace(self, line=None, error=reason, raw=shorten(text) + f"  [line {self.number}: {note}]")
 
 
 # --------------------------------------------------------------------------- expansion (launcher)
@@ -155,8 +167,26 @@ def hub_splits(source: SourceConfig) -> list[str]:
 
 # --------------------------------------------------------------------------- readers (workers)
 def read_task(task: ReadTask) -> Iterator[RawItem]:
+    """The task's items. A file that fails to read (corrupt Parquet, a cut or corrupt compressed file, an
+    I/O error) keeps the items read before the failure, and the failure becomes one `unreadable_file`
+    rejection after them, naming the record number and byte offset it was reached at. (A Hugging Face
+    split that cannot be loaded stops the build: that is the hub or the network, not the data.)"""
     readers = {"jsonl": read_jsonl, "json": read_json_array, "parquet": read_parquet, "hf": read_hub_split}
-    yield from readers[task.format](task)
+    if task.format == "hf":
+        yield from read_hub_split(task)
+        return
+    last = None
+    try:
+        for last in readers[task.format](task):
+            yield last
+    except Exception as e:  # whatever the decompressor, pyarrow or the filesystem raises
+        number = last.number + 1 if last else 1
+        offset = 0 if last is None else (last.byte_offset + len(last.line) if last.line is not None else None)
+        where = f"record {number}" + (f" (byte {offset})" if offset is not None else "")
+        note = f"cannot read {task.path} from {where} on: {type(e).__name__}: {e}"
+        log.warning("%s; the records before it are kept, the rest of the file is one unreadable_file rejection", note)
+        yield RawItem(None, task.path, number, offset, error=UNREADABLE_FILE, raw=shorten(f"[{note}]"),
+                      rel_path=task.rel_path)
 
 
 def _open(path: str):

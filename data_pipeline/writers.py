@@ -4,6 +4,7 @@ last, manifest.json (through fsspec: local or gs://)."""
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 
 import fsspec
@@ -25,10 +26,34 @@ def write_shard(output: str, split: str, index: int, count: int, rows: list) -> 
 
 def write_rejected(rows: list[dict], output: str) -> int:
     rows = sorted(rows, key=lambda r: (r["source"], r["file"], r["number"]))
-    with fsspec.open(posixpath.join(output, records.REJECTED_NAME), "w") as f:
+    with fsspec.open(posixpath.join(output, records.REJECTED_NAME), "wb") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=repr) + "\n")
+            f.write(strict_json_line(row))
     return len(rows)
+
+
+def strict_json_line(row: dict) -> bytes:
+    """One line of strict JSON (RFC 8259) in UTF-8: what any JSON reader accepts. A NaN or infinite number
+    becomes the string "NaN"/"Infinity"/"-Infinity"; a lone surrogate is written as its `\\udXXX` escape."""
+    try:
+        text = json.dumps(row, ensure_ascii=False, allow_nan=False, default=repr)
+    except ValueError:  # NaN or infinity somewhere in the record
+        row = _finite(row)
+        text = json.dumps(row, ensure_ascii=False, allow_nan=False, default=repr)
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (the record was rejected for it)
+        return (json.dumps(row, ensure_ascii=True, allow_nan=False, default=repr) + "\n").encode("ascii")
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_manifest(plan: dict, *, output: str, config: dict, tokenizer: dict, sources: dict[str, str],

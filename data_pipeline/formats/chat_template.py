@@ -10,13 +10,22 @@ whitespace, as Meta's `chat_completion` does). `<s>` and
 tokens. The loss mask is 1 on the tokens of the assistant's part of a block (` {answer} `, found through
 the fast tokenizer's character offsets) and on the `</s>` that closes it, for pairs whose answer counts
 (`loss`); 0 everywhere else (BOS, `[INST]`, system prompt, user text, `loss: false` demonstration turns).
+A Hugging Face client, however, parses special-token text in a message as that token (`</s>` as EOS), so
+the pipeline rejects records whose text holds any (`ChatEncoder.special_token_text`).
 
 Conversations longer than `max_seq_len` keep whole leading pairs that fit; a trailing pair is never cut.
+Blocks that cannot fit are never tokenized: a block of n characters has at least n / (the longest
+vocabulary piece) tokens when the tokenizer's normalizer and pre-tokenizer never shorten text (Llama 2's:
+`_max_chars_per_token`), so the work per conversation is bounded by `max_seq_len`, whatever its size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import math
+import re
 import weakref
 from typing import Sequence
 
@@ -25,6 +34,8 @@ import numpy as np
 DEFAULT_SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+log = logging.getLogger(__name__)
 
 FIRST_PAIR_TOO_LONG = "first_pair_too_long"
 NO_LOSS_AFTER_TRUNCATION = "no_loss_after_truncation"
@@ -91,6 +102,18 @@ class ChatEncoder:
         # A private copy that encodes special-token text ("</s>", "<s>") as plain text.
         self._backend = Tokenizer.from_str(tokenizer_json)
         self._backend.encode_special_tokens = True
+        specials = sorted({t.content for t in self._backend.get_added_tokens_decoder().values() if t.special},
+                          key=len, reverse=True)
+        self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self.max_chars_per_token = _max_chars_per_token(json.loads(tokenizer_json), self._backend)
+        if self.max_chars_per_token is None and max_seq_len is not None:
+            log.warning("this tokenizer's normalizer or model can shorten text, so overlong conversations "
+                        "are tokenized whole before the max_seq_len check (no cheap length bound)")
+
+    def special_token_text(self, text: str | None) -> str | None:
+        """The first special-token text (e.g. `</s>`, `<s>`, `<unk>`) in `text`, or None."""
+        found = self._specials.search(text) if text and self._specials else None
+        return found[0] if found else None
 
     def encode_texts(self, texts: Sequence[str]) -> list:
         """`tokenizers.Encoding`s (ids and character offsets) of texts, no special tokens added."""
@@ -100,8 +123,13 @@ class ChatEncoder:
         """Encodes (pairs, system_prompt) conversations; a filter reason string for those that cannot be."""
         texts, starts, owners = [], [], []
         for c, (pairs, system_prompt) in enumerate(conversations):
+            at_least = 0  # tokens the blocks so far have at least
             for i, pair in enumerate(pairs):
                 text, start = render_block(pair, system_prompt if i == 0 else None)
+                if self.max_seq_len is not None and self.max_chars_per_token is not None:
+                    at_least += 2 + math.ceil(len(text) / self.max_chars_per_token)  # (+ BOS, EOS)
+                    if at_least > self.max_seq_len:  # this block and the rest cannot fit: not tokenized
+                        break
                 texts.append(text)
                 starts.append(start)
                 owners.append(c)
@@ -110,7 +138,7 @@ class ChatEncoder:
         for encoding, start, c, in zip(encodings, starts, owners):
             pair = conversations[c][0][len(blocks[c])]
             blocks[c].append(self._block(encoding, start, pair.loss))
-        return [self._join(b) for b in blocks]
+        return [self._join(b, len(conv[0])) for b, conv in zip(blocks, conversations)]
 
     def _block(self, encoding, answer_start: int, loss: bool) -> tuple[list[int], list[int]]:
         ids = [self.bos_id, *encoding.ids, self.eos_id]
@@ -119,7 +147,9 @@ class ChatEncoder:
         first = answer_token(encoding, answer_start)
         return ids, [0] * (first + 1) + [1] * (len(ids) - first - 1)
 
-    def _join(self, blocks: list[tuple[list[int], list[int]]]) -> Encoded | str:
+    def _join(self, blocks: list[tuple[list[int], list[int]]], pairs: int) -> Encoded | str:
+        """The leading blocks that fit; `pairs`: the conversation's pair count (blocks may be fewer: those
+        known not to fit were not tokenized)."""
         ids, mask, kept = [], [], 0
         for block_ids, block_mask in blocks:
             if self.max_seq_len is not None and len(ids) + len(block_ids) > self.max_seq_len:
@@ -131,7 +161,46 @@ class ChatEncoder:
             return FIRST_PAIR_TOO_LONG
         if 1 not in mask:
             return NO_LOSS_AFTER_TRUNCATION
-        return Encoded(ids, mask, kept, len(blocks) - kept)
+        return Encoded(ids, mask, kept, pairs - kept)
+
+
+_NON_SHRINKING_NORMALIZERS = {"Prepend", "NFD", "NFKD", "Lowercase", "Sequence", "Replace"}
+_NON_SHRINKING_PRE_TOKENIZERS = {"Metaspace", "ByteLevel", "Digits", "Punctuation", "UnicodeScripts", "Sequence"}
+
+
+def _never_shortens(component: dict | None, allowed: set[str]) -> bool:
+    """Whether a normalizer / pre-tokenizer (its JSON) can only keep or lengthen the text it is given."""
+    if component is None:
+        return True
+    kind = component.get("type")
+    if kind not in allowed:
+        return False
+    if kind == "Sequence":
+        parts = component.get("normalizers", component.get("pretokenizers")) or []
+        return all(_never_shortens(p, allowed) for p in parts)
+    if kind == "Replace":  # a literal (a regex only when it is an anchored literal, e.g. Llama's `\A▁`)
+        pattern = component["pattern"].get("String")
+        if pattern is None:
+            pattern = re.sub(r"^(\\A|\^)", "", component["pattern"].get("Regex", ""))
+            if not pattern or re.escape(pattern) != pattern:
+                return False
+        return len(component.get("content", "")) >= len(pattern)
+    return True
+
+
+def _max_chars_per_token(spec: dict, backend) -> int | None:
+    """The most characters of a text one token can stand for, when that is provable: the normalizer and
+    pre-tokenizer never shorten the text, and the model never merges unknown text into one token (BPE with
+    byte fallback or without fused unknowns), so each token is a vocabulary piece (or a byte of one
+    character) of the text. Then a text of n characters has at least n / (longest piece) tokens. None when
+    not provable."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (model.get("fuse_unk") and not model.get("byte_fallback")):
+        return None
+    if not (_never_shortens(spec.get("normalizer"), _NON_SHRINKING_NORMALIZERS)
+            and _never_shortens(spec.get("pre_tokenizer"), _NON_SHRINKING_PRE_TOKENIZERS)):
+        return None
+    return max(len(piece) for piece in backend.get_vocab(with_added_tokens=True))
 
 
 def serialize_tokenizer(tokenizer) -> tuple[str, int, int]:

@@ -43,8 +43,26 @@ def has_manifest(data_dir: str) -> bool:
 
 
 def manifest_tokenizer_path(manifest: dict, data_dir: str) -> str | None:
-    """The dataset's tokenizer directory from its manifest (a relative path is relative to the dataset)."""
+    """The dataset's tokenizer directory from its manifest. The build records it relative to the dataset
+    (`tokenizer`), so a dataset that was copied or uploaded elsewhere (another machine, gs://) still finds
+    its own copy. Manifests of older builds hold an absolute path: when that no longer exists, the
+    `tokenizer/` copy inside the dataset is used. None when the manifest names no tokenizer."""
     path = (manifest.get("tokenizer") or {}).get("path")
-    if path and "://" not in path and not path.startswith("/"):
-        path = posixpath.join(data_dir, path)
+    if not path:
+        return None
+    if "://" not in path and not path.startswith("/"):
+        return join(data_dir, path)
+    own_copy = join(data_dir, TOKENIZER_SUBDIR)
+    if not _exists(path) and _exists(own_copy):
+        return own_copy
     return path
+
+
+def join(base: str, *parts: str) -> str:
+    """A path under `base`, local or URL (`gs://b/x` + `y` → `gs://b/x/y`)."""
+    return posixpath.join(base.rstrip("/") or base, *parts)
+
+
+def _exists(path: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs.exists(root)

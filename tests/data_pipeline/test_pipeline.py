@@ -198,13 +198,19 @@ def test_validation_split_has_every_task(sample_build):
     assert sum(manifest["kept_per_task"].values()) == len(val) + len(train)
 
 
-def test_manifest_tokenizer_entry_loads(sample_build):
+def test_manifest_tokenizer_entry_loads_after_the_dataset_moved(sample_build, tmp_path):
+    import shutil
+
+    from data_pipeline.formats.dataset import manifest_tokenizer_path
     from data_pipeline.formats.tokenizer import load_tokenizer
 
-    _, manifest = sample_build
+    out, manifest = sample_build
     tok = manifest["tokenizer"]
     assert (tok["vocab_size"], tok["bos_id"], tok["eos_id"]) == (1024, 1, 2) and len(tok["sha256"]) == 64
-    assert len(load_tokenizer(tok["path"])) == 1024
+    assert tok["path"] == "tokenizer"  # relative to the dataset, not where it was built
+    moved = shutil.copytree(out, tmp_path / "elsewhere")
+    assert manifest_tokenizer_path(manifest, str(moved)) == f"{moved}/tokenizer"
+    assert len(load_tokenizer(manifest_tokenizer_path(manifest, str(moved)))) == 1024
 
 
 def assert_same_build(out, manifest, other, other_manifest):
@@ -265,7 +271,8 @@ def bad_build(tmp_path_factory):
     manifest = main([f"--agent=agents={raw / 'agent.jsonl'}", f"--general={raw / 'chat.json'}",
                      f"--general=pq={raw / 'more.parquet'}", "--general-weights=1,1", "--eta=0.5",
                      "--max-seq-len=300", "--num-shards=2", "--validation-fraction=0", f"--output={out}",
-                     "--reward-threshold=default=1.0", *IN_MEMORY])
+                     "--reward-threshold=default=1.0", "--overwrite", *IN_MEMORY])
+    assert not (out / "train-00007-of-00009.tfrecord").exists()
     return raw, out, manifest, cut
 
 
@@ -373,7 +380,7 @@ def test_gcs_input_and_output_match_the_local_build(gcs_bucket, sample_build):
     without_file = lambda text: [{**json.loads(l), "file": Path(json.loads(l)["file"]).name} for l in text.splitlines()]
     assert without_file(fs.cat(f"{gcs_bucket}/out/{records.REJECTED_NAME}").decode()) == \
         without_file((out / records.REJECTED_NAME).read_text())
-    assert remote["sources"] == manifest["sources"] and remote["tokenizer"]["path"] == f"{gcs_bucket}/out/tokenizer"
+    assert remote["sources"] == manifest["sources"] and remote["tokenizer"]["path"] == "tokenizer"
     assert json.loads(fs.cat(f"{gcs_bucket}/out/{records.MANIFEST_NAME}")) == remote
 
 
