@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
 
 from agentlm_jax.config import DEFAULT_RULES, RUNTIME_FIELDS, MeshConfig, ModelConfig, Rules
 from agentlm_jax.hf import files
 from agentlm_jax.hf.config import check_architecture, load_hf_config
 from agentlm_jax.hf.mapping import Entry, check_tensors, get_path, set_path, tensor_entries
 from agentlm_jax.model.llama import Llama, abstract_model
+from agentlm_jax.progress import Progress
 from agentlm_jax.sharding import make_mesh, state_shardings
 
 
@@ -48,7 +48,7 @@ def import_hf(model_dir: str, *, base: ModelConfig | None = None, runtime: dict[
     updated by `runtime` (e.g. {"dtype": "bfloat16"}).
     Parameters are created in `param_dtype`, each directly on the sharding its logical axes map to on `mesh`
     by `rules` (default: one device). Use with `nnx.merge(graphdef, params)` or `nnx.update(model, params)`,
-    or call `load_hf_model`.
+    or call `load_hf_model`. `show_progress`: a progress bar (plain log lines off a terminal); False for none.
     """
     settings = {f: getattr(base or ModelConfig(), f) for f in RUNTIME_FIELDS} | dict(runtime or {})
     cfg = load_hf_config(model_dir, **settings)
@@ -68,7 +68,7 @@ def import_hf(model_dir: str, *, base: ModelConfig | None = None, runtime: dict[
     by_file: dict[str, list[str]] = {}
     for e in entries:
         by_file.setdefault(file_of[e.name], []).append(e.name)
-    with tqdm(total=len(entries), desc=f"import {model_dir}", unit="tensor", disable=not show_progress) as bar:
+    with Progress(total=len(entries), desc=f"import {model_dir}", unit="tensor", enabled=show_progress) as bar:
         for path, names in by_file.items():
             for name, array in files.iter_file_tensors(fs, fmt, path, names):
                 placer.put(by_name[name], array)

@@ -1,5 +1,6 @@
 """The tokenizer files of an export: what `transformers.AutoTokenizer` (vLLM, TGI, lm-eval, AgentBench clients) needs
-to tokenize and render prompts exactly as the model was trained, chat template included."""
+to tokenize and render prompts exactly as the model was trained, chat template included, and a pad token (the
+one `config.json`'s `pad_token_id` names), so batched `transformers` pipelines can pad."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import json
 import os
 import posixpath
 
+from agentlm_jax.errors import ConfigError
 from agentlm_jax.hf import files
+
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# Every tokenizer file a Hugging Face model directory may hold (chat_template.jinja, written by newer
+# `transformers`, takes precedence over tokenizer_config.json's template, so a stale one must not survive).
+OWNED_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP,
+                         "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def llama2_chat_jinja() -> str:
@@ -38,7 +47,40 @@ def llama2_chat_jinja() -> str:
     )
 
 
-def hf_tokenizer_files(tokenizer, model_max_length: int | None = None) -> dict[str, str]:
+def _token_content(token) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json spell it: a string or an AddedToken dict."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _declared_pad_token(source: str) -> str | None:
+    """The pad token a Hugging Face tokenizer directory's own files declare, if any."""
+    for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
+        path = os.path.join(source, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                token = _token_content(json.load(f).get("pad_token"))
+            if token:
+                return token
+    return None
+
+
+def export_pad_token(tokenizer_path: str, default_id: int) -> tuple[str, int]:
+    """(pad token, its id) for an export with this tokenizer: the pad token its files declare, else the token
+    with id `default_id` (the model config's pad_token_id; Llama 2's `<unk>`, id 0, what the pipeline pads with)."""
+    from data_pipeline.formats.tokenizer import load_tokenizer, resolve_tokenizer_dir
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    declared = _declared_pad_token(resolve_tokenizer_dir(tokenizer_path)) or tokenizer.pad_token
+    if declared is not None:
+        return declared, tokenizer.convert_tokens_to_ids(declared)
+    if not 0 <= default_id < len(tokenizer):
+        raise ConfigError(f"pad_token_id {default_id} is not in the tokenizer {tokenizer_path} "
+                         f"({len(tokenizer)} tokens)")
+    return tokenizer.convert_ids_to_tokens(default_id), default_id
+
+
+def hf_tokenizer_files(tokenizer, model_max_length: int | None = None,
+                       pad_token: str | None = None) -> dict[str, str]:
     """`tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` for a pipeline tokenizer.
 
     `tokenizer.json` is the exact fast tokenizer the data was tokenized with, plus a post-processor that adds
@@ -51,8 +93,9 @@ def hf_tokenizer_files(tokenizer, model_max_length: int | None = None) -> dict[s
     bos = tokenizer.bos_token
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)])
-    special = {"bos_token": bos, "eos_token": tokenizer.eos_token, "unk_token": tokenizer.unk_token}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "pad_token": None,
+    special = {"bos_token": bos, "eos_token": tokenizer.eos_token, "unk_token": tokenizer.unk_token,
+               "pad_token": pad_token or tokenizer.pad_token or tokenizer.unk_token}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
               "clean_up_tokenization_spaces": False, "padding_side": "left",
               "model_max_length": model_max_length or 4096, "chat_template": llama2_chat_jinja()}
     return {"tokenizer.json": backend.to_str(pretty=True),
@@ -60,24 +103,27 @@ def hf_tokenizer_files(tokenizer, model_max_length: int | None = None) -> dict[s
             "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
 
 
-def _set_training_chat_template(fs, path: str) -> None:
-    """Puts the training chat template into a copied `tokenizer_config.json`, keeping everything else: Meta's
-    Llama-2-chat template has no default system prompt, so `apply_chat_template` would not render what the
-    model was trained on."""
+def _update_json(fs, path: str, updates: dict) -> None:
+    """Sets `updates` in a copied JSON file, keeping every other key (and the file's bytes when nothing changes)."""
     with fs.open(path, "r") as f:
         config = json.load(f)
-    if config.get("chat_template") != llama2_chat_jinja():
-        config["chat_template"] = llama2_chat_jinja()
+    if any(_token_content(config.get(k)) != v for k, v in updates.items()):
+        config.update(updates)
         files.write_text(fs, path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def save_tokenizer(tokenizer_path: str, output_dir: str, model_max_length: int | None = None) -> list[str]:
+def save_tokenizer(tokenizer_path: str, output_dir: str, model_max_length: int | None = None,
+                   pad_token: str | None = None) -> list[str]:
     """Write the tokenizer at `tokenizer_path` (a directory, gs:// URL or hub id, as the pipeline resolves it)
     into `output_dir` so `transformers.AutoTokenizer` loads it anywhere; returns the file names.
 
     A Hugging Face tokenizer directory (with `tokenizer_config.json`) is copied as its authors made it, except
-    that its `chat_template` becomes the training one (`llama2_chat_jinja`). A bare SentencePiece `tokenizer.model` (the bundled tokenizer, a Llama 2 download)
-    is copied too, and `hf_tokenizer_files` adds what `AutoTokenizer` needs beside it."""
+    that its `chat_template` becomes the training one (`llama2_chat_jinja`): Meta's Llama-2-chat template has no
+    default system prompt, so `apply_chat_template` would not render what the model was trained on. A bare
+    SentencePiece `tokenizer.model` (the bundled tokenizer, a Llama 2 download) is copied too, and
+    `hf_tokenizer_files` adds what `AutoTokenizer` needs beside it. `pad_token` (default: the one the files
+    declare, else `<unk>`, what the pipeline pads with) is set where the files declare none (Meta's have
+    `pad_token: null`, which fails batched `transformers` pipelines)."""
     from data_pipeline.formats.tokenizer import TOKENIZER_FILES, load_tokenizer, resolve_tokenizer_dir
 
     tokenizer = load_tokenizer(tokenizer_path)  # fails early on something that is not a usable tokenizer
@@ -87,10 +133,14 @@ def save_tokenizer(tokenizer_path: str, output_dir: str, model_max_length: int |
     copied = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(source, name))]
     for name in copied:
         fs.put(os.path.join(source, name), posixpath.join(root, name))
-    if "tokenizer_config.json" in copied:
-        _set_training_chat_template(fs, posixpath.join(root, "tokenizer_config.json"))
+    pad_token = pad_token or _declared_pad_token(source) or tokenizer.pad_token or tokenizer.unk_token
+    if TOKENIZER_CONFIG in copied:
+        _update_json(fs, posixpath.join(root, TOKENIZER_CONFIG),
+                     {"chat_template": llama2_chat_jinja(), "pad_token": pad_token})
+        if SPECIAL_TOKENS_MAP in copied:
+            _update_json(fs, posixpath.join(root, SPECIAL_TOKENS_MAP), {"pad_token": pad_token})
         return copied
-    written = hf_tokenizer_files(tokenizer, model_max_length)
+    written = hf_tokenizer_files(tokenizer, model_max_length, pad_token)
     for name, text in written.items():
         files.write_text(fs, posixpath.join(root, name), text)
     return sorted(set(copied) | set(written))

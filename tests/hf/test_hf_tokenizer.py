@@ -92,3 +92,61 @@ def test_a_copied_tokenizer_config_gets_the_training_chat_template(exported, tmp
                                            f"{HISTORY!r}, add_generation_prompt=True, tokenize=True, "
                                            "return_dict=False))))")
     assert got == encode_generation_prompt(HISTORY, load_tokenizer(source))
+
+
+# ------------------------------------------------------------------------------------------- padding
+def _assert_pads_like_the_config(directory: str):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    config = json.load(open(f"{directory}/config.json"))
+    generation = json.load(open(f"{directory}/generation_config.json"))
+    assert tok.pad_token == "<unk>" and tok.pad_token_id == config["pad_token_id"] == generation["pad_token_id"] == 0
+    batch = tok(["Hello world, how are you?", "ls"], padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()
+    return tok, batch
+
+
+def test_the_export_has_the_configs_pad_token_and_pads_batches_in_transformers(tmp_path):
+    """`pad_token: null` failed every batched `transformers` pipeline; the pad token is now the token of
+    config.json's pad_token_id (`<unk>`, id 0, what the pipeline pads with), and a padded batch generates what
+    each prompt generates alone."""
+    import torch
+    import transformers
+
+    from agentlm_jax.model.llama import init_model
+    from tests.helpers.hf import TINY
+
+    out = str(tmp_path / "export")
+    hf.export_hf(init_model(TINY, seed=5), TINY, out, dtype="float32", tokenizer_path=SAMPLE_TOKENIZER_DIR,
+                 show_progress=False)
+    tok, batch = _assert_pads_like_the_config(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    together = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    for row, text in enumerate(["Hello world, how are you?", "ls"]):
+        alone = tok(text, return_tensors="pt")
+        expected = model.generate(**alone, max_new_tokens=5, do_sample=False)[0, alone["input_ids"].shape[1]:]
+        assert together[row].tolist() == expected.tolist()
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tok)
+    results = pipe(["Hello world, how are you?", "ls"], batch_size=2, max_new_tokens=3, do_sample=False)
+    assert len(results) == 2
+
+
+def test_a_copied_tokenizer_without_a_pad_token_gets_one(exported, tmp_path):
+    """Meta's Llama-2 tokenizer files say `pad_token: null`; the copy names the pad token, the rest kept."""
+    _, first = exported
+    meta_like = tmp_path / "meta"
+    meta_like.mkdir()
+    for name in os.listdir(first):
+        (meta_like / name).write_bytes(open(f"{first}/{name}", "rb").read())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        config = json.loads((meta_like / name).read_text())
+        config["pad_token"] = None
+        (meta_like / name).write_text(json.dumps(config))
+    out = tmp_path / "out"
+    hf.save_tokenizer(str(meta_like), str(out))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        assert json.loads((out / name).read_text())["pad_token"] == "<unk>", name
+    got = _auto_tokenizer_in_fresh_process(str(out), "print(json.dumps([tok.pad_token, tok(['a b c', 'a'], "
+                                           "padding=True)['input_ids']]))")
+    assert got[0] == "<unk>" and len(got[1][0]) == len(got[1][1])
