@@ -1,11 +1,16 @@
 """Export a trained model as a Hugging Face Llama checkpoint (local or gs://).
 
     python -m agentlm_jax.export --checkpoint runs/tiny/checkpoints --output runs/tiny/hf \\
-        --tokenizer data/sample/tokenizer [--step N] [--dtype bfloat16] [--max-shard-size 5GB]
+        --tokenizer data/sample/tokenizer [--step N] [--dtype bfloat16] [--max-shard-size 5GB] [--overwrite]
 
 The source is a training run's orbax checkpoint directory (latest step unless --step) or a Hugging Face
 directory (re-export: change dtype or shard size). The result loads with
 `transformers.AutoModelForCausalLM.from_pretrained` and serves with vLLM / text-generation-inference.
+A non-empty --output is refused unless --overwrite, which first removes the files of an earlier export there
+(*.safetensors, the index, config.json, generation_config.json, tokenizer files) and keeps everything else.
+
+Exit status: 0 when written; 1 with one `error: ...` line when a source, the output or the tokenizer does not
+allow the export; 2 (with the usage line) for bad command-line syntax or an invalid option value.
 """
 
 from __future__ import annotations
@@ -16,28 +21,86 @@ from typing import Sequence
 
 from agentlm_jax import cli, distributed
 from agentlm_jax.config import EXPORT_DTYPES, ExportConfig
+from agentlm_jax.errors import ConfigError
 from agentlm_jax.hf import export_hf
-from agentlm_jax.model_source import default_tokenizer, load_params
+from agentlm_jax.hf.save import same_location, check_output, parse_size
+from agentlm_jax.model_source import check_source, check_tokenizer, default_tokenizer, load_params, step_arg
 
 log = logging.getLogger("agentlm_jax.export")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def shard_size_arg(text: str) -> str:
+    """argparse type of --max-shard-size: the text, once `parse_size` accepts it."""
+    try:
+        parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agentlm_jax.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="training run's orbax checkpoint directory (local or gs://)")
-    src.add_argument("--hf", help="a Hugging Face Llama directory to re-export")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    src.add_argument("--checkpoint", help="a training run's orbax checkpoint directory ({run_dir}/checkpoints or "
+                     "the run directory; local or gs://)")
+    src.add_argument("--hf", help="a Hugging Face Llama directory to re-export (local or gs://)")
+    p.add_argument("--step", type=step_arg, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--output", required=True, help="output directory (local or gs://); must be new or empty "
+                   "unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="export into a non-empty --output: remove the files "
+                   "of an earlier export there first, keep the rest")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to save with the model (default: the "
-                   "--hf directory's own tokenizer; for checkpoints, the dataset manifest's tokenizer path)")
-    p.add_argument("--dtype", default=ExportConfig.dtype, choices=EXPORT_DTYPES, help="default %(default)s")
-    p.add_argument("--max-shard-size", default=ExportConfig.max_shard_size,
-                   help="e.g. 5GB, 500MB (default %(default)s)")
-    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (trusted files only)")
+                   "--hf directory's own tokenizer; for checkpoints, the tokenizer the training run recorded)")
+    p.add_argument("--dtype", default=ExportConfig.dtype, choices=EXPORT_DTYPES,
+                   help="dtype of the written weights (default %(default)s)")
+    p.add_argument("--max-shard-size", type=shard_size_arg, default=ExportConfig.max_shard_size,
+                   help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (GB = 10^9; a larger single tensor gets "
+                   "its own file; default %(default)s)")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights of an --hf source "
+                   "(trusted files only)")
     cli.add_mesh_args(p, fsdp=-1)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """Everything cheap to check, before the hosts join up or a checkpoint loads; returns the tokenizer."""
+    source, flag = (args.checkpoint, "--checkpoint") if args.checkpoint else (args.hf, "--hf")
+    kind = check_source(source, step=args.step, flag=flag)
+    if args.hf and kind != "hf":
+        raise ConfigError(f"--hf {args.hf} is a training run's checkpoint directory; use --checkpoint")
+    if same_location(source, args.output):
+        raise ConfigError(f"--output {args.output} is the source {flag}; export to another directory")
+    check_output(args.output, overwrite=args.overwrite, flag="--output")
+    if args.tokenizer:
+        check_tokenizer(args.tokenizer)
+        return args.tokenizer
+    tokenizer = default_tokenizer(source, step=args.step)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, what=f"the tokenizer recorded with {source},")
+    return tokenizer
+
+
+def export(args: argparse.Namespace) -> dict:
+    tokenizer = check_args(args)
+    distributed.initialize(args.distributed)
+    mesh = cli.cli_mesh(args)
+    cli.require_all_devices(mesh)
+    source = args.checkpoint or args.hf
+    cfg, params = load_params(source, step=args.step, mesh=mesh, allow_pickle=args.allow_pickle,
+                              show_progress=distributed.is_main_process())
+    index = export_hf(params, cfg, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                      tokenizer_path=tokenizer, overwrite=args.overwrite,
+                      show_progress=distributed.is_main_process())
+    if distributed.is_main_process():  # the one that wrote
+        log.info("wrote %d tensors (%.2f GB, %s) in %d files to %s", len(index["weight_map"]),
+                 index["metadata"]["total_size"] / 1e9, args.dtype, len(set(index["weight_map"].values())),
+                 args.output)
+    return index
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -46,19 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     process 0 writes files."""
     cli.configure_logging()
     args = parse_args(argv)
-    distributed.initialize(args.distributed)
-    mesh = cli.cli_mesh(args)
-    cli.require_all_devices(mesh)
-    source = args.checkpoint or args.hf
-    cfg, params = load_params(source, step=args.step, mesh=mesh, allow_pickle=args.allow_pickle)
-    tokenizer = args.tokenizer or default_tokenizer(source, step=args.step)
-    index = export_hf(params, cfg, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                      tokenizer_path=tokenizer)
-    if distributed.is_main_process():  # the one that wrote
-        log.info("wrote %d tensors (%.2f GB, %s) in %d files to %s", len(index["weight_map"]),
-                 index["metadata"]["total_size"] / 1e9, args.dtype, len(set(index["weight_map"].values())),
-                 args.output)
-    return index
+    return cli.run_reporting_errors(lambda: export(args))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@
 
 `--model` is a Hugging Face directory or a training run's orbax checkpoint directory (`--step`, default the
 latest). The prompts decode as one batch with a KV cache (agentlm_jax.inference.generate).
+
+Exit status: 0 when generated; 1 with one `error: ...` line when the model or the tokenizer is missing or
+unusable; 2 (with the usage line) for bad command-line syntax or an invalid option value.
 """
 
 from __future__ import annotations
@@ -12,41 +15,77 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from typing import Sequence
 
 from agentlm_jax import cli, distributed
 from agentlm_jax.config import SamplingConfig
+from agentlm_jax.errors import MissingInputError
 from agentlm_jax.hf.config import CHAT_GENERATION_DEFAULTS
 from agentlm_jax.inference.generate import Generator
-from agentlm_jax.model_source import default_tokenizer, load_model
+from agentlm_jax.model_source import check_source, check_tokenizer, default_tokenizer, load_model, step_arg
 
 log = logging.getLogger("agentlm_jax.generate")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def _number_arg(convert, ok, requirement: str):
+    """An argparse type: `convert(text)`, refused with `requirement` unless `ok(value)`."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    parse.__name__ = convert.__name__  # what argparse's own messages call the type
+    return parse
+
+
+positive_int = _number_arg(int, lambda v: v >= 1, ">= 1")
+non_negative_int = _number_arg(int, lambda v: v >= 0, ">= 0")
+positive_float = _number_arg(float, lambda v: 0 < v < math.inf, "> 0 (for always the most likely token, use --greedy)")
+probability = _number_arg(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agentlm_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face directory or orbax checkpoint directory")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--model", required=True, help="a Hugging Face directory or a training run's orbax checkpoint "
+                   "directory (local or gs://)")
+    p.add_argument("--step", type=step_arg, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: a Hugging Face --model's own "
                    "tokenizer files; for an orbax checkpoint, the tokenizer the training run recorded)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the Llama-2-chat template")
-    p.add_argument("--system-prompt", default=None, help="system prompt for --chat (default: the training one)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default %(default)s")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=CHAT_GENERATION_DEFAULTS["temperature"],
-                   help="sampling temperature (default %(default)s, Llama-2-chat's)")
-    p.add_argument("--top-p", type=float, default=CHAT_GENERATION_DEFAULTS["top_p"],
-                   help="nucleus sampling: keep the most likely tokens up to this probability (default %(default)s)")
-    p.add_argument("--top-k", type=int, default=SamplingConfig.top_k, help="keep the k most likely tokens; 0 = all "
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the Llama-2-chat training template")
+    p.add_argument("--system-prompt", default=None, help="system prompt for --chat (default: the training one; "
+                   "\"\" for none)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="tokens to generate at most per prompt (default %(default)s)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (default: sample)")
+    p.add_argument("--temperature", type=positive_float, default=CHAT_GENERATION_DEFAULTS["temperature"],
+                   help="sampling temperature, > 0 (default %(default)s, Llama-2-chat's)")
+    p.add_argument("--top-p", type=probability, default=CHAT_GENERATION_DEFAULTS["top_p"],
+                   help="nucleus sampling: keep the most likely tokens up to this probability, in (0, 1]; 1 = off "
                    "(default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--top-k", type=non_negative_int, default=SamplingConfig.top_k,
+                   help="keep the k most likely tokens; 0 = off (default %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype the parameters are loaded and computed in (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt (prompt, completion, "
+                   "prompt_tokens, tokens, stopped)")
     cli.add_mesh_args(p, fsdp=1)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.system_prompt is not None and not args.chat:
+        p.error("--system-prompt applies to --chat prompts only")
+    return args
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool, system_prompt: str | None) -> list[list[int]]:
@@ -59,21 +98,30 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool, system_prom
             for p in prompts]
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """On a pod slice, run it on every worker (tpu/run.sh --foreground ...): the hosts join up, the model is
-    sharded over all devices (--fsdp -1), every host decodes the same prompts, process 0 prints."""
-    cli.configure_logging()
-    args = parse_args(argv)
+def check_args(args: argparse.Namespace) -> str:
+    """Everything cheap to check, before the hosts join up or a model loads; returns the tokenizer directory."""
+    check_source(args.model, step=args.step, flag="--model")
+    if args.tokenizer:
+        check_tokenizer(args.tokenizer)
+        return args.tokenizer
+    tokenizer = default_tokenizer(args.model, step=args.step)
+    if tokenizer is None:
+        raise MissingInputError(f"--model {args.model} has no tokenizer files and records no tokenizer; "
+                                f"pass --tokenizer DIR")
+    check_tokenizer(tokenizer, what=f"the tokenizer of --model {args.model},")
+    return tokenizer
+
+
+def generate(args: argparse.Namespace) -> list[dict]:
+    tokenizer_dir = check_args(args)
     distributed.initialize(args.distributed)
     mesh = cli.cli_mesh(args)
     cli.require_all_devices(mesh)
     from data_pipeline.formats.tokenizer import load_tokenizer
 
-    tokenizer_dir = args.tokenizer or default_tokenizer(args.model, step=args.step)
-    if tokenizer_dir is None:
-        raise SystemExit(f"no tokenizer found with {args.model}; pass --tokenizer DIR")
     tokenizer = load_tokenizer(tokenizer_dir)
-    cfg, model = load_model(args.model, step=args.step, dtype=args.dtype, mesh=mesh)
+    cfg, model = load_model(args.model, step=args.step, dtype=args.dtype, mesh=mesh,
+                            show_progress=distributed.is_main_process())
     prompts = encode_prompts(tokenizer, args.prompt, chat=args.chat, system_prompt=args.system_prompt)
     sampling = (SamplingConfig(greedy=True) if args.greedy else
                 SamplingConfig(greedy=False, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k))
@@ -91,6 +139,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             print(json.dumps(record, ensure_ascii=False) if args.json else f"### {prompt}\n{record['completion']}\n")
     log.info("%d prompts, %d steps, %.1f s (compile included)", len(prompts), result.steps, seconds)
     return outputs
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """On a pod slice, run it on every worker (tpu/run.sh --foreground ...): the hosts join up, the model is
+    sharded over all devices (--fsdp -1), every host decodes the same prompts, process 0 prints."""
+    cli.configure_logging()
+    args = parse_args(argv)
+    return cli.run_reporting_errors(lambda: generate(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 import fsspec
 
 from agentlm_jax.config import RUNTIME_FIELDS, ModelConfig
+from agentlm_jax.errors import ConfigError, MissingInputError, SetupError
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -25,14 +26,18 @@ _HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_head
              "num_kv_heads": "num_key_value_heads"}
 
 
-class ArchitectureMismatchError(ValueError):
+class ArchitectureMismatchError(ConfigError):
     """The checkpoint's config.json describes another architecture than the configured model (import_hf's base)."""
+
+
+class UnsupportedConfigError(SetupError, ValueError):
+    """A config.json describes a model this project cannot run (not Llama, or a feature Llama 2 does not have)."""
 
 
 def from_hf(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
     """The architecture of a Hugging Face Llama `config.json` dict; `runtime` sets RUNTIME_FIELDS."""
     if hf.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json: model_type is {hf.get('model_type')!r}; only 'llama' is supported")
+        raise UnsupportedConfigError(f"config.json: model_type is {hf.get('model_type')!r}; only 'llama' is supported")
     unsupported = {
         "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
         "attention_bias": (hf.get("attention_bias", False), False),
@@ -42,7 +47,7 @@ def from_hf(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
     }
     for key, (got, want) in unsupported.items():
         if got != want:
-            raise ValueError(f"config.json: {key}={got!r} is not supported (Llama 2 has {key}={want!r})")
+            raise UnsupportedConfigError(f"config.json: {key}={got!r} is not supported (Llama 2 has {key}={want!r})")
     rope = hf.get("rope_parameters") or {}
     kwargs = {f.name: hf[_HF_NAMES.get(f.name, f.name)] for f in dataclasses.fields(ModelConfig)
               if f.name not in RUNTIME_FIELDS and hf.get(_HF_NAMES.get(f.name, f.name)) is not None}
@@ -79,12 +84,12 @@ def load_hf_config(model_dir: str, **runtime: Any) -> ModelConfig:
     fs, root = fsspec.core.url_to_fs(model_dir)
     path = posixpath.join(root, CONFIG_NAME)
     if not fs.exists(path):
-        raise FileNotFoundError(f"{model_dir}: no {CONFIG_NAME}; not a Hugging Face model directory")
+        raise MissingInputError(f"{model_dir}: no {CONFIG_NAME}; not a Hugging Face model directory")
     try:
         with fs.open(path, "r") as f:
             return from_hf(json.load(f), **runtime)
-    except ValueError as e:
-        raise ValueError(f"{model_dir}/{CONFIG_NAME}: {e}") from e
+    except ValueError as e:  # not JSON, an unsupported feature, or a value ModelConfig refuses
+        raise UnsupportedConfigError(f"{model_dir}/{CONFIG_NAME}: {e}") from None
 
 
 def check_architecture(cfg: ModelConfig, base: ModelConfig, model_dir: str) -> None:

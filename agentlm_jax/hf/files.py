@@ -17,6 +17,8 @@ import fsspec
 import jax
 import numpy as np
 
+from agentlm_jax.errors import MissingInputError, SetupError
+
 log = logging.getLogger(__name__)
 
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -25,7 +27,7 @@ PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 
-class PickleCheckpointError(ValueError):
+class PickleCheckpointError(SetupError, ValueError):
     """Only pickled PyTorch weights (`.bin`) were found and pickles were not allowed."""
 
 
@@ -83,7 +85,7 @@ def weight_files(fs, root: str, allow_pickle: bool) -> tuple[str, dict[str, str]
         return "pickle", {k: join(v) for k, v in weight_map.items()}
     if PICKLE_SINGLE in pickles:
         return "pickle", {k: join(PICKLE_SINGLE) for k in pickle_tensors(fs, join(PICKLE_SINGLE))}
-    raise FileNotFoundError(f"{root}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found; point --model at a "
+    raise MissingInputError(f"{root}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found; point it at a "
                             f"Hugging Face Llama checkpoint directory")
 
 

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 
 from agentlm_jax.config import ModelConfig
+from agentlm_jax.errors import SetupError
 
 # Buffers some older checkpoints saved; they are recomputed from the config, so they are skipped on import.
 DERIVED_BUFFERS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(SetupError, ValueError):
     """The checkpoint's tensors do not match the architecture in its config."""
 
 
