@@ -102,12 +102,12 @@ NETWORK_FLAGS = ["--reserved", "--network=ml-net", "--subnetwork=ml-subnet", "--
 
 def test_create_passes_gcloud_flags_through(fake_gcloud):
     proc, calls = run("create.sh", fake_gcloud, *NETWORK_FLAGS, "--", "--metadata=startup-script=echo hi",
-                      "--boot-disk=size=200GB")
+                      "--tags=allow-ssh")
     assert proc.returncode == 0, proc.stderr
     (call,) = calls
     assert call[:9] == ["compute", "tpus", "tpu-vm", "create", "t1", "--project=my-proj",
                         "--zone=us-central2-b", "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base"]
-    assert call[9:] == [*NETWORK_FLAGS, "--metadata=startup-script=echo hi", "--boot-disk=size=200GB"]
+    assert call[9:] == [*NETWORK_FLAGS, "--metadata=startup-script=echo hi", "--tags=allow-ssh"]
 
 
 def test_create_queued_passes_queued_resource_flags_through(fake_gcloud):
