@@ -120,6 +120,7 @@ class Checkpointer:
         self._saving_step: int | None = None
         self._verified: dict[int, set[str]] = {}  # step -> items whose files matched their checksums
         self._damaged: dict[int, CheckpointDamagedError] = {}
+        self._unverified: set[int] = set()  # steps without checksums.json, already warned about
         # Saves always go through orbax's background thread, whose post-finalization callback (run on the
         # primary process once every process has written, before the commit) writes checksums.json; a
         # synchronous save waits for it.
@@ -161,16 +162,17 @@ class Checkpointer:
         """orbax's post-finalization callback: checksums.json in the step's not yet committed directory (the
         temporary one on a local disk; on GCS the final one, committed by its commit_success.txt)."""
         step, final = self._saving_step, self.step_dir(self._saving_step)
-        for step_dir in (final + ocp.path.atomicity.TMP_DIR_SUFFIX, final):
-            fs, root = fsspec.core.url_to_fs(step_dir)
-            fs.invalidate_cache(root)
-            if fs.isdir(root):
-                break
         try:
             start = time.monotonic()
-            write_checksums(step_dir)
-            log.debug("checksums of step %d written in %.1f s", step, time.monotonic() - start)
-        except Exception as e:  # noqa: BLE001 - the checkpoint itself is complete; losing it would be worse
+            for step_dir in (final + ocp.path.atomicity.TMP_DIR_SUFFIX, final):
+                fs, root = fsspec.core.url_to_fs(step_dir)
+                fs.invalidate_cache(root)
+                if fs.isdir(root):
+                    write_checksums(step_dir)
+                    log.debug("checksums of step %d written in %.1f s", step, time.monotonic() - start)
+                    return
+            raise FileNotFoundError(f"neither {final}{ocp.path.atomicity.TMP_DIR_SUFFIX} nor {final} exists")
+        except Exception as e:  # noqa: BLE001 - the checkpoint itself is complete; failing its save would be worse
             log.error("could not write %s for the checkpoint of step %d (%s: %s): it is saved, but a restore "
                       "cannot verify its files", CHECKSUMS, step, type(e).__name__, e)
 
@@ -224,8 +226,10 @@ class Checkpointer:
         is reported as damaged too; with checksums that matched, a read error is not damage and propagates."""
         if self.verify(step, items):
             return read()
-        log.warning("the checkpoint of step %d has no %s (saved before checksums existed): reading it unverified",
-                    step, CHECKSUMS)
+        if step not in self._unverified:
+            self._unverified.add(step)
+            log.warning("the checkpoint of step %d has no %s (saved before checksums existed): reading it "
+                        "unverified", step, CHECKSUMS)
         try:
             return read()
         except Exception as e:  # noqa: BLE001 - whatever orbax, tensorstore or grain raise for unreadable files
@@ -233,7 +237,8 @@ class Checkpointer:
                 step, [f"{self.step_dir(step)} cannot be read ({type(e).__name__}: {e})"])
             raise self._damaged[step] from e
 
-    def usable_step(self, step: int | None = None, items: tuple[str, ...] = (PARAMS, OPTIMIZER, DATA, CONFIG)) -> int | None:
+    def usable_step(self, step: int | None = None,
+                    items: tuple[str, ...] = (PARAMS, OPTIMIZER, DATA, CONFIG)) -> int | None:
         """The newest step (at most `step`) whose files of `items` match their checksums, or that has none;
         each damaged newer step is logged with its files. None if there is no checkpoint at all; raises
         NoUsableCheckpointError if every one is damaged."""
