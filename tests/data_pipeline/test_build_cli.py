@@ -124,3 +124,17 @@ def test_gcs_rebuild_swaps_in_the_new_build_manifest_last(gcs_bucket, monkeypatc
     build_sample_dataset(out, overwrite=True)
     assert copied[-1].endswith(records.MANIFEST_NAME) and len(copied) == len(before)
     assert {p: fs.cat(p) for p in fs.find(out)} == before and not staging.leftover_staging_dirs(out)
+
+
+def test_manifest_tokenizer_path_is_relative_and_old_absolute_paths_fall_back(tmp_path):
+    from data_pipeline.formats.dataset import manifest_tokenizer_path
+
+    entry = lambda path: {"tokenizer": {"path": path}}  # noqa: E731
+    assert manifest_tokenizer_path(entry("tokenizer"), "gs://b/data/") == "gs://b/data/tokenizer"
+    assert manifest_tokenizer_path(entry("tokenizer"), str(tmp_path)) == f"{tmp_path}/tokenizer"
+    gone = "/built/on/another/machine/data/tokenizer"  # an older build's absolute path
+    assert manifest_tokenizer_path(entry(gone), str(tmp_path)) == gone  # (no copy here to fall back to)
+    (tmp_path / "tokenizer").mkdir()
+    assert manifest_tokenizer_path(entry(gone), str(tmp_path)) == f"{tmp_path}/tokenizer"
+    assert manifest_tokenizer_path(entry(str(tmp_path)), "/elsewhere") == str(tmp_path)  # (still there: kept)
+    assert manifest_tokenizer_path({}, str(tmp_path)) is None

@@ -166,3 +166,43 @@ def test_load_tokenizer_errors_name_the_problem(tmp_path):
         load_tokenizer("./does/not/exist")
     with pytest.raises(RuntimeError, match="Hugging Face hub.*--tokenizer"):
         load_tokenizer("meta-llama/Llama-2-7b-hf")  # tests run with HF_HUB_OFFLINE=1
+
+
+def test_special_token_text_is_plain_text_in_training_but_a_token_for_a_hf_client(tok):
+    encoder = ct.ChatEncoder(tok)
+    for special in ("</s>", "<s>", "<unk>"):
+        text = f"the end {special} then more"
+        assert encoder.special_token_text(text) == special
+        assert tok.convert_tokens_to_ids(special) in tok.encode(text, add_special_tokens=False)  # what a client sees
+        assert tok.convert_tokens_to_ids(special) not in encoder.encode_texts([text])[0].ids  # what training sees
+    assert encoder.special_token_text("no <special> tokens </S> [INST] here") is None
+
+
+class Spy:
+    """Records the length of every text handed to the tokenizer."""
+
+    def __init__(self, encoder):
+        self.lengths, self.real = [], encoder.encode_texts
+        encoder.encode_texts = self
+
+    def __call__(self, texts):
+        self.lengths += [len(t) for t in texts]
+        return self.real(texts)
+
+
+def test_blocks_that_cannot_fit_are_never_tokenized(tok):
+    encoder = ct.ChatEncoder(tok, max_seq_len=256)
+    assert encoder.max_chars_per_token  # (provable for Llama-2-style tokenizers)
+    spy = Spy(encoder)
+    huge = "word " * 2_000_000  # 10 MB: tokenizing it whole costs seconds and gigabytes
+    assert encoder.encode_batch([([ct.Pair("q", huge)], None)]) == [ct.FIRST_PAIR_TOO_LONG]
+    short_then_huge = encoder.encode_batch([([ct.Pair("q", "a"), ct.Pair(huge, "b"), ct.Pair("c", "d")], None)])[0]
+    assert (short_then_huge.pairs_kept, short_then_huge.pairs_dropped) == (1, 2)
+    many = encoder.encode_batch([([ct.Pair(f"q{i}", f"a{i}") for i in range(100_000)], None)])[0]
+    assert many.pairs_kept + many.pairs_dropped == 100_000
+    assert max(spy.lengths) < 256 * encoder.max_chars_per_token and len(spy.lengths) < 256
+    # the bound only skips what could not fit: the same results as tokenizing everything
+    convs = [([ct.Pair(f"question {i}", "answer " * (n + i)) for i in range(4)], None) for n in range(0, 200, 7)]
+    unbounded = ct.ChatEncoder(tok, max_seq_len=256)
+    unbounded.max_chars_per_token = None
+    assert encoder.encode_batch(convs) == unbounded.encode_batch(convs)
