@@ -331,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                             stream=sys.stderr)
         return run(cfg, beam_args, verbose=args.verbose, overwrite=args.overwrite)
     except BuildError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
