@@ -226,6 +226,9 @@ class CheckpointConfig:
     # Arrays in one OCDBT database per process (orbax's default: few large files, fast on GCS). false: a file
     # per array chunk, for object stores that do not report object generations (the gcp-storage-emulator).
     ocdbt: bool = True
+    # Also save when this many minutes have passed since the last save (asynchronous, so training goes on):
+    # bounds what a preemption or a crash costs, whatever the step time. None: by steps only.
+    every_minutes: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +237,10 @@ class LoggingConfig:
     eval_every_steps: int = 50  # validation loss per task; 0 = only at the end; -1 = never
     eval_batches: int | None = 8  # validation batches per evaluation (None: the whole split)
     tensorboard: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True  # a bar on a terminal; plain progress lines with an ETA in a log file
+    # Upload metrics.jsonl, TensorBoard event files and the workers' logs of a gs:// run dir this often (and
+    # at every checkpoint); local files are flushed as they are written.
+    sync_every_s: float = 60.0
     # Peak FLOP/s of one device, the MFU denominator. None: the known bf16 peak of the TPU/GPU kind, or on CPU
     # a float32 matmul peak measured at start-up (about a second).
     peak_flops_per_device: float | None = None
@@ -306,13 +312,32 @@ def check(cfg: TrainConfig) -> None:
         (lo.impl != "chunked" or lo.chunk_size, "loss.impl=chunked needs loss.chunk_size"),
         (cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep > 0,
          "checkpoint.every_steps and checkpoint.keep must be > 0"),
+        (cfg.checkpoint.every_minutes is None or cfg.checkpoint.every_minutes > 0,
+         "checkpoint.every_minutes must be > 0 (or null: by steps only)"),
+        (0 <= o.b1 < 1 and 0 <= o.b2 < 1 and o.eps > 0, "optimizer: need 0 <= b1, b2 < 1 and eps > 0"),
         (cfg.logging.every_steps > 0, "logging.every_steps must be > 0"),
         (cfg.export.dtype in EXPORT_DTYPES, f"export.dtype must be one of {EXPORT_DTYPES}"),
         (cfg.distributed in DISTRIBUTED_MODES, f"distributed must be one of {DISTRIBUTED_MODES}"),
     ]
-    problems = [msg for ok, msg in rules if not ok]
+    problems = [f"{key} = {value!r} is not a finite float32 number" for key, value in _float_fields(cfg)
+                if not math.isfinite(value) or abs(value) > FLOAT32_MAX]
+    problems += [msg for ok, msg in rules if not ok]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max: a larger value becomes inf on the device
+
+
+def _float_fields(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _float_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            out.append((prefix + f.name, value))
+    return out
 
 
 # -------------------------------------------------------------------------------------------- generation

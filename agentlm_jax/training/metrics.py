@@ -146,6 +146,14 @@ class _TensorBoard:
                                              for k, v in values.items()])
         self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
+    def restart_at(self, step: int) -> None:
+        """TensorBoard drops the events of earlier files from `step` on (those logged before an interruption
+        and then redone), as tf.summary does on a restart."""
+        from tensorboard.compat.proto import event_pb2
+
+        self._write(event_pb2.Event(wall_time=time.time(), step=step,
+                                    session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
     def flush(self) -> None:
         self._file.flush()
 
@@ -176,6 +184,8 @@ class MetricsWriter:
         self._jsonl = open(self._jsonl_path, "a")
         if tensorboard:
             self._tb = _TensorBoard(os.path.join(self.local_dir, TENSORBOARD_DIR))
+            if resume_step:
+                self._tb.restart_at(resume_step + 1)
 
     def _keep_records_up_to(self, step: int) -> None:
         if self._remote:
@@ -185,8 +195,18 @@ class MetricsWriter:
                 fs.get(remote, self._jsonl_path)
         if not os.path.exists(self._jsonl_path):
             return
-        with open(self._jsonl_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept, torn = [], 0
+        with open(self._jsonl_path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except ValueError:  # a line cut short (disk full, a kill mid-write)
+                    torn += 1
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if torn:
+            log.warning("%s: dropped %d unreadable line(s) (cut short by an earlier crash?)", METRICS_FILE, torn)
         with open(self._jsonl_path, "w") as f:
             f.writelines(kept)
 

@@ -7,7 +7,12 @@ A run directory holds everything of one run (local or gs://):
     checkpoints/     orbax checkpoints (checkpointing.py); a rerun resumes from the latest
     metrics.jsonl    one JSON object per logged step / evaluation
     tensorboard/     TensorBoard event files
+    tokenizer/       the dataset's tokenizer, copied at the start (run_dir.py)
+    logs/            each worker's log of each start
     hf/              the Hugging Face export at the end (export.enabled)
+
+Before anything is written, a trainer takes the run directory's lock and, when it resumes, checks that the
+checkpoint's run can continue with this config and dataset (run_dir.py); a refused resume changes nothing.
 
 The loop never waits for the device without need: step k+1 is dispatched before step k's metrics are
 fetched, so the host prepares the next batch while the device computes. Every step's loss is checked; a
@@ -20,13 +25,13 @@ import dataclasses
 import logging
 import math
 import posixpath
+import weakref
 from typing import Any
 
 import fsspec
 import jax
+import jax.numpy as jnp
 from flax import nnx
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from agentlm_jax import distributed
 from agentlm_jax.config import DataConfig, TrainConfig, to_dict, to_yaml
@@ -34,11 +39,15 @@ from agentlm_jax.data import iterator
 from agentlm_jax.data.host_shard import host_batch_to_global
 from agentlm_jax.errors import ConfigError, ExistingRunError, MissingInputError, TrainingDivergedError
 from agentlm_jax.model.llama import count_params, init_model
+from agentlm_jax.progress import Progress
 from agentlm_jax.sharding import make_mesh
 from agentlm_jax.training.checkpointing import Checkpointer
 from agentlm_jax.training.loss import mean
 from agentlm_jax.training.metrics import MetricsWriter, Throughput, flops_per_token, peak_flops
 from agentlm_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from agentlm_jax.training.run_dir import TOKENIZER_SUBDIR as RUN_TOKENIZER_SUBDIR
+from agentlm_jax.training.run_dir import Every, RunLock, WorkerLog, check_resume, copy_tokenizer, data_identity, \
+    write_config
 from agentlm_jax.training.state import TrainState, abstract_params, abstract_train_state, init_train_state, \
     train_state_shardings
 from agentlm_jax.training.step import TrainStep, check_batch_layout
@@ -82,6 +91,12 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+@jax.jit
+def _all_finite(state: TrainState) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves((state.params, state.opt_state)) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _drop_empty_group_losses(values: dict[str, float]) -> None:
     """A batch without agent (or general) loss tokens has no agent (general) loss: drop the key, not log 0."""
     if values["agent_loss_tokens"] == 0:
@@ -119,7 +134,10 @@ class Trainer:
         vocab = (self.manifest.get("tokenizer") or {}).get("vocab_size")
         if vocab and vocab > cfg.model.vocab_size:
             raise ConfigError(f"the dataset's tokenizer ({self.data_dir}) has {vocab} tokens but model.vocab_size "
-                              f"is {cfg.model.vocab_size}: use the model the data was tokenized for")
+                              f"is {cfg.model.vocab_size}: set model.vocab_size={vocab} (or use a model config "
+                              f"made for this tokenizer)")
+        self.tokenizer_dir = self._check_tokenizer()
+        self.identity = data_identity(self.manifest)
 
         self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, abstract_params(cfg.model))
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
@@ -127,20 +145,47 @@ class Trainer:
         self.step_fn = TrainStep(cfg.model, self.optimizer, self.schedule, mesh=self.mesh, rules=self.rules,
                                  state_shardings=self.shardings, data=cfg.data, loss=cfg.loss,
                                  num_tasks=len(self.tasks))
-        self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep,
-                                         async_save=cfg.checkpoint.async_save, ocdbt=cfg.checkpoint.ocdbt)
+        self.lock = RunLock(cfg.run_dir).acquire() if self.is_main else None
+        self._release_lock = weakref.finalize(self, self.lock.release) if self.lock else lambda: None
         try:
-            self._refuse_existing_run(self.checkpointer.latest_step())
+            self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep,
+                                             async_save=cfg.checkpoint.async_save, ocdbt=cfg.checkpoint.ocdbt)
+        except BaseException:
+            self._release_lock()
+            raise
+        try:
+            latest = self.checkpointer.latest_step()
+            self._refuse_existing_run(latest)
+            if latest is not None:
+                check_resume(self.checkpointer.run_info(latest), cfg, self.identity, latest)
             try:
                 self.train_data = iterator.train_iterator(cfg.data, seed=cfg.seed, mesh=self.mesh, rules=self.rules)
             except FileNotFoundError as e:
                 raise MissingInputError(f"data.path={cfg.data.path}: {e}") from None
         except BaseException:
             self.checkpointer.close()
+            self._release_lock()
             raise
         self.validation = self._validation_set()
         self.run_info = {"config": to_dict(cfg), "tasks": self.tasks, "data_dir": self.data_dir,
-                         "tokenizer_path": manifest_tokenizer_path(self.manifest, self.data_dir)}
+                         "data_identity": self.identity,
+                         "tokenizer_path": f"{cfg.run_dir.rstrip('/')}/{RUN_TOKENIZER_SUBDIR}"}
+
+    def _check_tokenizer(self) -> str:
+        """The dataset's tokenizer directory, loaded once now: a dataset moved without it (or a broken copy)
+        fails here, in seconds, not in the export after the last step."""
+        from data_pipeline.formats.tokenizer import load_tokenizer
+
+        path = manifest_tokenizer_path(self.manifest, self.data_dir)
+        if not path:
+            raise MissingInputError(f"{self.data_dir}/manifest.json names no tokenizer: rebuild the dataset with "
+                                    "`python -m data_pipeline.build`")
+        try:
+            load_tokenizer(path)
+        except Exception as e:  # missing files, a corrupt model file: any reason is fatal for this dataset
+            raise MissingInputError(f"the dataset's tokenizer {path} cannot be loaded ({type(e).__name__}: {e}); "
+                                    f"copy the dataset with its tokenizer/ directory, or rebuild it") from None
+        return path
 
     def _validation_set(self) -> iterator.ValidationSet | None:
         if self.cfg.logging.eval_every_steps < 0:
@@ -189,14 +234,20 @@ class Trainer:
             self._info("starting from %s", self.cfg.init_from or f"random weights (seed {self.cfg.seed})")
             return self.initial_state()
         self._info("resuming from the checkpoint of step %d in %s", latest, self.cfg.checkpoint_dir)
-        saved = self.checkpointer.run_info(latest).get("config", {})
-        if saved.get("model") != to_dict(self.cfg.model):
-            log.warning("the checkpoint was written with a different model config: %s (now %s)",
-                        saved.get("model"), to_dict(self.cfg.model))
         abstract = abstract_train_state(self.shardings, self.cfg.model, self.optimizer)
-        return self.checkpointer.restore(latest, abstract, self.train_data)
+        try:
+            return self.checkpointer.restore(latest, abstract, self.train_data)
+        except ValueError as e:
+            if "input iterator" not in str(e):
+                raise
+            raise ConfigError(f"cannot resume {self.cfg.run_dir} from step {latest}: {e}") from None
 
     def save(self, state: TrainState, step: int) -> None:
+        if not bool(distributed.to_host(_all_finite(state))):
+            raise TrainingDivergedError(
+                f"step {step}: the updated parameters or optimizer state hold NaN/Inf (the loss of the step was "
+                f"still finite), so they were not saved. Lower optimizer.learning_rate or use "
+                f"model.param_dtype=float32, then rerun to resume from the last good checkpoint")
         self.checkpointer.save(step, state, self.train_data, self.run_info)
 
     # ---------------------------------------------------------------------------------------- evaluation
@@ -225,8 +276,21 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the loop
     def run(self) -> RunResult:
         cfg = self.cfg
-        self._write_config()
+        worker_log = WorkerLog(cfg.run_dir, jax.process_index())
+        logging.getLogger().addHandler(worker_log)
+        try:
+            return self._run(worker_log)
+        finally:
+            logging.getLogger().removeHandler(worker_log)
+            worker_log.close()
+            self._release_lock()
+
+    def _run(self, worker_log: WorkerLog) -> RunResult:
+        cfg = self.cfg
         state = self.restore_or_init()
+        self._write_config()  # after a successful restore: a refused resume leaves the run dir as it was
+        if self.is_main:
+            copy_tokenizer(self.tokenizer_dir, cfg.run_dir)
         start = int(distributed.to_host(state.step))
         result = RunResult(status="finished", step=start, run_dir=cfg.run_dir)
         writer = MetricsWriter(cfg.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
@@ -238,11 +302,13 @@ class Trainer:
         self._info("model: %.1fM parameters; mesh %s; loss %s; %d micro-batch(es) of %d x %d; peak %.3g FLOP/s (%s)",
                    count_params(cfg.model) / 1e6, dict(self.mesh.shape), self.step_fn.loss_impl, cfg.data.micro_batches,
                    cfg.micro_batch, cfg.data.max_seq_len, peak, peak_source)
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (self.is_main and cfg.logging.progress_bar))
+        bar = Progress(total=cfg.steps, initial=start, desc="train", unit="step",
+                       enabled=self.is_main and cfg.logging.progress_bar)
+        sync_due = Every(cfg.logging.sync_every_s)
+        save_due = Every(60 * cfg.checkpoint.every_minutes if cfg.checkpoint.every_minutes else None)
         pending: tuple[int, dict] | None = None  # (step, device metrics) dispatched but not yet checked
         try:
-            with logging_redirect_tqdm():
+            with bar.logging_redirected():
                 for step in range(start + 1, cfg.steps + 1):
                     batch = host_batch_to_global(next(self.train_data), self.mesh, self.rules)
                     state, metrics = self.step_fn(state, batch)  # dispatched; runs while we look at step - 1
@@ -251,7 +317,8 @@ class Trainer:
                     pending = (step, metrics)
                     throughput.step()
                     stop = preemption.stop_requested(step)
-                    save_now = stop or step == cfg.steps or step % cfg.checkpoint.every_steps == 0
+                    save_now = stop or step == cfg.steps or step % cfg.checkpoint.every_steps == 0 \
+                        or self._timed_save_due(step, save_due)
                     eval_now = self._eval_due(step)
                     if step == start + 1 or save_now or eval_now:  # these need this step's metrics now
                         self._check_and_log(*pending, writer, throughput, bar, result)
@@ -259,7 +326,10 @@ class Trainer:
                     with throughput.paused():  # the next step's tokens/s and MFU count training only
                         if save_now:
                             self.save(state, step)
+                            save_due.reset()
+                        if save_now or sync_due.due():
                             writer.sync()
+                            worker_log.sync()
                         if eval_now:
                             self._log_validation(step, state, writer, result)
                     result.step = step
@@ -279,8 +349,11 @@ class Trainer:
                 result.export_path = self.export(state)
         except TrainingDivergedError:
             self.checkpointer.wait_until_finished()  # earlier (good) saves complete; the bad state is never saved
-            log.error("the last good checkpoint is step %s in %s", self.checkpointer.latest_step(),
-                      cfg.checkpoint_dir)
+            latest = self.checkpointer.latest_step()
+            if latest is None:
+                log.error("no good checkpoint: none was saved before the run diverged (a rerun starts afresh)")
+            else:
+                log.error("the last good checkpoint is step %d in %s", latest, cfg.checkpoint_dir)
             raise
         finally:
             bar.close()
@@ -290,8 +363,19 @@ class Trainer:
             self.train_data.close()
         return result
 
-    def _check_and_log(self, step: int, metrics: dict, writer: MetricsWriter, throughput: Throughput, bar: tqdm,
-                       result: RunResult) -> None:
+    def _timed_save_due(self, step: int, save_due: Every) -> bool:
+        """checkpoint.every_minutes has passed. On several hosts every host must save at the same step, so
+        process 0's clock decides, broadcast at logging steps only (a small collective)."""
+        if jax.process_count() == 1:
+            return save_due.due()
+        if step % self.cfg.logging.every_steps:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.broadcast_one_to_all(jnp.int32(save_due.due())))
+
+    def _check_and_log(self, step: int, metrics: dict, writer: MetricsWriter, throughput: Throughput,
+                       bar: Progress, result: RunResult) -> None:
         """Fetch one step's metrics (waits for that step), stop on NaN/Inf, log at the logging interval."""
         values = distributed.host_metrics(metrics)
         loss = values["loss"]
@@ -312,7 +396,7 @@ class Trainer:
             if not first:
                 values.update(throughput.rate())
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['learning_rate']:.2e}",
-                            tok_s=f"{values.get('tokens_per_s', 0):.0f}", refresh=False)
+                            tok_s=f"{values.get('tokens_per_s', 0):.0f}")
             writer.write(step, values)
             speed = f", {values['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in values else ""
             speed += f", MFU {values['mfu']:.1%}" if "mfu" in values else ""
@@ -341,10 +425,7 @@ class Trainer:
         if not self.is_main:
             return
         print(f"# resolved config (saved to {self.cfg.run_dir}/config.yaml)\n{text}", flush=True)
-        fs, root = fsspec.core.url_to_fs(self.cfg.run_dir)
-        fs.makedirs(root, exist_ok=True)
-        with fs.open(posixpath.join(root, "config.yaml"), "w") as f:
-            f.write(text)
+        write_config(self.cfg.run_dir, text)
 
     def export(self, state: TrainState) -> str:
         from agentlm_jax.hf import export_hf
@@ -354,7 +435,7 @@ class Trainer:
         self._info("exporting the Hugging Face checkpoint to %s (tokenizer: %s)", path, tokenizer)
         export_hf(state.params, self.cfg.model, path, dtype=self.cfg.export.dtype,
                   max_shard_size=self.cfg.export.max_shard_size, tokenizer_path=tokenizer,
-                  show_progress=self.is_main)
+                  show_progress=self.is_main and self.cfg.logging.progress_bar)
         return path
 
 

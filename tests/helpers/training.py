@@ -17,6 +17,7 @@ import pytest
 
 from agentlm_jax.config import ModelConfig, load_config, to_dict
 from data_pipeline.formats import records
+from data_pipeline.formats.tokenizer import SAMPLE_TOKENIZER_DIR, tokenizer_files_sha256
 
 VOCAB = 1024  # = the bundled sample tokenizer's, so a run can export it
 TASKS = ["db", "os", "sharegpt"]
@@ -45,8 +46,10 @@ def make_records(split: str, count: int, seed: int) -> list[records.Record]:
     return out
 
 
-def write_dataset(root: str, *, train: int = 240, validation: int = 24, tokenizer_path: str | None = None) -> str:
-    """Shards + manifest under `root` (a local path or gs:// URL); returns root."""
+def write_dataset(root: str, *, train: int = 240, validation: int = 24,
+                  tokenizer_path: str | None = SAMPLE_TOKENIZER_DIR) -> str:
+    """Shards + manifest under `root` (a local path or gs:// URL); returns root. The manifest names the bundled
+    sample tokenizer (same vocabulary), as the trainer loads the dataset's tokenizer at start-up."""
     fs, path = fsspec.core.url_to_fs(root)
     fs.makedirs(path, exist_ok=True)
     for split, recs, shards in (("train", make_records("train", train, 0), 2),
@@ -56,7 +59,7 @@ def write_dataset(root: str, *, train: int = 240, validation: int = 24, tokenize
                 records.write_tfrecord(f, (records.encode_example(r) for r in recs[i::shards]))
     tokenizer = {"vocab_size": VOCAB}
     if tokenizer_path:
-        tokenizer["path"] = tokenizer_path
+        tokenizer.update(path=tokenizer_path, sha256=tokenizer_files_sha256(tokenizer_path))
     with fs.open(f"{path}/{records.MANIFEST_NAME}", "w") as f:
         json.dump({"tasks": TASKS, "tokenizer": tokenizer}, f)
     return root
