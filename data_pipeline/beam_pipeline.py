@@ -30,11 +30,12 @@ import apache_beam as beam
 
 from data_pipeline import manifest as mf
 from data_pipeline import mixing
+from data_pipeline import progress as pg
 from data_pipeline.formats import records
 from data_pipeline.staging import StagedTokenizer
 from data_pipeline.config import PipelineConfig
 from data_pipeline.normalize import REJECTED, Conversation, Dropped, normalize
-from data_pipeline.sources import RawItem, ReadTask, read_task
+from data_pipeline.sources import RawItem, ReadPosition, ReadTask, read_task
 from data_pipeline.writers import write_manifest, write_rejected, write_shard
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,9 @@ def worker_progress_log() -> logging.Logger:
 
 class ReadBatches(beam.DoFn):
     """A read task → raw batches of up to `batch_size` records (streamed, so a file is never held whole).
-    A task without records still gives one (empty) batch, so that every task is accounted for."""
+    A task without records still gives one (empty) batch, so that every task is accounted for. Also the
+    task's record count (the COUNTS output: the encoders' total for their progress lines)."""
+    COUNTS = "counts"
 
     def __init__(self, batch_size: int, progress_every_s: float = 15.0):
         self.batch_size, self.progress_every_s = batch_size, progress_every_s
@@ -150,20 +153,21 @@ class ReadBatches(beam.DoFn):
     def process(self, task: ReadTask) -> Iterator[tuple]:
         """Yields (batch_key, raw_batch)."""
         name = task.path if task.split is None else f"{task.path} [{task.split}]"
-        start = last = time.monotonic()
+        position = ReadPosition()
+        progress = pg.Progress(self.log, f"reading {name}", every_s=self.progress_every_s)
         batch, count = [], 0
-        for item in read_task(task):
+        for item in read_task(task, position):
             batch.append(item)
             count += 1
             if len(batch) == self.batch_size:
                 yield batch_key(task, count), raw_batch(task, batch)
                 batch = []
-                if time.monotonic() - last > self.progress_every_s:
-                    last = time.monotonic()
-                    self.log.info("reading %s: %d records so far", name, count)
+                progress.what, progress.unit = f"reading {name} ({count:,} records so far)", position.unit
+                progress.set(position.done, position.total)
         if batch or not count:
             yield batch_key(task, count), raw_batch(task, batch)
-        self.log.info("read %d records from %s in %.1f s", count, name, time.monotonic() - start)
+        self.log.info("read %d records from %s in %.1f s", count, name, time.monotonic() - progress.start)
+        yield beam.pvalue.TaggedOutput(self.COUNTS, count)
 
 
 class Encode(beam.DoFn):
@@ -180,14 +184,7 @@ class Encode(beam.DoFn):
 
     def setup(self):
         self.encoder = self.tokenizer.encoder(self.max_seq_len)
-        self.log, self.last_log, self.done = worker_progress_log(), time.monotonic(), [0, 0]
-
-    def progress(self, conversations: int, tokens: int) -> None:
-        self.done[0] += conversations
-        self.done[1] += tokens
-        if time.monotonic() - self.last_log > 15.0:
-            self.last_log = time.monotonic()
-            self.log.info("this worker encoded %d conversations (%d tokens) so far", *self.done)
+        self.log = worker_progress_log()
 
     def special_token_text(self, conv: Conversation) -> str | None:
         """Where the conversation's text holds special-token text (a detail for rejected.jsonl), or None."""
@@ -202,7 +199,7 @@ class Encode(beam.DoFn):
     def threshold(self, task: str) -> float:
         return self.reward_thresholds.get(task, self.reward_thresholds["default"])
 
-    def process(self, keyed_batch: tuple) -> Iterator:
+    def process(self, keyed_batch: tuple, records_read: int) -> Iterator:
         _, (batch,) = keyed_batch  # (batch_key, [raw_batch]): from the GroupByKey that spreads batches
         task, items = unpack_raw_batch(batch)
         source, kind = task.source, task.kind
@@ -235,7 +232,9 @@ class Encode(beam.DoFn):
         RECORDS_READ.inc(len(items))
         CONVERSATIONS_ENCODED.inc(len(rows))
         TOKENS_ENCODED.inc(tokens)
-        self.progress(len(rows), tokens)
+        # (the run's staged tokenizer path is unique to the run: a fresh count per run)
+        pg.shared(("encode", self.tokenizer.path), self.log, "encoding (records of all read, this process)",
+                  records_read).add(len(items))
         if rows:
             yield [row.plain() for row in rows]
         yield beam.pvalue.TaggedOutput(self.SUMMARY, ([tuple(row.key) for row in rows], tally, rejected))
@@ -315,11 +314,17 @@ class WriteShard(beam.DoFn):
     def __init__(self, output: str, shard_counts: dict[str, int]):
         self.output, self.shard_counts = output, shard_counts
 
+    def setup(self):
+        self.log = worker_progress_log()
+
     def process(self, keyed) -> Iterator[dict]:
         (split, index), groups = keyed
         rows = sorted((ShardRow(*row) for group in groups for row in group), key=lambda r: r.order)
         stats = write_shard(self.output, split, index, self.shard_counts[split], rows)
         EXAMPLES_WRITTEN.inc(len(rows))
+        # (shards no example went to are written with the manifest: the total is an upper bound)
+        pg.shared(("write", self.output), self.log, "writing shards (this process)",
+                  sum(self.shard_counts.values()), "shards").add(1)
         yield stats
 
 
@@ -346,10 +351,14 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
     counts = shard_counts(cfg)
     sources = {s.name: "agent" for s in cfg.agent} | {s.name: "general" for s in cfg.general}
 
-    encoded = (p | "ReadTasks" >> beam.Create(read_tasks)  # (Create spreads several tasks over the workers)
-               | "ReadBatches" >> beam.ParDo(ReadBatches(cfg.tokenize_batch_size))
+    read = (p | "ReadTasks" >> beam.Create(read_tasks)  # (Create spreads several tasks over the workers)
+            | "ReadBatches" >> beam.ParDo(ReadBatches(cfg.tokenize_batch_size))
+            .with_outputs(ReadBatches.COUNTS, main="batches"))
+    records_read = read[ReadBatches.COUNTS] | "CountRecords" >> beam.CombineGlobally(sum)
+    encoded = (read.batches
                | "SpreadBatches" >> beam.GroupByKey()
-               | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds))
+               | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds),
+                                        beam.pvalue.AsSingleton(records_read))
                .with_outputs(Encode.SUMMARY, main="rows"))
     plan = (encoded[Encode.SUMMARY] | "GatherSummaries" >> beam.CombineGlobally(GatherSummaries()).without_defaults()
             | "Plan" >> beam.Map(make_plan, cfg=cfg, output=output))

@@ -22,7 +22,7 @@ record that is not used, counted by reason).
                    for DIR/a/d.jsonl of source DIR; for a single file, its name) → repair `missing_id`; so
                    it is unique within the source and the same wherever the data lives (local or gs://);
                    a non-string, non-integer id → reject `bad_id`
-  structure        not an object → reject `not_an_object`; no `conversations` (or `messages`) list →
+  structure        not an object → reject `not_an_object`; no `conversations` (or `messages`, `items`) list →
                    reject `missing_conversations`; a turn that is not an object → reject `turn_not_an_object`
 """
 
@@ -39,6 +39,9 @@ USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 ROLE_NAMES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "chatgpt": ASSISTANT,
               "bing": ASSISTANT, "bard": ASSISTANT, "model": ASSISTANT, "system": SYSTEM}
 CANONICAL_ROLES = {"human", "gpt", "user", "assistant", "system"}
+
+# The turn list's key: ShareGPT dumps, OpenAI-style records, and OpenChat's ShareGPT files (sharegpt_gpt4.json).
+CONVERSATION_KEYS = ("conversations", "messages", "items")
 
 FILTERED, REJECTED = "filtered", "rejected"
 NOTHING_TO_LEARN = "nothing_to_learn"
@@ -118,7 +121,7 @@ def _record_id(record: dict, item: RawItem, repairs: set[str]) -> str:
 
 def _turns(record: dict) -> list[tuple[str, str, bool]]:
     """(role, text, loss) for each turn, roles mapped, empty turns kept as ''."""
-    raw = record.get("conversations", record.get("messages"))
+    raw = next((record[k] for k in CONVERSATION_KEYS if k in record), None)
     if not isinstance(raw, list):
         raise _Reject("missing_conversations", type(raw).__name__)
     turns = []

@@ -13,6 +13,7 @@ offset where known, the file's path within its source) and the HF split it came 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -166,18 +167,28 @@ def hub_splits(source: SourceConfig) -> list[str]:
 
 
 # --------------------------------------------------------------------------- readers (workers)
-def read_task(task: ReadTask) -> Iterator[RawItem]:
-    """The task's items. A file that fails to read (corrupt Parquet, a cut or corrupt compressed file, an
+@dataclasses.dataclass
+class ReadPosition:
+    """How far a reader is through its task, for progress lines: `done` of `total` `unit` (bytes of the
+    file as stored, compressed or not; rows of a Parquet file or HF split); total None when unknown."""
+    done: int = 0
+    total: int | None = None
+    unit: str = "bytes"
+
+
+def read_task(task: ReadTask, position: ReadPosition | None = None) -> Iterator[RawItem]:
+    """The task's items (`position`, when given, follows the reading). A file that fails to read (corrupt Parquet, a cut or corrupt compressed file, an
     I/O error) keeps the items read before the failure, and the failure becomes one `unreadable_file`
     rejection after them, naming the record number and byte offset it was reached at. (A Hugging Face
     split that cannot be loaded stops the build: that is the hub or the network, not the data.)"""
     readers = {"jsonl": read_jsonl, "json": read_json_array, "parquet": read_parquet, "hf": read_hub_split}
+    position = position or ReadPosition()
     if task.format == "hf":
-        yield from read_hub_split(task)
+        yield from read_hub_split(task, position)
         return
     last = None
     try:
-        for last in readers[task.format](task):
+        for last in readers[task.format](task, position):
             yield last
     except Exception as e:  # whatever the decompressor, pyarrow or the filesystem raises
         number = last.number + 1 if last else 1
@@ -189,37 +200,52 @@ def read_task(task: ReadTask) -> Iterator[RawItem]:
                       rel_path=task.rel_path)
 
 
-def _open(path: str):
-    return fsspec.open(path, "rb", compression="infer").open()
+@contextlib.contextmanager
+def _open(path: str, position: ReadPosition):
+    """The file, decompressed on the fly by its extension; `position` follows the stored (compressed) bytes."""
+    from fsspec.compression import compr
+    from fsspec.utils import infer_compression
+
+    fs, root = fsspec.core.url_to_fs(path)
+    position.total, position.unit = fs.size(root), "bytes"
+    with fs.open(root, "rb") as raw:
+        compression = infer_compression(path)
+        with (compr[compression](raw, mode="r") if compression else contextlib.nullcontext(raw)) as f:
+            yield f, raw
 
 
-def read_jsonl(task: ReadTask) -> Iterator[RawItem]:
+def read_jsonl(task: ReadTask, position: ReadPosition) -> Iterator[RawItem]:
     offset = 0
-    with _open(task.path) as f:
+    with _open(task.path, position) as (f, raw):
         for number, line in enumerate(f, start=1):
             start, offset = offset, offset + len(line)
+            position.done = raw.tell()
             if line.strip():
                 yield RawItem(None, task.path, number, start, line=line, rel_path=task.rel_path)
 
 
-def read_json_array(task: ReadTask) -> Iterator[RawItem]:
-    with _open(task.path) as f:
+def read_json_array(task: ReadTask, position: ReadPosition) -> Iterator[RawItem]:
+    with _open(task.path, position) as (f, raw):
         for e in iter_json_array(f, task.path):
+            position.done = raw.tell()
             yield RawItem(e.record, task.path, e.number, e.byte_offset, error=e.error, raw=e.raw, rel_path=task.rel_path)
 
 
-def read_parquet(task: ReadTask) -> Iterator[RawItem]:
+def read_parquet(task: ReadTask, position: ReadPosition) -> Iterator[RawItem]:
     import pyarrow.parquet as pq
 
     number = 0
     with fsspec.open(task.path, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+        parquet = pq.ParquetFile(f)
+        position.total, position.unit = parquet.metadata.num_rows, "rows"
+        for batch in parquet.iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 number += 1
+                position.done = number
                 yield RawItem(row, task.path, number, rel_path=task.rel_path)
 
 
-def read_hub_split(task: ReadTask) -> Iterator[RawItem]:
+def read_hub_split(task: ReadTask, position: ReadPosition) -> Iterator[RawItem]:
     import datasets
 
     try:
@@ -228,5 +254,7 @@ def read_hub_split(task: ReadTask) -> Iterator[RawItem]:
         raise RuntimeError(
             f"cannot load split {task.split!r} of Hugging Face dataset {task.path!r} ({type(e).__name__}: {e}). "
             "Offline? Download the dataset's files where the hub is reachable and pass them as local files.") from e
+    position.total, position.unit = len(ds), "rows"
     for number, row in enumerate(ds, start=1):
+        position.done = number
         yield RawItem(row, f"hf://{task.path}/{task.split}", number, split=task.split)

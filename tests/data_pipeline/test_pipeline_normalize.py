@@ -43,6 +43,12 @@ def test_openai_style_keys_are_accepted():
     assert conv.pairs == (Pair("Q", "A"),)
 
 
+def test_openchat_sharegpt_gpt4_items_are_accepted():
+    # openchat/openchat_sharegpt_v3 sharegpt_gpt4.json (the GPT-4-only ShareGPT release) keeps the turns in "items"
+    conv, _ = run({"id": "a", "items": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]})
+    assert conv.pairs == (Pair("Q", "A"),)
+
+
 def test_leading_system_turn_becomes_the_system_prompt():
     conv, repairs = run({"id": "a", "conversations": turns(("system", "Be a pirate."), ("human", "Q"), ("gpt", "A"))})
     assert conv.system == "Be a pirate." and conv.pairs == (Pair("Q", "A"),)
