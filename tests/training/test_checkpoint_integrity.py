@@ -219,3 +219,20 @@ def test_damage_on_gcs_is_detected_from_the_object_metadata(gcs, data_dir, monke
     fs.pipe_file(victim, fs.cat_file(victim)[:-4])
     with Checkpointer(root, read_only=True) as ckpt, pytest.raises(CheckpointDamagedError, match="truncated"):
         ckpt.verify(3, ("params",))
+
+
+def test_the_newest_step_with_an_intact_config_is_found_without_reading_the_arrays(run, monkeypatch, caplog):
+    """What the trainer checks at start-up (the saved config of the step it will resume): only config/ is read."""
+    root, _, _ = run
+    damaged = f"{root}/2/config/metadata"
+    flip_byte(damaged)
+    read = []
+    original = checkpointing._crc32c_of_file
+    monkeypatch.setattr(checkpointing, "_crc32c_of_file", lambda fs, path: read.append(path) or original(fs, path))
+    with Checkpointer(root) as ckpt, caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert ckpt.usable_step(items=("config",)) == 1
+        assert ckpt.run_info(1)["tokenizer_path"] == "/the/tokenizer"
+        with pytest.raises(CheckpointDamagedError, match=damaged):
+            ckpt.run_info(2)
+    assert damaged in caplog.text and "Trying the previous checkpoint (step 1)" in caplog.text
+    assert read and all("/config/" in path for path in read)
