@@ -67,8 +67,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> str | None:
-    """Everything cheap to check, before the hosts join up or a checkpoint loads; returns the tokenizer."""
+def check_args(args: argparse.Namespace) -> None:
+    """What is cheap to check from the file listings, before the hosts join up (nothing here touches JAX)."""
     source, flag = (args.checkpoint, "--checkpoint") if args.checkpoint else (args.hf, "--hf")
     kind = check_source(source, step=args.step, flag=flag)
     if args.hf and kind != "hf":
@@ -78,19 +78,17 @@ def check_args(args: argparse.Namespace) -> str | None:
     check_output(args.output, overwrite=args.overwrite, flag="--output")
     if args.tokenizer:
         check_tokenizer(args.tokenizer)
-        return args.tokenizer
-    tokenizer = default_tokenizer(source, step=args.step)
-    if tokenizer is not None:
-        check_tokenizer(tokenizer, what=f"the tokenizer recorded with {source},")
-    return tokenizer
 
 
 def export(args: argparse.Namespace) -> dict:
-    tokenizer = check_args(args)
+    check_args(args)
     distributed.initialize(args.distributed)
     mesh = cli.cli_mesh(args)
     cli.require_all_devices(mesh)
     source = args.checkpoint or args.hf
+    tokenizer = args.tokenizer or default_tokenizer(source, step=args.step)  # reads the run's info with orbax
+    if tokenizer is not None and not args.tokenizer:
+        check_tokenizer(tokenizer, what=f"the tokenizer recorded with {source},")
     cfg, params = load_params(source, step=args.step, mesh=mesh, allow_pickle=args.allow_pickle,
                               show_progress=distributed.is_main_process())
     index = export_hf(params, cfg, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,

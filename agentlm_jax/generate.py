@@ -98,11 +98,16 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool, system_prom
             for p in prompts]
 
 
-def check_args(args: argparse.Namespace) -> str:
-    """Everything cheap to check, before the hosts join up or a model loads; returns the tokenizer directory."""
+def check_args(args: argparse.Namespace) -> None:
+    """What is cheap to check from the file listings, before the hosts join up (nothing here touches JAX)."""
     check_source(args.model, step=args.step, flag="--model")
     if args.tokenizer:
         check_tokenizer(args.tokenizer)
+
+
+def tokenizer_of(args: argparse.Namespace) -> str:
+    """--tokenizer, or the model's own (for a checkpoint, read from the run's info with orbax), checked."""
+    if args.tokenizer:
         return args.tokenizer
     tokenizer = default_tokenizer(args.model, step=args.step)
     if tokenizer is None:
@@ -113,10 +118,11 @@ def check_args(args: argparse.Namespace) -> str:
 
 
 def generate(args: argparse.Namespace) -> list[dict]:
-    tokenizer_dir = check_args(args)
+    check_args(args)
     distributed.initialize(args.distributed)
     mesh = cli.cli_mesh(args)
     cli.require_all_devices(mesh)
+    tokenizer_dir = tokenizer_of(args)
     from data_pipeline.formats.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -17,7 +17,9 @@ import torch
 import transformers
 
 from agentlm_jax import export, hf
+from agentlm_jax.errors import MissingInputError
 from agentlm_jax.hf.save import ExistingExportError
+from agentlm_jax.model_source import check_source
 from tests.helpers.hf import random_tokens, torch_logits
 
 
@@ -146,6 +148,9 @@ def test_overwrite_on_gcs(hf_checkpoints, imported, gcs_bucket):
                      "model.safetensors.index.json"]
     cfg2, _ = hf.import_hf(url, show_progress=False)
     assert cfg2 == mha_cfg
+    assert check_source(url) == "hf"
+    with pytest.raises(MissingInputError, match="does not exist"):
+        check_source(f"{gcs_bucket}/no-such-model")
 
 
 def test_export_cli_overwrite(hf_checkpoints, tmp_path):
