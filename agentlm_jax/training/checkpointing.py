@@ -377,9 +377,9 @@ def load_model_params(checkpoint_dir: str, step: int | None = None,
     `step` is an error (CheckpointDamagedError, naming the files); by default the newest intact step is used.
     """
     with Checkpointer(resolve_checkpoint_dir(checkpoint_dir), read_only=True) as ckpt:
-        step = ckpt._step_or_latest(step) if step is not None else ckpt.usable_step(items=(CONFIG, PARAMS))
         if step is None:
-            ckpt._step_or_latest(None)  # raises: no checkpoint
+            step = ckpt.usable_step(items=(CONFIG, PARAMS))  # None if there is no checkpoint: raised just below
+        step = ckpt._step_or_latest(step)
         cfg = model_config_from_run_info(ckpt.run_info(step))
         abstract = abstract_params(cfg)
         if callable(shardings):
