@@ -12,9 +12,9 @@ from agentlm_jax.hf.config import CONFIG_NAME, ArchitectureMismatchError, hf_con
 from agentlm_jax.hf.files import PickleCheckpointError
 from agentlm_jax.hf.load import import_hf, load_hf_model
 from agentlm_jax.hf.mapping import CheckpointMismatchError
-from agentlm_jax.hf.save import export_hf
+from agentlm_jax.hf.save import ExistingExportError, export_hf
 from agentlm_jax.hf.tokenizer import save_tokenizer
 
-__all__ = ["CONFIG_NAME", "ArchitectureMismatchError", "CheckpointMismatchError",
+__all__ = ["CONFIG_NAME", "ArchitectureMismatchError", "CheckpointMismatchError", "ExistingExportError",
            "PickleCheckpointError", "export_hf", "hf_config", "import_hf", "load_hf_config", "load_hf_model",
            "save_tokenizer"]
