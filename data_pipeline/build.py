@@ -54,7 +54,8 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="Source syntax: [NAME=]PATH where PATH is a local or gs:// file, directory or glob (.jsonl, "
                ".json array, .parquet; .gz etc. decompressed), or [NAME=][hf:]OWNER/DATASET[:SPLIT,...] "
                "for a Hugging Face dataset (all splits unless listed). NAME defaults to the file name.")
-    g = p.add_argument_group("pipeline (defaults: the embedded sample, configs/data/sample.yaml)")
+    g = p.add_argument_group("pipeline (defaults: the embedded sample, configs/data/sample.yaml; "
+                             "--max_seq_len etc. work too)")
     g.add_argument("--config", help="YAML file of pipeline options (configs/data/*.yaml); flags override it")
     g.add_argument("--agent", action="append", metavar="SRC",
                    help="agent trajectories (AgentInstruct format), repeatable; replaces the config's list")
