@@ -105,7 +105,10 @@ def load_params(source: str, *, step: int | None = None, runtime: dict[str, Any]
     shardings = None
     if mesh is not None:
         shardings = lambda abstract_params: state_shardings(abstract_params, mesh, rules)  # noqa: E731
-    cfg, params = load_model_params(source, step=step, shardings=shardings)
+    try:
+        cfg, params = load_model_params(source, step=step, shardings=shardings)
+    except FileNotFoundError as e:  # e.g. a step whose save never completed (on gs:// its directory exists)
+        raise MissingInputError(str(e)) from None
     cfg = cfg.replace(**(runtime or {}))
     stored = {x.dtype for x in jax.tree.leaves(params)}
     if stored != {jnp.dtype(cfg.param_dtype)}:  # e.g. float32 master weights, served in bfloat16

@@ -78,3 +78,17 @@ def test_bad_option_values_are_usage_errors(argv, message, no_loading, capsys):
         generate.main(["--model", "/whatever", "--prompt", "hi", *argv])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_step_orbax_cannot_restore_is_one_line(orbax_run, monkeypatch):
+    """On gs:// an unfinished save's step directory exists (orbax marks completion with a file), so the listing
+    accepts the step and orbax then refuses it: still one error line, not a traceback."""
+    from agentlm_jax import model_source
+
+    directory, _ = orbax_run
+
+    def unfinished(path, step=None, shardings=None):
+        raise FileNotFoundError(f"no checkpoint for step {step} in {path}; available steps: [3]")
+
+    monkeypatch.setattr(model_source, "load_model_params", unfinished)
+    assert "no checkpoint for step 7" in _error_line(["--model", directory, "--step", "7", "--prompt", "hi"])
