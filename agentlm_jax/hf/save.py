@@ -16,6 +16,7 @@ import fnmatch
 import json
 import logging
 import math
+import os
 import posixpath
 import re
 
@@ -87,10 +88,19 @@ def owned_files(output_dir: str) -> list[str]:
 
 
 def check_output(output_dir: str, *, overwrite: bool = False, flag: str = "output_dir") -> None:
-    """Refuse an output that is a file, or a non-empty directory unless `overwrite` (ExistingExportError)."""
+    """Refuse an output that is a file, or a non-empty directory unless `overwrite` (ExistingExportError), or
+    (local) one that cannot be created or written (SetupError): before any work, not after it."""
     fs, root = files.fs_and_path(output_dir)
     if fs.isfile(root):
         raise ExistingExportError(f"{flag} {output_dir} is a file; give a directory")
+    if files.is_local(fs):
+        existing = os.path.abspath(root)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise SetupError(f"{flag} {output_dir}: cannot be created, {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise SetupError(f"{flag} {output_dir}: {existing} is not writable; choose a directory you can write")
     if overwrite:
         return
     present = sorted(posixpath.basename(e["name"].rstrip("/")) for e in _entries(fs, root))

@@ -70,6 +70,16 @@ def test_user_errors_are_one_line_before_loading(orbax_run, hf_checkpoints, tmp_
         ["--checkpoint", directory, "--output", str(tmp_path / "full")])
     (tmp_path / "a-file").write_text("")
     assert "is a file" in _error_line(["--checkpoint", directory, "--output", str(tmp_path / "a-file")])
+    assert f"cannot be created, {tmp_path / 'a-file'} is a file" in _error_line(
+        ["--checkpoint", directory, "--output", str(tmp_path / "a-file" / "out")])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_output_is_refused_before_loading(orbax_run, tmp_path, no_loading):
+    directory, _ = orbax_run
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert "is not writable" in _error_line(["--checkpoint", directory, "--output", str(locked / "out")])
 
 
 @pytest.mark.parametrize("argv", [["--dtype", "float8"], ["--step", "-1"], ["--step", "latest"]])
