@@ -21,18 +21,21 @@ with any number of workers. Shards are written by us through fsspec (local or gs
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
+import posixpath
 import time
 from typing import Iterator, NamedTuple
 
 import apache_beam as beam
+import fsspec
 
 from data_pipeline import manifest as mf
 from data_pipeline import mixing
 from data_pipeline import progress as pg
 from data_pipeline.formats import records
-from data_pipeline.staging import StagedTokenizer
+from data_pipeline.staging import STAGING_DIR, StagedTokenizer
 from data_pipeline.config import PipelineConfig
 from data_pipeline.normalize import REJECTED, Conversation, Dropped, normalize
 from data_pipeline.sources import RawItem, ReadPosition, ReadTask, read_task
@@ -55,6 +58,29 @@ def raw_batch(task: ReadTask, items: list[RawItem]) -> tuple:
     """(task fields, [item fields, ...]): a batch of raw records in a form Beam encodes without pickling."""
     return ((task.source, task.kind, task.path, task.format, task.split, task.rel_path),
             [(i.record, i.file, i.number, i.byte_offset, i.split, i.error, i.raw, i.line, i.rel_path) for i in items])
+
+
+SPILL_CODER = beam.coders.FastPrimitivesCoder()  # (what Beam itself encodes these plain tuples with)
+
+
+def spill_path(spill_dir: str, key: tuple, kind: str) -> str:
+    """The file of one batch's spilled data: named by the batch key, so a retried bundle rewrites the same."""
+    name = hashlib.blake2b(json.dumps(key).encode(), digest_size=16).hexdigest()
+    return posixpath.join(spill_dir, kind, f"{name}.bin")
+
+
+def write_spill(path: str, value) -> str:
+    """Writes `value` (plain tuples/lists/dicts of str/bytes/numbers) to `path`; returns the path."""
+    fs, local = fsspec.core.url_to_fs(path)
+    fs.makedirs(posixpath.dirname(local), exist_ok=True)
+    with fs.open(local, "wb") as f:
+        f.write(SPILL_CODER.encode(value))
+    return path
+
+
+def read_spill(path: str):
+    with fsspec.open(path, "rb") as f:
+        return SPILL_CODER.decode(f.read())
 
 
 def batch_key(task: ReadTask, index: int) -> tuple[str, str, str, int]:
@@ -87,20 +113,20 @@ class RowKey(NamedTuple):
 
 
 class EncodedRow(NamedTuple):
-    """One encoded conversation. Beam would pickle a NamedTuple, so it travels as a plain tuple (`tuple(row)`,
-    its key too) and is rebuilt with `EncodedRow.of`."""
+    """One encoded conversation. Beam would pickle a NamedTuple, so it travels as a plain tuple (`plain()`,
+    without its payload, which is spilled to a file) and is rebuilt with `EncodedRow.of`."""
     key: RowKey
     payload: bytes  # the serialized tf.train.Example
     tokens: int
     loss_tokens: int
 
     @classmethod
-    def of(cls, fields: tuple) -> "EncodedRow":
-        key, *rest = fields
-        return cls(RowKey(*key), *rest)
+    def of(cls, fields: tuple, payload: bytes) -> "EncodedRow":
+        key, tokens, loss_tokens = fields
+        return cls(RowKey(*key), payload, tokens, loss_tokens)
 
     def plain(self) -> tuple:
-        return (tuple(self.key), *self[1:])
+        return tuple(self.key), self.tokens, self.loss_tokens
 
 
 class ShardRow(NamedTuple):
@@ -144,14 +170,19 @@ class ReadBatches(beam.DoFn):
     task's record count (the COUNTS output: the encoders' total for their progress lines)."""
     COUNTS = "counts"
 
-    def __init__(self, batch_size: int, progress_every_s: float = 15.0):
-        self.batch_size, self.progress_every_s = batch_size, progress_every_s
+    def __init__(self, batch_size: int, spill_dir: str, progress_every_s: float = 15.0):
+        self.batch_size, self.spill_dir, self.progress_every_s = batch_size, spill_dir, progress_every_s
+
+    def spilled(self, task: ReadTask, count: int, batch: list[RawItem]) -> tuple:
+        """(batch key, the file the raw batch was spilled to): only the file name travels through Beam."""
+        key = batch_key(task, count)
+        return key, write_spill(spill_path(self.spill_dir, key, "raw"), raw_batch(task, batch))
 
     def setup(self):
         self.log = worker_progress_log()
 
     def process(self, task: ReadTask) -> Iterator[tuple]:
-        """Yields (batch_key, raw_batch)."""
+        """Yields (batch_key, spill file of the raw_batch)."""
         name = task.path if task.split is None else f"{task.path} [{task.split}]"
         position = ReadPosition()
         progress = pg.Progress(self.log, f"reading {name}", every_s=self.progress_every_s)
@@ -160,12 +191,12 @@ class ReadBatches(beam.DoFn):
             batch.append(item)
             count += 1
             if len(batch) == self.batch_size:
-                yield batch_key(task, count), raw_batch(task, batch)
+                yield self.spilled(task, count, batch)
                 batch = []
                 progress.what, progress.unit = f"reading {name} ({count:,} records so far)", position.unit
                 progress.set(position.done, position.total)
         if batch or not count:
-            yield batch_key(task, count), raw_batch(task, batch)
+            yield self.spilled(task, count, batch)
         self.log.info("read %d records from %s in %.1f s", count, name, time.monotonic() - progress.start)
         yield beam.pvalue.TaggedOutput(self.COUNTS, count)
 
@@ -177,9 +208,9 @@ class Encode(beam.DoFn):
     SUMMARY = "summary"
 
     def __init__(self, tokenizer: StagedTokenizer, max_seq_len: int, system_prompt: str,
-                 reward_thresholds: dict[str, float]):
+                 reward_thresholds: dict[str, float], spill_dir: str):
         self.tokenizer, self.max_seq_len, self.system_prompt = tokenizer, max_seq_len, system_prompt
-        self.reward_thresholds = reward_thresholds
+        self.reward_thresholds, self.spill_dir = reward_thresholds, spill_dir
         self.encoder = None
 
     def setup(self):
@@ -200,8 +231,8 @@ class Encode(beam.DoFn):
         return self.reward_thresholds.get(task, self.reward_thresholds["default"])
 
     def process(self, keyed_batch: tuple, records_read: int) -> Iterator:
-        _, (batch,) = keyed_batch  # (batch_key, [raw_batch]): from the GroupByKey that spreads batches
-        task, items = unpack_raw_batch(batch)
+        key, (path,) = keyed_batch  # (batch_key, [spilled raw_batch]): from the GroupByKey that spreads batches
+        task, items = unpack_raw_batch(read_spill(path))
         source, kind = task.source, task.kind
         tally, rejected, convs = mf.Tally(), [], []
         tally.read(source, len(items))
@@ -235,8 +266,9 @@ class Encode(beam.DoFn):
         # (the run's staged tokenizer path is unique to the run: a fresh count per run)
         pg.shared(("encode", self.tokenizer.path), self.log, "encoding (records of all read, this process)",
                   records_read).add(len(items))
-        if rows:
-            yield [row.plain() for row in rows]
+        if rows:  # (the payloads to a file: until the plan is made, only the rows' keys are held)
+            payloads = write_spill(spill_path(self.spill_dir, tuple(key), "encoded"), [row.payload for row in rows])
+            yield payloads, [row.plain() for row in rows]
         yield beam.pvalue.TaggedOutput(self.SUMMARY, ([tuple(row.key) for row in rows], tally, rejected))
 
 
@@ -296,13 +328,18 @@ class Place(beam.DoFn):
     def __init__(self, shard_counts: dict[str, int]):
         self.shard_counts = shard_counts
 
-    def process(self, rows: list[tuple], plan: dict) -> Iterator:
+    def process(self, encoded: tuple, plan: dict) -> Iterator:
         seed = plan["seed"]
+        path, rows = encoded
+        keys = [RowKey(*fields[0]) for fields in rows]
+        kept = [i for i, k in enumerate(keys) if not dropped_by_plan(plan, k.example, k.location)]
+        if not kept:
+            return
+        payloads = read_spill(path)
         shards = collections.defaultdict(list)
-        for row in map(EncodedRow.of, rows):
+        for i in kept:
+            row = EncodedRow.of(rows[i], payloads[i])
             key = row.key.example
-            if dropped_by_plan(plan, key, row.key.location):
-                continue
             split = mixing.split_of(plan, key)
             shard = mixing.shard_of(seed, key, self.shard_counts[split])
             shards[(split, shard)].append(tuple(ShardRow(mixing.order_key(seed, key), row.payload, row.tokens,
@@ -346,18 +383,20 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
     """Adds the whole pipeline to `p`; running it writes shards, rejected.jsonl and manifest.json into
     `output` (default cfg.output; the build's staging directory); the manifest records cfg."""
     output = output or cfg.output
+    spill_dir = posixpath.join(output, STAGING_DIR, "spill")  # (removed with the staging files before the swap)
     if not read_tasks:
         raise ValueError("no input: configure at least one agent or general source")
     counts = shard_counts(cfg)
     sources = {s.name: "agent" for s in cfg.agent} | {s.name: "general" for s in cfg.general}
 
     read = (p | "ReadTasks" >> beam.Create(read_tasks)  # (Create spreads several tasks over the workers)
-            | "ReadBatches" >> beam.ParDo(ReadBatches(cfg.tokenize_batch_size))
+            | "ReadBatches" >> beam.ParDo(ReadBatches(cfg.tokenize_batch_size, spill_dir))
             .with_outputs(ReadBatches.COUNTS, main="batches"))
     records_read = read[ReadBatches.COUNTS] | "CountRecords" >> beam.CombineGlobally(sum)
     encoded = (read.batches
                | "SpreadBatches" >> beam.GroupByKey()
-               | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds),
+               | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds,
+                                               spill_dir),
                                         beam.pvalue.AsSingleton(records_read))
                .with_outputs(Encode.SUMMARY, main="rows"))
     plan = (encoded[Encode.SUMMARY] | "GatherSummaries" >> beam.CombineGlobally(GatherSummaries()).without_defaults()

@@ -40,7 +40,7 @@ def test_reading_reports_bytes_of_the_stored_file(tmp_path):
     handler = Lines()
     worker_progress_log().addHandler(handler)
     try:
-        reader = ReadBatches(batch_size=500, progress_every_s=0)
+        reader = ReadBatches(batch_size=500, spill_dir=str(tmp_path / "spill"), progress_every_s=0)
         reader.setup()
         out = list(reader.process(ReadTask("s", "general", str(path), "jsonl")))
     finally:
