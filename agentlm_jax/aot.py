@@ -57,8 +57,9 @@ def topology_name(slice_or_topology: str) -> str:
     return f"{generation}:{shapes[chips]}"
 
 
-def tpu_devices(topology: str) -> list[Any]:
-    """Abstract (compile-only) devices of a TPU slice (`v5e-16`) or topology (`v5e:2x2`, `v4:2x2x1`)."""
+def tpu_devices(topology: str, slices: int = 1) -> list[Any]:
+    """Abstract (compile-only) devices of a TPU slice (`v5e-16`) or topology (`v5e:2x2`, `v4:2x2x1`); with
+    slices > 1, of that many such slices joined by the data-center network (multislice)."""
     from jax.experimental import topologies
 
     topology = topology_name(topology)
@@ -67,7 +68,10 @@ def tpu_devices(topology: str) -> list[Any]:
         raise ValueError(f"unknown TPU topology {topology!r}: give GENERATION:SHAPE with GENERATION one of "
                          f"{sorted(HBM_GIB)}, e.g. v5e:2x2 or v4:2x2x1")
     chip = "megacore" if generation in MEGACORE else "default"
-    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu", chip_config_name=chip).devices)
+    if slices < 1:
+        raise ValueError(f"slices must be >= 1, got {slices}")
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu", chip_config_name=chip,
+                                             num_slices=slices).devices)
 
 
 @dataclasses.dataclass

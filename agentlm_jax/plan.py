@@ -2,6 +2,7 @@
 
     python -m agentlm_jax.plan --config configs/llama2-7b.yaml --topology v5e-16
     python -m agentlm_jax.plan --config configs/llama2-70b.yaml --topology v5p-128 --search
+    python -m agentlm_jax.plan --config configs/llama2-7b.yaml --topology v5e-16 --slices 2 mesh.data=2
 
 Compiles the trainer's own train step for the slice ahead of time (libtpu: `pip install "jax[tpu]"`; no TPU
 needed) and prints, per chip: parameters, optimizer state, the other arguments (the batch), temporaries
@@ -14,6 +15,8 @@ so one inside the scan over layers is counted once, not per layer).
 micro-batches (1, 2, 4, 8 where the rows split over the batch axes) and remat policies (none, save_dots, full),
 cheapest first: fewest micro-batches, then least recomputation (none < save_dots < full), then the least
 tensor parallelism; it stops at the first that fits with the headroom and prints the overrides to use.
+--slices N plans for N such slices joined by the data-center network (multislice): the mesh's data axis must
+be a multiple of N (it spans the slices; fsdp and tensor stay inside each), and --search sets it to N.
 Exit status: 0 when the plan (or a search result) fits, 3 when it does not, 1 with an `error: ...` line for a
 config, topology or mesh that cannot be planned, 2 for bad command-line syntax.
 """
@@ -40,34 +43,36 @@ class Candidate:
     tensor: int
     micro_batches: int
     remat: str
+    slices: int = 1
 
     def overrides(self, chips: int) -> list[str]:
-        return ["mesh.data=1", f"mesh.fsdp={chips // self.tensor}", f"mesh.tensor={self.tensor}",
+        return [f"mesh.data={self.slices}", f"mesh.fsdp={chips // (self.tensor * self.slices)}",
+                f"mesh.tensor={self.tensor}",
                 f"data.micro_batches={self.micro_batches}", f"model.remat={self.remat}"]
 
 
 def candidates(cfg: TrainConfig, chips: int, *, tensors: Sequence[int] = (1, 2, 4, 8),
                micro_batches: Sequence[int] = (1, 2, 4, 8),
-               remats: Sequence[str] = ("none", "save_dots", "full")) -> list[Candidate]:
-    """The search space in the order tried (see the module doc)."""
+               remats: Sequence[str] = ("none", "save_dots", "full"), slices: int = 1) -> list[Candidate]:
+    """The search space in the order tried (see the module doc); `chips` counts all slices."""
     out = []
     for mb in sorted(micro_batches):
         for remat in sorted(remats, key=REMAT_COST.__getitem__):
             for tp in sorted(tensors):
-                fsdp = chips // tp if chips % tp == 0 else 0
+                fsdp = chips // (tp * slices) if chips % (tp * slices) == 0 else 0
                 rows = cfg.data.global_batch // mb if cfg.data.global_batch % mb == 0 else 0
-                if fsdp and rows and rows % fsdp == 0 and cfg.model.num_kv_heads % tp == 0:
-                    out.append(Candidate(tp, mb, remat))
+                if fsdp and rows and rows % (fsdp * slices) == 0 and cfg.model.num_kv_heads % tp == 0:
+                    out.append(Candidate(tp, mb, remat, slices))
     return out
 
 
-def plan(cfg: TrainConfig, topology: str, *, hbm_gib: float | None = None, headroom: float = 0.1):
+def plan(cfg: TrainConfig, topology: str, *, hbm_gib: float | None = None, headroom: float = 0.1, slices: int = 1):
     """(report, per-chip HBM bytes, fits) of the train step for `cfg` on the slice."""
     from agentlm_jax.aot import HBM_GIB, compile_train_step, topology_name, tpu_devices
 
     try:
         name = topology_name(topology)
-        devices = tpu_devices(name)
+        devices = tpu_devices(name, slices)
         report = compile_train_step(cfg, devices)
     except ValueError as e:  # ConfigError included
         raise ConfigError(f"{topology}: {e}") from None
@@ -107,6 +112,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="YAML config (default: the built-in tiny CPU demo)")
     p.add_argument("--topology", required=True, help="a TPU slice (v5e-16, v4-32, v5p-128, v6e-64) or topology "
                    "(v5e:4x4, v4:2x2x4)")
+    p.add_argument("--slices", type=int, default=1, help="that many slices joined by DCN (multislice; default "
+                   "%(default)s)")
     p.add_argument("--search", action="store_true", help="find the cheapest mesh / micro-batches / remat that fits")
     p.add_argument("--headroom", type=float, default=0.1, help="HBM share to keep free (default %(default)s)")
     p.add_argument("--hbm-gib", type=float, default=None, help="HBM per chip in GiB (default: the generation's)")
@@ -129,27 +136,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    label = args.topology if args.slices == 1 else f"{args.slices} x {args.topology}"
     if not args.search:
-        report, hbm, fits = plan(cfg, args.topology, hbm_gib=args.hbm_gib, headroom=args.headroom)
-        print("\n".join(describe(cfg, args.topology, report, hbm, fits)), flush=True)
+        report, hbm, fits = plan(cfg, args.topology, hbm_gib=args.hbm_gib, headroom=args.headroom, slices=args.slices)
+        print("\n".join(describe(cfg, label, report, hbm, fits)), flush=True)
         if not fits:
             sys.exit(EXIT_DOES_NOT_FIT)
         return 0
     from agentlm_jax.aot import tpu_devices
 
     try:
-        chips = len(tpu_devices(args.topology))
+        chips = len(tpu_devices(args.topology, args.slices))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     tried = candidates(cfg, chips, tensors=_ints(args.tensor_options), micro_batches=_ints(args.micro_batch_options),
-                       remats=[r for r in args.remat_options.split(",") if r])
+                       remats=[r for r in args.remat_options.split(",") if r], slices=args.slices)
     if not tried:
         raise ConfigError(f"{args.topology}: no candidate splits data.global_batch={cfg.data.global_batch} over "
                           f"{chips} chips with these options")
     for candidate in tried:
         trial = load_config(args.config, [*args.overrides, *candidate.overrides(chips)])
-        report, hbm, fits = plan(trial, args.topology, hbm_gib=args.hbm_gib, headroom=args.headroom)
-        print("\n".join(describe(trial, args.topology, report, hbm, fits)), flush=True)
+        report, hbm, fits = plan(trial, args.topology, hbm_gib=args.hbm_gib, headroom=args.headroom,
+                                 slices=args.slices)
+        print("\n".join(describe(trial, label, report, hbm, fits)), flush=True)
         if fits:
             print("recommended overrides: " + " ".join(candidate.overrides(chips)), flush=True)
             return 0

@@ -27,14 +27,34 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agentlm_jax.config.schema import DEFAULT_RULES, MESH_AXES, MeshConfig, Rules
+from agentlm_jax.errors import ConfigError
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices the devices span (multislice: slices joined by the data-center network, DCN)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over all devices (or the given ones)."""
+    """A ('data', 'fsdp', 'tensor') mesh over all devices (or the given ones).
+
+    On several slices the data axis spans them: each slice holds data/slices of its replicas with fsdp and
+    tensor inside the slice (fast ICI), so only the gradient reduction of data parallelism crosses the DCN."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = config.shape(len(devices))
     # Auto axes: XLA propagates shardings from the parameters and the `constrain` hints (the MaxText way),
     # rather than JAX's explicit sharding-in-types mode, which `jax.make_mesh` now defaults to.
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    slices = num_slices(devices)
+    if slices > 1:
+        data, fsdp, tensor = shape
+        if data % slices:
+            raise ConfigError(f"the {len(devices)} devices span {slices} slices: mesh.data ({data}) must be a "
+                              f"multiple of {slices}, so that only data parallelism crosses the network between "
+                              f"slices; e.g. mesh.data={slices} mesh.fsdp=-1")
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tensor), (slices, 1, 1), devices)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
     if devices == jax.devices():
         return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)

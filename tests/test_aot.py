@@ -111,3 +111,18 @@ def test_the_shipped_7b_config_fits_a_16_chip_v5e_slice():
     report = compile_train_step(cfg, tpu_devices("v5e-16"))
     assert report.total_bytes <= 0.95 * HBM_GIB["v5e"] * 2**30, (report.memory, report.total_bytes / 2**30)
     assert "splash" in report.hlo.lower()
+
+
+def test_multislice_puts_the_data_axis_across_slices_and_compiles():
+    """Two v5e 2x2 slices joined by DCN: each data index is one whole slice (fsdp stays on a slice's ICI), and
+    the train step compiles for it; a mesh whose data axis cannot span the slices is refused."""
+    devices = tpu_devices("v5e:2x2", slices=2)
+    cfg = config("mesh.data=2", "mesh.fsdp=-1")
+    mesh = make_mesh(cfg.mesh, devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
+    report = compile_train_step(cfg, devices)
+    expected = expected_argument_bytes(cfg, devices)
+    assert 0.98 * expected <= report.memory.argument_size_in_bytes <= 1.1 * expected
+    with pytest.raises(ValueError, match=r"span 2 slices: mesh.data \(1\) must be a multiple of 2"):
+        make_mesh(config("mesh.fsdp=-1").mesh, devices)

@@ -49,6 +49,16 @@ def test_the_search_tries_the_cheapest_first():
                                                           "data.micro_batches=1", "model.remat=none"]
 
 
+def test_on_several_slices_the_search_puts_the_data_axis_across_them():
+    cfg = load_config(None, [*MODEL, "data.global_batch=16"])
+    order = plan.candidates(cfg, 16, tensors=(1, 2), micro_batches=(1, 2), remats=("none",), slices=2)
+    assert plan.Candidate(1, 1, "none", 2) in order and plan.Candidate(2, 2, "none", 2) in order
+    assert plan.Candidate(1, 2, "none", 2) not in order  # 8 rows cannot be split over data 2 x fsdp 8
+    assert plan.Candidate(2, 1, "none", 2).overrides(16) == ["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=2",
+                                                              "data.micro_batches=1", "model.remat=none"]
+    assert plan.candidates(cfg, 16, tensors=(1,), micro_batches=(4,), remats=("none",), slices=2) == []
+
+
 @pytest.mark.slow
 def test_the_search_skips_what_does_not_fit_and_recommends_the_next(capsys):
     """With activations that dominate, 4 micro-batches need less HBM than 1: on a chip between the two, the
