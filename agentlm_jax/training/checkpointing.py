@@ -154,8 +154,12 @@ class Checkpointer:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.wait_until_finished()  # orbax would too; the callback below must see only this step
         self._saving_step = step
+        self._save_started, self._save_bytes = time.monotonic(), _host_bytes(state)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        if not self.async_save:
+        if self.async_save:
+            log.info("checkpoint of step %d: %.2f GB from this host, writing in the background (training waited "
+                     "%.1f s)", step, self._save_bytes / 1e9, time.monotonic() - self._save_started)
+        else:
             self.manager.wait_until_finished()
 
     def _write_checksums(self) -> None:
@@ -168,6 +172,9 @@ class Checkpointer:
                 fs, root = fsspec.core.url_to_fs(step_dir)
                 fs.invalidate_cache(root)
                 if fs.isdir(root):
+                    seconds = time.monotonic() - self._save_started
+                    log.info("checkpoint of step %d written in %.1f s (%.2f GB from this host: %.2f GB/s)", step,
+                             seconds, self._save_bytes / 1e9, self._save_bytes / 1e9 / max(seconds, 1e-9))
                     write_checksums(step_dir)
                     log.debug("checksums of step %d written in %.1f s", step, time.monotonic() - start)
                     return
@@ -409,3 +416,9 @@ def tokenizer_path(checkpoint_dir: str, step: int | None = None) -> str | None:
     if path is None:
         log.warning("the checkpoints in %s do not record a tokenizer path", checkpoint_dir)
     return path
+
+
+def _host_bytes(state) -> int:
+    """Bytes of the arrays this host writes: one replica of each shard it holds."""
+    return sum(shard.data.nbytes for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array)
+               for shard in leaf.addressable_shards if shard.replica_id == 0)

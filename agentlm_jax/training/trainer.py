@@ -41,7 +41,7 @@ from agentlm_jax.errors import ConfigError, ExistingRunError, MissingInputError,
 from agentlm_jax.model.llama import count_params, init_model
 from agentlm_jax.progress import Progress
 from agentlm_jax.sharding import make_mesh
-from agentlm_jax.training.checkpointing import Checkpointer
+from agentlm_jax.training.checkpointing import CONFIG, Checkpointer
 from agentlm_jax.training.loss import mean
 from agentlm_jax.training.metrics import MetricsWriter, Throughput, flops_per_token, peak_flops
 from agentlm_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -137,6 +137,14 @@ class Trainer:
                               f"is {cfg.model.vocab_size}: set model.vocab_size={vocab} (or use a model config "
                               f"made for this tokenizer)")
         self.tokenizer_dir = self._check_tokenizer()
+        if cfg.export.enabled:  # a bad export setting shows now, not after the last step
+            from agentlm_jax.hf.save import check_output, parse_size
+
+            try:
+                parse_size(cfg.export.max_shard_size)
+            except ConfigError as e:
+                raise ConfigError(f"export.max_shard_size: {e}") from None
+            check_output(cfg.export_path, overwrite=True, flag="export.path")
         self.identity = data_identity(self.manifest)
 
         self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, abstract_params(cfg.model))
@@ -156,7 +164,8 @@ class Trainer:
         try:
             latest = self.checkpointer.latest_step()
             self._refuse_existing_run(latest)
-            if latest is not None:
+            if latest is not None:  # the newest step whose saved config is intact (damaged ones are logged)
+                latest = self.checkpointer.usable_step(items=(CONFIG,))
                 check_resume(self.checkpointer.run_info(latest), cfg, self.identity, latest)
             try:
                 self.train_data = iterator.train_iterator(cfg.data, seed=cfg.seed, mesh=self.mesh, rules=self.rules)
@@ -233,14 +242,15 @@ class Trainer:
         if latest is None:
             self._info("starting from %s", self.cfg.init_from or f"random weights (seed {self.cfg.seed})")
             return self.initial_state()
-        self._info("resuming from the checkpoint of step %d in %s", latest, self.cfg.checkpoint_dir)
         abstract = abstract_train_state(self.shardings, self.cfg.model, self.optimizer)
-        try:
-            return self.checkpointer.restore(latest, abstract, self.train_data)
+        try:  # verifies the files; a damaged step is logged (naming its files) and the previous one tried
+            restored = self.checkpointer.restore_latest(abstract, self.train_data)
         except ValueError as e:
             if "input iterator" not in str(e):
                 raise
-            raise ConfigError(f"cannot resume {self.cfg.run_dir} from step {latest}: {e}") from None
+            raise ConfigError(f"cannot resume {self.cfg.run_dir}: {e}") from None
+        self._info("resumed from the checkpoint of step %d in %s", restored.step, self.cfg.checkpoint_dir)
+        return restored.state
 
     def save(self, state: TrainState, step: int) -> None:
         if not bool(distributed.to_host(_all_finite(state))):
@@ -434,7 +444,7 @@ class Trainer:
         tokenizer = self.run_info["tokenizer_path"]
         self._info("exporting the Hugging Face checkpoint to %s (tokenizer: %s)", path, tokenizer)
         export_hf(state.params, self.cfg.model, path, dtype=self.cfg.export.dtype,
-                  max_shard_size=self.cfg.export.max_shard_size, tokenizer_path=tokenizer,
+                  max_shard_size=self.cfg.export.max_shard_size, tokenizer_path=tokenizer, overwrite=True,
                   show_progress=self.is_main and self.cfg.logging.progress_bar)
         return path
 

@@ -6,6 +6,7 @@ checkpoints, worker logs, torn metrics lines and TensorBoard after a resume, pro
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -164,6 +165,8 @@ def test_timed_checkpoints_worker_logs_and_plain_progress(data_dir, tmp_path, co
     assert len(logs) == 1 and logs[0].endswith("-worker0.log")
     text = open(f"{run}/{rd.LOGS_SUBDIR}/{logs[0]}").read()
     assert "step 3: loss" in text and "\r" not in text
+    assert re.search(r"checkpoint of step 3 written in [\d.]+ s \([\d.]+ GB from this host: [\d.]+ GB/s\)",
+                     caplog.text), "each save reports its duration and bandwidth"
     progress = [r.getMessage() for r in caplog.records if r.name == "agentlm_jax.progress"]
     assert progress and progress[-1].startswith("train: 3/3 step (100%)"), "off a terminal: plain lines"
 
