@@ -17,7 +17,7 @@ import jax
 from jax.sharding import Mesh
 
 from agentlm_jax.config import DISTRIBUTED_MODES, MeshConfig
-from agentlm_jax.errors import USER_ERRORS
+from agentlm_jax.errors import USER_ERRORS, ConfigError
 from agentlm_jax.sharding import make_mesh
 
 T = TypeVar("T")
@@ -50,6 +50,9 @@ def add_mesh_args(p: argparse.ArgumentParser, *, fsdp: int) -> None:
 def cli_mesh(args: argparse.Namespace) -> Mesh | None:
     """The mesh the CLI's --fsdp/--tensor describe (on the first devices if they use fewer); None = 1 device."""
     known = math.prod(n for n in (args.fsdp, args.tensor) if n != -1)
+    if known > jax.device_count():
+        raise ConfigError(f"--fsdp {args.fsdp} × --tensor {args.tensor} needs {known} devices, but there are "
+                          f"{jax.device_count()}: use fewer (--fsdp -1 takes all of them)")
     devices = jax.devices() if -1 in (args.fsdp, args.tensor) else jax.devices()[:known]
     if len(devices) == 1:
         return None
@@ -61,6 +64,6 @@ def require_all_devices(mesh: Mesh | None) -> None:
     --fsdp/--tensor mesh that leaves devices out."""
     if jax.process_count() > 1 and (mesh is None or mesh.devices.size != jax.device_count()):
         used = 1 if mesh is None else mesh.devices.size
-        raise SystemExit(f"{jax.process_count()} hosts with {jax.device_count()} devices, but --fsdp/--tensor use "
+        raise ConfigError(f"{jax.process_count()} hosts with {jax.device_count()} devices, but --fsdp/--tensor use "
                          f"{used}: on several hosts shard over all devices (--fsdp -1, or --fsdp × --tensor = "
                          f"{jax.device_count()}), or run on a single host")
