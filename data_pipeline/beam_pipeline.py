@@ -323,10 +323,11 @@ def make_plan(summary: tuple, cfg: PipelineConfig, output: str) -> dict:
 
 class Place(beam.DoFn):
     """Applies the plan to a batch: drops duplicates and examples the mix does not draw, assigns split and
-    shard; emits ((split, shard), rows) per shard the batch touches."""
+    shard; per shard the batch touches, spills the payloads to a file and emits ((split, shard), (that
+    file, [(order, tokens, loss_tokens)])), so the shuffle to the shards carries no payloads."""
 
-    def __init__(self, shard_counts: dict[str, int]):
-        self.shard_counts = shard_counts
+    def __init__(self, shard_counts: dict[str, int], spill_dir: str):
+        self.shard_counts, self.spill_dir = shard_counts, spill_dir
 
     def process(self, encoded: tuple, plan: dict) -> Iterator:
         seed = plan["seed"]
@@ -342,9 +343,11 @@ class Place(beam.DoFn):
             key = row.key.example
             split = mixing.split_of(plan, key)
             shard = mixing.shard_of(seed, key, self.shard_counts[split])
-            shards[(split, shard)].append(tuple(ShardRow(mixing.order_key(seed, key), row.payload, row.tokens,
-                                                         row.loss_tokens)))
-        yield from shards.items()
+            shards[(split, shard)].append(ShardRow(mixing.order_key(seed, key), row.payload, row.tokens,
+                                                   row.loss_tokens))
+        for (split, shard), placed in shards.items():
+            spilled = write_spill(spill_path(self.spill_dir, (path, split, shard), "placed"), [r.payload for r in placed])
+            yield (split, shard), (spilled, [(r.order, r.tokens, r.loss_tokens) for r in placed])
 
 
 class WriteShard(beam.DoFn):
@@ -355,8 +358,13 @@ class WriteShard(beam.DoFn):
         self.log = worker_progress_log()
 
     def process(self, keyed) -> Iterator[dict]:
+        """One shard at a time: its payloads are read back from the files Place spilled them to."""
         (split, index), groups = keyed
-        rows = sorted((ShardRow(*row) for group in groups for row in group), key=lambda r: r.order)
+        rows = []
+        for path, placed in groups:
+            rows += [ShardRow(order, payload, tokens, loss) for (order, tokens, loss), payload
+                     in zip(placed, read_spill(path))]
+        rows.sort(key=lambda r: r.order)
         stats = write_shard(self.output, split, index, self.shard_counts[split], rows)
         EXAMPLES_WRITTEN.inc(len(rows))
         # (shards no example went to are written with the manifest: the total is an upper bound)
@@ -401,7 +409,7 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
                .with_outputs(Encode.SUMMARY, main="rows"))
     plan = (encoded[Encode.SUMMARY] | "GatherSummaries" >> beam.CombineGlobally(GatherSummaries()).without_defaults()
             | "Plan" >> beam.Map(make_plan, cfg=cfg, output=output))
-    shards = (encoded.rows | "Place" >> beam.ParDo(Place(counts), beam.pvalue.AsSingleton(plan))
+    shards = (encoded.rows | "Place" >> beam.ParDo(Place(counts, spill_dir), beam.pvalue.AsSingleton(plan))
               | "GroupByShard" >> beam.GroupByKey()
               | "WriteShard" >> beam.ParDo(WriteShard(output, counts)))
     _ = plan | "WriteManifest" >> beam.Map(
