@@ -139,3 +139,23 @@ def test_manifest_tokenizer_path_is_relative_and_old_absolute_paths_fall_back(tm
     assert manifest_tokenizer_path(entry(gone), str(tmp_path)) == f"{tmp_path}/tokenizer"
     assert manifest_tokenizer_path(entry(str(tmp_path)), "/elsewhere") == str(tmp_path)  # (still there: kept)
     assert manifest_tokenizer_path({}, str(tmp_path)) is None
+
+
+def test_records_travel_through_beam_as_spill_file_names(tmp_path, monkeypatch):
+    """Raw batches, encoded payloads and placed payloads go to files in the staging directory; Beam carries
+    their names (and the rows' keys), so the local runner does not hold the input or the output in memory."""
+    from data_pipeline import beam_pipeline
+
+    spilled, real = [], beam_pipeline.write_spill
+
+    def recording(path, value):
+        spilled.append((path.rsplit("/", 2)[-2], value))
+        return real(path, value)
+
+    monkeypatch.setattr(beam_pipeline, "write_spill", recording)
+    manifest = build_sample_dataset(str(tmp_path / "data"))
+    kinds = {kind: [v for k, v in spilled if k == kind] for kind in ("raw", "encoded", "placed")}
+    assert sum(len(items) for _, items in kinds["raw"]) == manifest["totals"]["read"]
+    assert sum(len(payloads) for payloads in kinds["placed"]) == manifest["totals"]["kept"]
+    assert all(isinstance(p, bytes) for payloads in kinds["encoded"] + kinds["placed"] for p in payloads)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # (the spill files went with the staging)
