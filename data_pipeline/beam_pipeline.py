@@ -13,6 +13,12 @@ file (streamed); everything after it runs on all workers. Only the records' keys
 rejected rows travel to the single step that makes the global decisions; the plan then also knows what
 Place will keep, so the whole graph runs in seven fused stages.
 
+The data itself does not travel through Beam: each raw batch, each batch's encoded payloads and each
+batch's payloads for one shard are written to a file under STAGING/.build-staging/spill, and the elements
+carry the file's name (with the rows' keys and sort keys). Beam's local runner keeps every stage's output
+in memory, so memory then holds the keys of all records plus one shard per writing worker, not the input
+and the output (docs/data_pipeline.md, "Memory").
+
 Every decision that could depend on the runner is a function of (seed, source, id) (see mixing.py), and
 each shard's records are sorted by a hash before writing, so the output bytes are the same on any runner
 with any number of workers. Shards are written by us through fsspec (local or gs://).
