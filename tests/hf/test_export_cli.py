@@ -20,24 +20,17 @@ from agentlm_jax import export, hf
 from agentlm_jax.errors import MissingInputError
 from agentlm_jax.hf.save import ExistingExportError
 from agentlm_jax.model_source import check_source
+from tests.helpers.cli import error_line, refuse_loading
 from tests.helpers.hf import random_tokens, torch_logits
 
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    """Fails the test if the export gets as far as loading a model."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(export, "load_params", refuse)
+    refuse_loading(monkeypatch, export, "load_params")
 
 
 def _error_line(argv) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        export.main(argv)
-    message = exit_.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
-    return message
+    return error_line(export.main, argv)
 
 
 def test_a_bad_shard_size_is_refused_before_loading(orbax_run, tmp_path, no_loading, capsys):

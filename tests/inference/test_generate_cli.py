@@ -10,22 +10,16 @@ import sys
 import pytest
 
 from agentlm_jax import generate
+from tests.helpers.cli import error_line, refuse_loading
 
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(generate, "load_model", refuse)
+    refuse_loading(monkeypatch, generate, "load_model")
 
 
 def _error_line(argv) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        generate.main(argv)
-    message = exit_.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
-    return message
+    return error_line(generate.main, argv)
 
 
 def test_a_missing_model_is_one_line_on_stderr_and_nothing_else():
