@@ -13,11 +13,12 @@ file (streamed); everything after it runs on all workers. Only the records' keys
 rejected rows travel to the single step that makes the global decisions; the plan then also knows what
 Place will keep, so the whole graph runs in seven fused stages.
 
-The data itself does not travel through Beam: each raw batch, each batch's encoded payloads and each
+On the local runner the data itself does not travel through Beam: each raw batch, each batch's encoded payloads and each
 batch's payloads for one shard are written to a file under STAGING/.build-staging/spill, and the elements
 carry the file's name (with the rows' keys and sort keys). Beam's local runner keeps every stage's output
 in memory, so memory then holds the keys of all records plus one shard per writing worker, not the input
-and the output (docs/data_pipeline.md, "Memory").
+and the output (docs/data_pipeline.md, "Memory"). On Dataflow, whose shuffle keeps data on disk, the
+batches travel as they are (no small files on gs://).
 
 Every decision that could depend on the runner is a function of (seed, source, id) (see mixing.py), and
 each shard's records are sorted by a hash before writing, so the output bytes are the same on any runner
@@ -87,6 +88,16 @@ def write_spill(path: str, value) -> str:
 def read_spill(path: str):
     with fsspec.open(path, "rb") as f:
         return SPILL_CODER.decode(f.read())
+
+
+def spill(spill_dir: str | None, key: tuple, kind: str, value):
+    """What an element carries for `value`: the name of the file it is spilled to, or (spill_dir None) the
+    value itself."""
+    return value if spill_dir is None else write_spill(spill_path(spill_dir, key, kind), value)
+
+
+def unspill(spill_dir: str | None, carried):
+    return carried if spill_dir is None else read_spill(carried)
 
 
 def batch_key(task: ReadTask, index: int) -> tuple[str, str, str, int]:
@@ -176,13 +187,13 @@ class ReadBatches(beam.DoFn):
     task's record count (the COUNTS output: the encoders' total for their progress lines)."""
     COUNTS = "counts"
 
-    def __init__(self, batch_size: int, spill_dir: str, progress_every_s: float = 15.0):
+    def __init__(self, batch_size: int, spill_dir: str | None, progress_every_s: float = 15.0):
         self.batch_size, self.spill_dir, self.progress_every_s = batch_size, spill_dir, progress_every_s
 
     def spilled(self, task: ReadTask, count: int, batch: list[RawItem]) -> tuple:
-        """(batch key, the file the raw batch was spilled to): only the file name travels through Beam."""
+        """(batch key, the raw batch or the file it was spilled to)."""
         key = batch_key(task, count)
-        return key, write_spill(spill_path(self.spill_dir, key, "raw"), raw_batch(task, batch))
+        return key, spill(self.spill_dir, key, "raw", raw_batch(task, batch))
 
     def setup(self):
         self.log = worker_progress_log()
@@ -214,7 +225,7 @@ class Encode(beam.DoFn):
     SUMMARY = "summary"
 
     def __init__(self, tokenizer: StagedTokenizer, max_seq_len: int, system_prompt: str,
-                 reward_thresholds: dict[str, float], spill_dir: str):
+                 reward_thresholds: dict[str, float], spill_dir: str | None):
         self.tokenizer, self.max_seq_len, self.system_prompt = tokenizer, max_seq_len, system_prompt
         self.reward_thresholds, self.spill_dir = reward_thresholds, spill_dir
         self.encoder = None
@@ -237,8 +248,8 @@ class Encode(beam.DoFn):
         return self.reward_thresholds.get(task, self.reward_thresholds["default"])
 
     def process(self, keyed_batch: tuple, records_read: int) -> Iterator:
-        key, (path,) = keyed_batch  # (batch_key, [spilled raw_batch]): from the GroupByKey that spreads batches
-        task, items = unpack_raw_batch(read_spill(path))
+        key, (carried,) = keyed_batch  # (batch_key, [raw_batch]): from the GroupByKey that spreads batches
+        task, items = unpack_raw_batch(unspill(self.spill_dir, carried))
         source, kind = task.source, task.kind
         tally, rejected, convs = mf.Tally(), [], []
         tally.read(source, len(items))
@@ -273,8 +284,8 @@ class Encode(beam.DoFn):
         pg.shared(("encode", self.tokenizer.path), self.log, "encoding (records of all read, this process)",
                   records_read).add(len(items))
         if rows:  # (the payloads to a file: until the plan is made, only the rows' keys are held)
-            payloads = write_spill(spill_path(self.spill_dir, tuple(key), "encoded"), [row.payload for row in rows])
-            yield payloads, [row.plain() for row in rows]
+            payloads = spill(self.spill_dir, tuple(key), "encoded", [row.payload for row in rows])
+            yield tuple(key), payloads, [row.plain() for row in rows]
         yield beam.pvalue.TaggedOutput(self.SUMMARY, ([tuple(row.key) for row in rows], tally, rejected))
 
 
@@ -332,17 +343,17 @@ class Place(beam.DoFn):
     shard; per shard the batch touches, spills the payloads to a file and emits ((split, shard), (that
     file, [(order, tokens, loss_tokens)])), so the shuffle to the shards carries no payloads."""
 
-    def __init__(self, shard_counts: dict[str, int], spill_dir: str):
+    def __init__(self, shard_counts: dict[str, int], spill_dir: str | None):
         self.shard_counts, self.spill_dir = shard_counts, spill_dir
 
     def process(self, encoded: tuple, plan: dict) -> Iterator:
         seed = plan["seed"]
-        path, rows = encoded
+        batch, payloads, rows = encoded
         keys = [RowKey(*fields[0]) for fields in rows]
         kept = [i for i, k in enumerate(keys) if not dropped_by_plan(plan, k.example, k.location)]
         if not kept:
             return
-        payloads = read_spill(path)
+        payloads = unspill(self.spill_dir, payloads)
         shards = collections.defaultdict(list)
         for i in kept:
             row = EncodedRow.of(rows[i], payloads[i])
@@ -352,13 +363,13 @@ class Place(beam.DoFn):
             shards[(split, shard)].append(ShardRow(mixing.order_key(seed, key), row.payload, row.tokens,
                                                    row.loss_tokens))
         for (split, shard), placed in shards.items():
-            spilled = write_spill(spill_path(self.spill_dir, (path, split, shard), "placed"), [r.payload for r in placed])
+            spilled = spill(self.spill_dir, (*batch, split, shard), "placed", [r.payload for r in placed])
             yield (split, shard), (spilled, [(r.order, r.tokens, r.loss_tokens) for r in placed])
 
 
 class WriteShard(beam.DoFn):
-    def __init__(self, output: str, shard_counts: dict[str, int]):
-        self.output, self.shard_counts = output, shard_counts
+    def __init__(self, output: str, shard_counts: dict[str, int], spill_dir: str | None):
+        self.output, self.shard_counts, self.spill_dir = output, shard_counts, spill_dir
 
     def setup(self):
         self.log = worker_progress_log()
@@ -367,9 +378,9 @@ class WriteShard(beam.DoFn):
         """One shard at a time: its payloads are read back from the files Place spilled them to."""
         (split, index), groups = keyed
         rows = []
-        for path, placed in groups:
+        for payloads, placed in groups:
             rows += [ShardRow(order, payload, tokens, loss) for (order, tokens, loss), payload
-                     in zip(placed, read_spill(path))]
+                     in zip(placed, unspill(self.spill_dir, payloads))]
         rows.sort(key=lambda r: r.order)
         stats = write_shard(self.output, split, index, self.shard_counts[split], rows)
         EXAMPLES_WRITTEN.inc(len(rows))
@@ -393,11 +404,14 @@ def shard_counts(cfg: PipelineConfig) -> dict[str, int]:
 
 
 def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask], *,
-                tokenizer: StagedTokenizer, tokenizer_info: dict, output: str | None = None) -> None:
+                tokenizer: StagedTokenizer, tokenizer_info: dict, output: str | None = None,
+                spill: bool = True) -> None:
     """Adds the whole pipeline to `p`; running it writes shards, rejected.jsonl and manifest.json into
-    `output` (default cfg.output; the build's staging directory); the manifest records cfg."""
+    `output` (default cfg.output; the build's staging directory); the manifest records cfg. `spill`: the
+    records travel as spill files (for the local runner, which keeps each stage's output in memory;
+    Dataflow's shuffle keeps them on disk itself)."""
     output = output or cfg.output
-    spill_dir = posixpath.join(output, STAGING_DIR, "spill")  # (removed with the staging files before the swap)
+    spill_dir = posixpath.join(output, STAGING_DIR, "spill") if spill else None  # (removed with the staging)
     if not read_tasks:
         raise ValueError("no input: configure at least one agent or general source")
     counts = shard_counts(cfg)
@@ -417,7 +431,7 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
             | "Plan" >> beam.Map(make_plan, cfg=cfg, output=output))
     shards = (encoded.rows | "Place" >> beam.ParDo(Place(counts, spill_dir), beam.pvalue.AsSingleton(plan))
               | "GroupByShard" >> beam.GroupByKey()
-              | "WriteShard" >> beam.ParDo(WriteShard(output, counts)))
+              | "WriteShard" >> beam.ParDo(WriteShard(output, counts, spill_dir)))
     _ = plan | "WriteManifest" >> beam.Map(
         write_manifest, output=output, config=manifest_config(cfg), tokenizer=tokenizer_info,
         sources=sources, shard_counts=counts, shards=beam.pvalue.AsList(shards))

@@ -282,7 +282,8 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
         staged = StagedTokenizer.write(serialized, staging)
         with one_tokenizer_thread_per_worker(options if runner else None):
             with beam.Pipeline(runner=runner, options=options) as p:
-                build_graph(p, cfg, tasks, tokenizer=staged, tokenizer_info=tokenizer_info, output=staging)
+                build_graph(p, cfg, tasks, tokenizer=staged, tokenizer_info=tokenizer_info, output=staging,
+                            spill=runner is not None)
         load_manifest(staging)  # (the pipeline finished: its manifest must be there)
     except BaseException:
         discard(staging)

@@ -235,6 +235,17 @@ def test_same_output_bytes_with_another_worker_count(sample_build, tmp_path):
     assert_same_build(out, manifest, tmp_path, again)
 
 
+def test_same_output_bytes_without_spill_files(sample_build, tmp_path, monkeypatch):
+    """Non-local runners (Dataflow) carry the batches through Beam instead of spill files: the same output."""
+    from data_pipeline import beam_pipeline
+
+    real = beam_pipeline.build_graph
+    monkeypatch.setattr(beam_pipeline, "build_graph", lambda *a, **k: real(*a, **{**k, "spill": False}))
+    monkeypatch.setattr(beam_pipeline, "write_spill", None)  # (never called)
+    out, manifest = sample_build
+    assert_same_build(out, manifest, tmp_path, run(PipelineConfig(output=str(tmp_path))))
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 def agent_row(i, task="os", turns=1, answer="ok", **extra):
     conv = []
