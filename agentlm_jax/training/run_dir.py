@@ -258,7 +258,7 @@ class Every:
     """True once every `seconds` of wall-clock time (never when seconds is None or <= 0)."""
 
     seconds: float | None
-    last: float = dataclasses.field(default_factory=time.monotonic)
+    last: float = dataclasses.field(default_factory=lambda: time.monotonic())
 
     def due(self) -> bool:
         if not self.seconds or self.seconds <= 0 or time.monotonic() - self.last < self.seconds:

@@ -196,3 +196,28 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 106),
                                                                (7, 107), (8, 108)]
+
+
+def test_a_workers_log_reaches_a_gcs_run_dir_on_each_sync(gcs):
+    run = f"{gcs}/worker-log-test"
+    handler = rd.WorkerLog(run, process_index=3)
+    record = logging.LogRecord("agentlm_jax.training.trainer", logging.INFO, __file__, 1, "step %d: loss 1.5", (7,),
+                               None)
+    handler.emit(record)
+    handler.sync()
+    fs, root = fsspec.core.url_to_fs(f"{run}/{rd.LOGS_SUBDIR}")
+    [path] = fs.ls(root, detail=False)
+    assert path.endswith("-worker3.log") and b"step 7: loss 1.5" in fs.cat_file(path)
+    handler.emit(record)
+    handler.close()  # the last lines are uploaded too
+    assert fs.cat_file(path).count(b"step 7") == 2
+
+
+def test_a_wall_clock_interval_is_due_once_per_interval(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(rd.time, "monotonic", lambda: now[0])
+    every = rd.Every(60.0)
+    assert not every.due()
+    now[0] += 61
+    assert every.due() and not every.due()
+    assert not rd.Every(None).due() and not rd.Every(0).due()
