@@ -95,7 +95,8 @@ def run_beam(path: str, tokenizer_path: str, max_seq_len: int, mode: str, worker
                          tokenizer=tokenizer_path, max_seq_len=max_seq_len, validation_fraction=0.0,
                          num_shards=8, output=output, tokenize_batch_size=batch_size)
     start = time.perf_counter()
-    manifest = run(cfg, ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"])
+    manifest = run(cfg, ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"],
+                   overwrite=True)  # --repeat rebuilds into the same directory
     seconds = time.perf_counter() - start
     return seconds, sum(s["tokens"] for s in manifest["splits"].values()), manifest["totals"]["kept"]
 

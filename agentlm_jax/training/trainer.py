@@ -79,7 +79,7 @@ def prepare_dataset(path: str) -> str:
     log.info("%s is missing: building the bundled sample dataset there (python -m data_pipeline.build)", path)
     import data_pipeline
 
-    data_pipeline.build_sample_dataset(path)
+    data_pipeline.build_sample_dataset(path, overwrite=True)  # no manifest: never a complete dataset
     return path
 
 

@@ -221,3 +221,13 @@ def test_a_wall_clock_interval_is_due_once_per_interval(monkeypatch):
     now[0] += 61
     assert every.due() and not every.due()
     assert not rd.Every(None).due() and not rd.Every(0).due()
+
+
+def test_the_sample_dataset_is_rebuilt_over_a_failed_builds_leftovers(tmp_path, monkeypatch):
+    from agentlm_jax.training.trainer import prepare_dataset
+    from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR, has_manifest
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(SAMPLE_DATASET_DIR)
+    (tmp_path / SAMPLE_DATASET_DIR / "train-00000-of-00004.tfrecord").write_bytes(b"cut short")
+    assert prepare_dataset(SAMPLE_DATASET_DIR) == SAMPLE_DATASET_DIR and has_manifest(SAMPLE_DATASET_DIR)
