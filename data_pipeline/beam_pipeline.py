@@ -42,6 +42,7 @@ from data_pipeline import manifest as mf
 from data_pipeline import mixing
 from data_pipeline import progress as pg
 from data_pipeline.formats import records
+from data_pipeline.formats.hf_template import LLAMA2_MANIFEST_ENTRY, Rejection, TemplateSpec, staged_encoder
 from data_pipeline.staging import STAGING_DIR, StagedTokenizer
 from data_pipeline.config import PipelineConfig
 from data_pipeline.normalize import REJECTED, Conversation, Dropped, normalize
@@ -225,13 +226,21 @@ class Encode(beam.DoFn):
     SUMMARY = "summary"
 
     def __init__(self, tokenizer: StagedTokenizer, max_seq_len: int, system_prompt: str,
-                 reward_thresholds: dict[str, float], spill_dir: str | None):
+                 reward_thresholds: dict[str, float], spill_dir: str | None,
+                 template: TemplateSpec | None = None, special_tokens: dict[str, str] | None = None):
+        """`template`: a Jinja chat template (hf_template.py, with the tokenizer's `special_tokens`); None =
+        the Llama 2 template (chat_template.py)."""
         self.tokenizer, self.max_seq_len, self.system_prompt = tokenizer, max_seq_len, system_prompt
         self.reward_thresholds, self.spill_dir = reward_thresholds, spill_dir
+        self.template, self.special_tokens = template, special_tokens or {}
         self.encoder = None
 
     def setup(self):
-        self.encoder = self.tokenizer.encoder(self.max_seq_len)
+        if self.template is None:
+            self.encoder = self.tokenizer.encoder(self.max_seq_len)
+        else:
+            self.encoder = staged_encoder(self.tokenizer.read().decode(), self.tokenizer.sha256, self.special_tokens,
+                                          self.template, self.max_seq_len)
         self.log = worker_progress_log()
 
     def special_token_text(self, conv: Conversation) -> str | None:
@@ -259,17 +268,21 @@ class Encode(beam.DoFn):
             tally.repairs(source, repairs)
             if isinstance(result, Conversation):
                 if not (found := self.special_token_text(result)):
-                    convs.append(result)
+                    convs.append((result, item))
                     continue
                 result = Dropped(REJECTED, SPECIAL_TOKEN_TEXT, found)
             tally.drop(result.bucket, source, result.reason)
             if result.bucket == REJECTED:
                 rejected.append(rejected_row(item, source, result))
         rows, tokens = [], 0
-        encoded = self.encoder.encode_batch([(c.pairs, c.system or self.system_prompt) for c in convs])
-        for conv, enc in zip(convs, encoded):
+        encoded = self.encoder.encode_batch([(c.pairs, c.system or self.system_prompt) for c, _ in convs])
+        for (conv, item), enc in zip(convs, encoded):
             if isinstance(enc, str):
                 tally.drop(mf.FILTERED, source, enc)
+                continue
+            if isinstance(enc, Rejection):  # (a Jinja template's contract check: hf_template.py)
+                tally.drop(REJECTED, source, enc.reason)
+                rejected.append(rejected_row(item, source, Dropped(REJECTED, enc.reason, enc.detail)))
                 continue
             if enc.pairs_dropped:
                 tally.repairs(source, [TRUNCATED_TRAILING_PAIRS])
@@ -405,7 +418,8 @@ def shard_counts(cfg: PipelineConfig) -> dict[str, int]:
 
 def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask], *,
                 tokenizer: StagedTokenizer, tokenizer_info: dict, output: str | None = None,
-                spill: bool = True) -> None:
+                spill: bool = True, template: TemplateSpec | None = None,
+                special_tokens: dict[str, str] | None = None) -> None:
     """Adds the whole pipeline to `p`; running it writes shards, rejected.jsonl and manifest.json into
     `output` (default cfg.output; the build's staging directory); the manifest records cfg. `spill`: the
     records travel as spill files (for the local runner, which keeps each stage's output in memory;
@@ -424,7 +438,7 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
     encoded = (read.batches
                | "SpreadBatches" >> beam.GroupByKey()
                | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds,
-                                               spill_dir),
+                                               spill_dir, template, special_tokens),
                                         beam.pvalue.AsSingleton(records_read))
                .with_outputs(Encode.SUMMARY, main="rows"))
     plan = (encoded[Encode.SUMMARY] | "GatherSummaries" >> beam.CombineGlobally(GatherSummaries()).without_defaults()
@@ -434,6 +448,7 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
               | "WriteShard" >> beam.ParDo(WriteShard(output, counts, spill_dir)))
     _ = plan | "WriteManifest" >> beam.Map(
         write_manifest, output=output, config=manifest_config(cfg), tokenizer=tokenizer_info,
+        chat_template=template.manifest_entry() if template else LLAMA2_MANIFEST_ENTRY,
         sources=sources, shard_counts=counts, shards=beam.pvalue.AsList(shards))
 
 

@@ -18,7 +18,7 @@ import time
 from typing import Sequence
 
 from data_pipeline.config import PipelineConfig, SourceConfig, expand_path, load_config
-from data_pipeline.errors import BuildError, ConfigError, SourceError, TokenizerError
+from data_pipeline.errors import BuildError, ConfigError, SourceError, TemplateError, TokenizerError
 from data_pipeline.formats import records
 from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR, TOKENIZER_SUBDIR, load_manifest
 from data_pipeline.runner import (DEFAULT_DIRECT_MODE, DEFAULT_DIRECT_WORKERS, DEFAULT_RUNNER, local_runner,
@@ -82,6 +82,14 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward-threshold", type=_threshold, action="append", metavar="TASK=VALUE",
                    help="keep records whose reward >= VALUE for TASK ('default' for all other tasks); "
                         f"repeatable (default {d.reward_thresholds})")
+    g.add_argument("--chat-template", metavar="llama2|hf|JINJA_FILE",
+                   help=f"the chat template (default {d.chat_template}): llama2 (the paper's), hf (the tokenizer's "
+                        "own chat_template, from chat_template.jinja or tokenizer_config.json) or a Jinja file; "
+                        "the ids and loss mask of a Jinja template are checked against transformers' "
+                        "apply_chat_template on every record (docs/data_pipeline.md, 'Chat templates')")
+    g.add_argument("--max-template-reject-fraction", type=float, metavar="F",
+                   help="fail the build when more than this fraction of the records read are rejected by the "
+                        f"chat template's check (default {d.max_template_reject_fraction})")
     g.add_argument("--tokenize-batch-size", type=int, help="records per batch handed from the reader to the encoder, one fast-tokenizer call "
                         f"each (default {d.tokenize_batch_size})")
     b = p.add_argument_group("Apache Beam (any other option Beam defines is passed to it too, and anything after --)")
@@ -126,12 +134,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PipelineConfig, list[
     except ValueError as e:
         parser.error(str(e))
     for flag in ("general_weights", "eta", "max_seq_len", "validation_fraction", "num_shards",
-                 "num_validation_shards", "seed", "system_prompt", "tokenize_batch_size"):
+                 "num_validation_shards", "seed", "system_prompt", "tokenize_batch_size",
+                 "max_template_reject_fraction"):
         if getattr(args, flag) is not None:
             changes[flag] = getattr(args, flag)
     for flag in ("tokenizer", "output"):
         if getattr(args, flag) is not None:
             changes[flag] = expand_path(getattr(args, flag))
+    if args.chat_template is not None:
+        choice = args.chat_template
+        changes["chat_template"] = choice if choice in ("llama2", "hf") else expand_path(choice)
     if args.reward_threshold:
         changes["reward_thresholds"] = {**cfg.reward_thresholds, **dict(args.reward_threshold)}
     try:
@@ -208,7 +220,7 @@ def load_pipeline_tokenizer(cfg: PipelineConfig):
     from data_pipeline.formats.tokenizer import TOKENIZER_FILES, load_tokenizer, resolve_tokenizer_dir, tokenizer_info
 
     try:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer, require_bos_eos=cfg.chat_template == "llama2")
         local_dir = resolve_tokenizer_dir(cfg.tokenizer)
         files = {}
         for name in TOKENIZER_FILES:
@@ -220,6 +232,46 @@ def load_pipeline_tokenizer(cfg: PipelineConfig):
         raise TokenizerError(f"tokenizer {cfg.tokenizer}: {e}") from None
     info["path"] = TOKENIZER_SUBDIR
     return tokenizer, info, files
+
+
+def load_chat_template(cfg: PipelineConfig):
+    """The configured Jinja template (hf_template.TemplateSpec), None for llama2; a TokenizerError if there
+    is none."""
+    from data_pipeline.formats.hf_template import resolve_template
+    from data_pipeline.formats.tokenizer import resolve_tokenizer_dir
+
+    try:
+        return resolve_template(cfg.chat_template, resolve_tokenizer_dir(cfg.tokenizer)
+                                if cfg.chat_template == "hf" else "")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise TokenizerError(f"chat template: {e}") from None
+
+
+def check_template_rejections(manifest: dict, rejected_path: str, fraction: float) -> None:
+    """A TemplateError when more than `fraction` of the records read were rejected by the template's contract
+    check; it names the first such record and why."""
+    import json
+
+    import fsspec
+
+    from data_pipeline.formats.hf_template import TEMPLATE_REASONS
+
+    read = manifest["totals"]["read"]
+    bad = sum(n for s in manifest["sources"].values() for r, n in s["rejected_by_reason"].items()
+              if r in TEMPLATE_REASONS)
+    if not bad or bad <= fraction * read:
+        return
+    first = None
+    with fsspec.open(rejected_path, "r") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["reason"] in TEMPLATE_REASONS:
+                first = row
+                break
+    where = f"{first['source']} {first['file']} record {first['number']}: {first['reason']}: {first.get('detail')}" \
+        if first else "?"
+    raise TemplateError(f"{bad} of {read} records do not encode as the chat template's contract requires "
+                        f"(more than max_template_reject_fraction {fraction}); the first: {where}")
 
 
 def write_tokenizer_copy(output: str, files: dict[str, bytes]) -> None:
@@ -267,6 +319,14 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
     tasks = read_tasks(cfg)
     log.info("%d read tasks from %d agent and %d general sources", len(tasks), len(cfg.agent), len(cfg.general))
     tokenizer, tokenizer_info, tokenizer_files = load_pipeline_tokenizer(cfg)
+    template = load_chat_template(cfg)
+    if template is not None:  # (the dataset's tokenizer copy holds the template it was built with)
+        from data_pipeline.formats.hf_template import special_tokens_of
+
+        tokenizer_files["chat_template.jinja"] = template.text.encode()
+        special_tokens = special_tokens_of(tokenizer)
+        log.info("chat template %s (%s, sha256 %s, mask from %s)", template.name, template.source,
+                 template.sha256[:12], "{% generation %}" if template.mask == "generation" else "prefix renderings")
     serialized = serialize_tokenizer(tokenizer)
     if found := ChatEncoder.from_serialized(*serialized).special_token_text(cfg.system_prompt):
         raise TokenizerError(f"--system-prompt contains {found!r}, the text of a special token of the tokenizer: "
@@ -283,8 +343,12 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
         with one_tokenizer_thread_per_worker(options if runner else None):
             with beam.Pipeline(runner=runner, options=options) as p:
                 build_graph(p, cfg, tasks, tokenizer=staged, tokenizer_info=tokenizer_info, output=staging,
-                            spill=runner is not None)
-        load_manifest(staging)  # (the pipeline finished: its manifest must be there)
+                            spill=runner is not None, template=template,
+                            special_tokens=special_tokens if template is not None else None)
+        staged_manifest = load_manifest(staging)  # (the pipeline finished: its manifest must be there)
+        if template is not None:
+            check_template_rejections(staged_manifest, posixpath.join(staging, records.REJECTED_NAME),
+                                      cfg.max_template_reject_fraction)
     except BaseException:
         discard(staging)
         raise

@@ -121,6 +121,11 @@ class PipelineConfig:
     # A record with a reward is kept when reward >= its task's threshold ("default" for other tasks).
     reward_thresholds: dict[str, float] = dataclasses.field(default_factory=_agenttuning_thresholds)
     tokenize_batch_size: int = 256  # records per batch from reader to encoder: one tokenizer call each
+    # llama2 (chat_template.py), hf (the tokenizer's own Jinja template) or a Jinja file (formats/hf_template.py)
+    chat_template: str = "llama2"
+    # The build fails when more than this fraction of the records read are rejected by the template's
+    # contract check (template_not_prefix_stable, template_mismatch).
+    max_template_reject_fraction: float = 0.01
 
     def __post_init__(self):
         for key in ("agent", "general", "general_weights"):
@@ -151,6 +156,10 @@ class PipelineConfig:
             raise ValueError("reward_thresholds needs a 'default' entry")
         if self.tokenize_batch_size < 1:
             raise ValueError("tokenize_batch_size must be >= 1")
+        if not self.chat_template:
+            raise ValueError("chat_template must be llama2, hf or the path of a Jinja file")
+        if not 0.0 <= self.max_template_reject_fraction <= 1.0:
+            raise ValueError(f"max_template_reject_fraction must be in [0, 1], got {self.max_template_reject_fraction}")
 
     def reward_threshold(self, task: str) -> float:
         return self.reward_thresholds.get(task, self.reward_thresholds["default"])
@@ -174,6 +183,8 @@ def config_from_dict(raw: dict) -> PipelineConfig:
     for key in ("tokenizer", "output"):
         if key in values:
             values[key] = expand_path(str(values[key]))
+    if values.get("chat_template") not in (None, "llama2", "hf"):
+        values["chat_template"] = expand_path(str(values["chat_template"]))
     if "general_weights" in values:
         values["general_weights"] = tuple(float(w) for w in values["general_weights"] or ())
     if "reward_thresholds" in values:

@@ -26,3 +26,8 @@ class TokenizerError(BuildError):
 
 class OutputError(BuildError):
     """The output is not empty (and --overwrite was not given), or it overlaps an input."""
+
+
+class TemplateError(BuildError):
+    """More than max_template_reject_fraction of the records do not encode as the chat template's contract
+    requires (template_not_prefix_stable, template_mismatch); the message names the first."""

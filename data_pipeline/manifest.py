@@ -77,7 +77,8 @@ def split_stats(shards: Iterable[dict], shard_counts: dict[str, int]) -> dict:
 
 
 def build_manifest(*, config: dict, tokenizer: dict, tally: Tally, sources: dict[str, str], plan: dict,
-                   shards: Iterable[dict], shard_counts: dict[str, int], rejected_written: int) -> dict:
+                   shards: Iterable[dict], shard_counts: dict[str, int], rejected_written: int,
+                   chat_template: dict | None = None) -> dict:
     accounting = source_accounting(tally, sources)
     rejected_total = sum(a["rejected"] for a in accounting.values())
     if rejected_written != rejected_total:
@@ -92,6 +93,8 @@ def build_manifest(*, config: dict, tokenizer: dict, tally: Tally, sources: dict
         "config": config,
         "seed": config["seed"],
         "tokenizer": tokenizer,
+        # name, source, sha256 of the Jinja text, mask derivation ("generation"|"prefix"|"llama2_blocks"), text
+        "chat_template": chat_template,
         "tasks": tasks,
         "kept_per_task": {t: tally[(TASK, t)] for t in tasks},
         "sources": accounting,

@@ -58,15 +58,20 @@ class StagedTokenizer(NamedTuple):
         with _ENCODERS_LOCK:
             key = (self.sha256, self.bos_id, self.eos_id, max_seq_len)
             if key not in _ENCODERS:
-                with fsspec.open(self.path, "rb") as f:
-                    data = f.read()
-                if hashlib.sha256(data).hexdigest() != self.sha256:
-                    raise RuntimeError(f"{self.path} is not the tokenizer this run staged: is another build "
-                                       "writing to the same output directory?")
+                data = self.read()
                 _ENCODERS.clear()  # only the current run's (a process may run many builds)
                 _ENCODERS[key] = ChatEncoder.from_serialized(data.decode(), self.bos_id, self.eos_id,
                                                              max_seq_len=max_seq_len)
             return _ENCODERS[key]
+
+    def read(self) -> bytes:
+        """The staged tokenizer JSON, checked against the hash this run staged."""
+        with fsspec.open(self.path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise RuntimeError(f"{self.path} is not the tokenizer this run staged: is another build "
+                               "writing to the same output directory?")
+        return data
 
 
 _ENCODERS: dict[tuple, ChatEncoder] = {}

@@ -57,7 +57,7 @@ def _finite(value):
 
 
 def write_manifest(plan: dict, *, output: str, config: dict, tokenizer: dict, sources: dict[str, str],
-                   shard_counts: dict[str, int], shards: list[dict]) -> dict:
+                   shard_counts: dict[str, int], shards: list[dict], chat_template: dict | None = None) -> dict:
     """Writes the shards no example went to (empty files: every shard exists), the TFDS metadata and, last,
     manifest.json."""
     written = {(s["split"], s["index"]) for s in shards}
@@ -65,7 +65,7 @@ def write_manifest(plan: dict, *, output: str, config: dict, tokenizer: dict, so
                              for i in range(n) if (split, i) not in written]
     manifest = mf.build_manifest(config=config, tokenizer=tokenizer, tally=plan["tally"], sources=sources,
                                  plan=plan, shards=shards, shard_counts=shard_counts,
-                                 rejected_written=plan["rejected_written"])
+                                 rejected_written=plan["rejected_written"], chat_template=chat_template)
     for name, content in ((mf.TFDS_FEATURES, mf.tfds_features()),
                           (mf.TFDS_DATASET_INFO, mf.tfds_dataset_info(manifest))):
         with fsspec.open(posixpath.join(output, name), "w") as f:

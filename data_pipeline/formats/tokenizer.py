@@ -44,8 +44,9 @@ def _use_compatible_sentencepiece_proto() -> None:
         sentencepiece.sentencepiece_model_pb2 = sentencepiece_model_pb2_new
 
 
-def load_tokenizer(path_or_hf_id: str):
-    """A fast transformers tokenizer (a `TokenizersBackend`) for a tokenizer dir, model file, URL or hub id."""
+def load_tokenizer(path_or_hf_id: str, require_bos_eos: bool = True):
+    """A fast transformers tokenizer (a `TokenizersBackend`) for a tokenizer dir, model file, URL or hub id.
+    `require_bos_eos`: the Llama 2 template needs both (a Jinja template, e.g. ChatML, may use neither)."""
     local_dir = resolve_tokenizer_dir(path_or_hf_id)
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
@@ -58,7 +59,7 @@ def load_tokenizer(path_or_hf_id: str):
         tokenizer = TokenizersBackend.from_pretrained(local_dir)
     else:
         raise FileNotFoundError(f"{path_or_hf_id}: no {SPM_FILE} or {TOKENIZER_JSON} in {local_dir}")
-    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+    if require_bos_eos and (tokenizer.bos_token_id is None or tokenizer.eos_token_id is None):
         raise ValueError(f"tokenizer {path_or_hf_id} has no BOS/EOS token; the Llama 2 chat template needs both")
     tokenizer.name_or_path = path_or_hf_id
     return tokenizer

@@ -1,0 +1,310 @@
+"""Any Hugging Face (Jinja) chat template, rendered through `transformers`' `apply_chat_template`, with a
+loss mask that is checked on every conversation.
+
+`--chat-template hf` takes the tokenizer's own template (`chat_template.jinja`, else `chat_template` in
+`tokenizer_config.json`); `--chat-template PATH` a Jinja file; `llama2` (the default) is chat_template.py.
+
+The messages of a conversation are `[system], user, assistant, user, assistant, ...` (the system message
+only when there is a system prompt). The loss spans of the assistant turns are found in one of two ways:
+
+  generation  the template marks assistant spans with `{% generation %}`: transformers'
+              `return_assistant_tokens_mask` (with `return_dict=True`) gives them; there must be one run of
+              masked tokens per assistant message.
+  prefix      otherwise: the conversation is rendered before each assistant turn with
+              `add_generation_prompt=True` (P_k) and through that turn (F_k). Each rendering must be a prefix
+              of the next (F_{k-1} ⊑ P_k ⊑ F_k ⊑ the whole rendering); a template that is not is rejected
+              (`template_not_prefix_stable`, naming the template and the message). The span of turn k is
+              F_k minus P_k, up to and including its last special token (the end-of-turn token: `<|eot_id|>`,
+              `<|im_end|>`); what a template writes after it (ChatML's "\\n") is not in the loss.
+
+The contract, checked on every conversation (else `template_mismatch`, naming the template and the message):
+the ids are `apply_chat_template(messages, tokenize=True)`, tokens do not straddle a span's boundaries, and
+each trained turn's span is exactly its content (up to surrounding whitespace, which templates may trim)
+followed by special tokens only: no generation prompt, no role header, at least one end-of-turn token.
+Assistant turns with loss off and every other message carry no loss.
+
+Truncation keeps the same semantics as the Llama 2 path: the leading whole pairs whose rendering fits in
+`max_seq_len` (the conversation is re-rendered and re-checked with only those); `first_pair_too_long` when
+none fits, `no_loss_after_truncation` when the kept pairs have no trained answer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from data_pipeline.formats.chat_template import (FIRST_PAIR_TOO_LONG, NO_LOSS_AFTER_TRUNCATION, Encoded,
+                                                 Pair)
+
+LLAMA2, HF = "llama2", "hf"
+TEMPLATES_DIR = str(Path(__file__).resolve().parents[1] / "templates")
+TEMPLATE_NOT_PREFIX_STABLE = "template_not_prefix_stable"
+TEMPLATE_MISMATCH = "template_mismatch"
+TEMPLATE_REASONS = (TEMPLATE_NOT_PREFIX_STABLE, TEMPLATE_MISMATCH)
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateSpec:
+    """A Jinja chat template as the build uses it (and the manifest records: `manifest_entry`)."""
+    name: str  # "hf" or the Jinja file's path, as configured
+    source: str  # where the text came from
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def mask(self) -> str:
+        return "generation" if GENERATION_TAG.search(self.text) else "prefix"
+
+    def manifest_entry(self) -> dict:
+        return {"name": self.name, "source": self.source, "sha256": self.sha256, "mask": self.mask,
+                "text": self.text}
+
+
+LLAMA2_MANIFEST_ENTRY = {"name": LLAMA2, "source": "data_pipeline/formats/chat_template.py", "sha256": None,
+                         "mask": "llama2_blocks", "text": None}
+
+
+def read_tokenizer_template(tokenizer_dir: str) -> tuple[str, str]:
+    """(template text, the file it is in) of a tokenizer directory: `chat_template.jinja`, else the
+    `chat_template` of `tokenizer_config.json` (a string, or a list of named templates: "default")."""
+    jinja = os.path.join(tokenizer_dir, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read(), jinja
+    config = os.path.join(tokenizer_dir, "tokenizer_config.json")
+    template = None
+    if os.path.exists(config):
+        with open(config, encoding="utf-8") as f:
+            template = json.load(f).get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if not isinstance(template, str) or not template:
+        raise ValueError(f"{tokenizer_dir}: no chat template (neither chat_template.jinja nor a chat_template "
+                         "in tokenizer_config.json); give --chat-template PATH_TO_JINJA or llama2")
+    return template, config
+
+
+def resolve_template(choice: str, tokenizer_dir: str) -> TemplateSpec | None:
+    """None for `llama2`; the template of the tokenizer (`hf`) or of a Jinja file (a path)."""
+    if choice == LLAMA2:
+        return None
+    if choice == HF:
+        text, source = read_tokenizer_template(tokenizer_dir)
+        return TemplateSpec(HF, source, text)
+    if not os.path.isfile(choice):
+        raise ValueError(f"--chat-template {choice!r}: not llama2, hf or a Jinja file")
+    with open(choice, encoding="utf-8") as f:
+        return TemplateSpec(choice, os.path.abspath(choice), f.read())
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A conversation the template cannot encode as the contract requires (a rejected record)."""
+    reason: str
+    detail: str
+
+
+def special_tokens_of(tokenizer) -> dict[str, str]:
+    """The special-token strings a template sees (`bos_token`, ...), for rebuilding the tokenizer on a worker."""
+    return {name: str(getattr(tokenizer, name)) for name in SPECIAL_TOKEN_NAMES if getattr(tokenizer, name, None)}
+
+
+def tokenizer_from_json(tokenizer_json: str, special_tokens: dict[str, str]):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), **special_tokens)
+
+
+class TemplateEncoder:
+    """Encodes (pairs, system prompt) conversations with a Jinja chat template, checking the contract."""
+
+    def __init__(self, tokenizer, template: TemplateSpec, max_seq_len: int | None = None):
+        self.tokenizer, self.template, self.max_seq_len = tokenizer, template, max_seq_len
+        self.text, self.name, self.uses_generation = template.text, template.name, template.mask == "generation"
+        backend = tokenizer.backend_tokenizer
+        specials = sorted({t.content for t in backend.get_added_tokens_decoder().values() if t.special},
+                          key=len, reverse=True)
+        self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._special_at_end = (re.compile(f"(?:{'|'.join(map(re.escape, specials))})+$") if specials
+                                else None)
+
+    # ------------------------------------------------------------------ text checks
+    def special_token_text(self, text: str | None) -> str | None:
+        """The first special-token text in `text`, or None (such records are rejected: `special_token_text`)."""
+        found = self._specials.search(text) if text and self._specials else None
+        return found[0] if found else None
+
+    def _last_special_end(self, text: str) -> int | None:
+        """The end of the last special-token text in `text` (None if there is none)."""
+        end = None
+        for m in self._specials.finditer(text) if self._specials else ():
+            end = m.end()
+        return end
+
+    # ------------------------------------------------------------------ rendering
+    def messages(self, pairs: Sequence[Pair], system: str | None) -> list[dict]:
+        msgs = [{"role": "system", "content": system}] if system else []
+        for pair in pairs:
+            msgs += [{"role": "user", "content": pair.user}, {"role": "assistant", "content": pair.assistant}]
+        return msgs
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    # ------------------------------------------------------------------ encoding
+    def encode_batch(self, conversations: Sequence[tuple[Sequence[Pair], str | None]]) -> list[Encoded | str | Rejection]:
+        """An `Encoded`, a filter reason (str) or a `Rejection` per conversation."""
+        out = []
+        for pairs, system in conversations:
+            try:
+                out.append(self.encode(list(pairs), system))
+            except Exception as e:  # a template that raises (raise_exception, bad Jinja) on this conversation
+                out.append(Rejection(TEMPLATE_MISMATCH, f"template {self.name}: rendering failed: "
+                                                        f"{type(e).__name__}: {e}"[:500]))
+        return out
+
+    def encode(self, pairs: list[Pair], system: str | None) -> Encoded | str | Rejection:
+        result = self._encode_whole(pairs, system)
+        if isinstance(result, Rejection) or self.max_seq_len is None or len(result.ids) <= self.max_seq_len:
+            return result
+        kept = self._pairs_that_fit(pairs, system)
+        if kept == 0:
+            return FIRST_PAIR_TOO_LONG
+        if not any(p.loss for p in pairs[:kept]):
+            return NO_LOSS_AFTER_TRUNCATION
+        result = self._encode_whole(pairs[:kept], system)
+        if isinstance(result, Encoded):
+            if len(result.ids) > self.max_seq_len:  # (prefix-stable templates cannot get here)
+                return Rejection(TEMPLATE_MISMATCH, f"template {self.name}: {kept} pairs render to "
+                                                    f"{len(result.ids)} tokens after fitting in {self.max_seq_len}")
+            result = dataclasses.replace(result, pairs_dropped=len(pairs) - kept)
+        return result
+
+    def _pairs_that_fit(self, pairs: list[Pair], system: str | None) -> int:
+        """The most leading pairs whose rendering has at most max_seq_len tokens (lengths grow with the pairs
+        of a prefix-stable template: binary search)."""
+        lo, hi = 0, len(pairs) - 1  # the whole conversation does not fit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            n = len(self._ids(self.render(self.messages(pairs[:mid], system))))
+            lo, hi = (mid, hi) if n <= self.max_seq_len else (lo, mid - 1)
+        return lo
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _encode_whole(self, pairs: list[Pair], system: str | None) -> Encoded | Rejection:
+        messages = self.messages(pairs, system)
+        first_assistant = 1 if system else 0
+        assistant_at = [first_assistant + 2 * k + 1 for k in range(len(pairs))]  # message indices
+        if self.uses_generation:
+            out = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True,
+                                                     return_dict=True, return_assistant_tokens_mask=True)
+            reference, assistant_mask = list(out["input_ids"]), list(out["assistant_masks"])
+            text = self.render(messages)
+            encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+            runs = _runs(assistant_mask)
+            if len(runs) != len(pairs):
+                return self._mismatch(f"{len(runs)} {{% generation %}} spans for {len(pairs)} assistant messages")
+            spans = [(encoding.offsets[a][0], encoding.offsets[b - 1][1]) for a, b in runs]
+        else:
+            renders = []  # (text, what it renders): P_1, F_1, P_2, F_2, ...
+            for at in assistant_at:
+                renders += [(self.render(messages[:at], add_generation_prompt=True),
+                             f"messages 1-{at} with the generation prompt"),
+                            (self.render(messages[:at + 1]), f"messages 1-{at + 1}")]
+            text = renders[-1][0]  # (the whole conversation: F of its last assistant message)
+            for k in range(1, len(renders)):
+                if not renders[k][0].startswith(renders[k - 1][0]):
+                    at = assistant_at[k // 2]
+                    return Rejection(TEMPLATE_NOT_PREFIX_STABLE,
+                                     f"template {self.name}: at assistant message {at + 1} (turn {k // 2 + 1}), the "
+                                     f"rendering of {renders[k - 1][1]} is not a prefix of the rendering of "
+                                     f"{renders[k][1]}")
+            spans = []
+            for k in range(len(pairs)):
+                start, full = len(renders[2 * k][0]), renders[2 * k + 1][0]
+                end = self._last_special_end(full[start:])
+                spans.append((start, start + end if end is not None else len(full)))
+            encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+            reference = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True,
+                                                           return_dict=False)
+        ids = list(encoding.ids)
+        if ids != list(reference):
+            return self._mismatch("the ids differ from apply_chat_template(messages, tokenize=True)")
+        mask = [0] * len(ids)
+        offsets = encoding.offsets
+        token_ends = [b for _, b in offsets]  # (non-decreasing)
+        for k, (pair, (begin, end)) in enumerate(zip(pairs, spans)):
+            message = assistant_at[k] + 1
+            first = bisect.bisect_right(token_ends, begin)  # the first token ending after `begin`
+            tokens = []
+            for i in range(first, len(offsets)):
+                a, b = offsets[i]
+                if a >= end:
+                    break
+                if b > a:
+                    tokens.append(i)
+            straddle = [i for i in tokens if offsets[i][0] < begin or offsets[i][1] > end]
+            if straddle:
+                return self._mismatch(f"a token straddles the boundary of the answer in message {message}")
+            region = text[begin:end]
+            tail = self._special_at_end.search(region) if self._special_at_end else None
+            if tail is None:
+                return self._mismatch(f"the answer span of message {message} does not end with an end-of-turn "
+                                      f"(special) token: {region[-40:]!r}")
+            if region[:tail.start()].strip() != pair.assistant.strip():
+                return self._mismatch(f"the answer span of message {message} is not exactly its content + "
+                                      f"end-of-turn: {region[:80]!r}")
+            if pair.loss:
+                for i in tokens:
+                    mask[i] = 1
+        if 1 not in mask:
+            return NO_LOSS_AFTER_TRUNCATION  # (normalize filters conversations without a trained answer)
+        return Encoded(ids, mask, len(pairs), 0)
+
+    def _mismatch(self, what: str) -> Rejection:
+        return Rejection(TEMPLATE_MISMATCH, f"template {self.name}: {what}")
+
+
+def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of 1s."""
+    runs, start = [], None
+    for i, m in enumerate(list(mask) + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+_ENCODERS: dict[tuple, TemplateEncoder] = {}
+_LOCK = threading.Lock()
+
+
+def staged_encoder(tokenizer_json: str, tokenizer_sha256: str, special_tokens: dict[str, str],
+                   template: TemplateSpec, max_seq_len: int | None) -> TemplateEncoder:
+    """One TemplateEncoder per process and run (workers rebuild the tokenizer from its staged JSON)."""
+    key = (tokenizer_sha256, tuple(sorted(special_tokens.items())), template.sha256, max_seq_len)
+    with _LOCK:
+        if key not in _ENCODERS:
+            _ENCODERS.clear()
+            _ENCODERS[key] = TemplateEncoder(tokenizer_from_json(tokenizer_json, special_tokens), template,
+                                             max_seq_len)
+        return _ENCODERS[key]
