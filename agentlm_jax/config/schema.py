@@ -25,6 +25,10 @@ ATTENTION_IMPLS = ("auto", "blockwise", "splash", "flash", "xla", "cudnn")
 LOSS_IMPLS = ("auto", "full", "chunked", "vocab_parallel")
 OVERLONG_POLICIES = ("truncate", "drop")
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+# Model families (ModelConfig.architecture): Hugging Face LlamaForCausalLM (Llama 2, 3, 3.1, 3.2) and
+# Qwen2ForCausalLM (Qwen 2.5: biases on the q/k/v projections).
+ARCHITECTURES = ("llama", "qwen2")
+ROPE_TYPES = ("default", "llama3")  # RopeScaling.rope_type: none (Llama 2, Qwen 2.5), or Llama 3.1's
 DISTRIBUTED_MODES = ("auto", "on", "off")
 # Fields of ModelConfig that say how to run the model, not what it is: never read from or written to an HF
 # config.json, and free to differ between a checkpoint and the run that loads it.
@@ -39,8 +43,34 @@ def _require(ok: bool, message: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- model
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling, Hugging Face's `rope_scaling` / `rope_parameters`. `default`: none (Llama 2,
+    Qwen 2.5; the other fields are then unused). `llama3` (Llama 3.1 / 3.2): wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are stretched by `factor`, those shorter than
+    original_max_position_embeddings / high_freq_factor kept, the ones between interpolated smoothly. The
+    defaults of the other fields are Llama 3.1's, so `{rope_type: llama3}` alone is its scaling."""
+
+    rope_type: str = "default"  # one of ROPE_TYPES
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        _require(self.rope_type in ROPE_TYPES,
+                 f"model.rope_scaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        if self.rope_type == "llama3":
+            _require(self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor
+                     and self.original_max_position_embeddings > 0,
+                     "model.rope_scaling (llama3) needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                     f"original_max_position_embeddings > 0, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The Llama 2 architecture (hf/config.py maps it to and from a Hugging Face LlamaConfig) and how to run it."""
+    """A Llama-family architecture (Llama 2 by default; Llama 3.x and Qwen 2.5 by `architecture`,
+    `rope_scaling` and `tie_word_embeddings`) and how to run it. hf/config.py maps it to and from a Hugging
+    Face config.json."""
 
     vocab_size: int = 1024
     hidden_size: int = 128  # D
@@ -53,6 +83,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     initializer_range: float = 0.02
+    # llama (LlamaForCausalLM) or qwen2 (Qwen2ForCausalLM, whose q/k/v projections have biases: qkv_bias)
+    architecture: str = "llama"
+    rope_scaling: RopeScaling = RopeScaling()
+    # the output head is the token embedding's transpose (no lm_head parameter): Llama 3.2 1B/3B, small Qwen 2.5
+    tie_word_embeddings: bool = False
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the (master) parameters
     remat: str = "none"  # one of REMAT_POLICIES
@@ -68,6 +103,10 @@ class ModelConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # ModelConfig(**yaml_section) gives a mapping
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        _require(self.architecture in ARCHITECTURES,
+                 f"model.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         for name in ("dtype", "param_dtype"):
             _require(getattr(self, name) in DTYPES, f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -89,6 +128,11 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether q/k/v projections have biases: always for Qwen2 (as its Hugging Face model), never for Llama."""
+        return self.architecture == "qwen2"
 
 
 # -------------------------------------------------------------------------------------------------- mesh

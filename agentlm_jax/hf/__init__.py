@@ -1,6 +1,6 @@
-"""Hugging Face interop without PyTorch: Llama checkpoints in, Llama checkpoints out.
+"""Hugging Face interop without PyTorch: Llama (2, 3.x) and Qwen2 (2.5) checkpoints in, the same out.
 
-  config.py     our ModelConfig ↔ config.json (LlamaConfig), generation_config.json
+  config.py     our ModelConfig ↔ config.json (LlamaConfig, Qwen2Config), generation_config.json
   mapping.py    HF tensor names ↔ our parameter paths and layouts
   files.py      safetensors (and, when allowed, pickled) checkpoint files, local or gs://
   load.py       import onto a mesh, tensor by tensor, straight onto each parameter's sharding

@@ -1,4 +1,4 @@
-"""Import a Hugging Face Llama checkpoint (local or `gs://`) onto a mesh, without PyTorch.
+"""Import a Hugging Face Llama or Qwen2 checkpoint (local or `gs://`) onto a mesh, without PyTorch.
 
 `config.json` + `model.safetensors` or sharded `model-*.safetensors` with `model.safetensors.index.json`.
 Every tensor's name and shape is checked against the architecture before anything is loaded (missing /
@@ -25,8 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agentlm_jax.config import DEFAULT_RULES, RUNTIME_FIELDS, MeshConfig, ModelConfig, Rules
 from agentlm_jax.hf import files
-from agentlm_jax.hf.config import check_architecture, load_hf_config
-from agentlm_jax.hf.mapping import Entry, check_tensors, get_path, set_path, tensor_entries
+from agentlm_jax.hf.config import FAMILIES, check_architecture, load_hf_config
+from agentlm_jax.hf.mapping import Entry, check_tensors, get_path, ignored_tensors, set_path, tensor_entries
 from agentlm_jax.model.llama import Llama, abstract_model
 from agentlm_jax.progress import Progress
 from agentlm_jax.sharding import make_mesh, state_shardings
@@ -61,7 +61,8 @@ def import_hf(model_dir: str, *, base: ModelConfig | None = None, runtime: dict[
 
     fs, root = files.fs_and_path(model_dir)
     fmt, file_of = files.weight_files(fs, root, allow_pickle)
-    check_tensors({e.name: e.hf_shape for e in entries}, files.tensor_shapes(fs, fmt, file_of), model_dir)
+    check_tensors({e.name: e.hf_shape for e in entries}, files.tensor_shapes(fs, fmt, file_of), model_dir,
+                  ignored=ignored_tensors(cfg), architecture=FAMILIES[cfg.architecture][2])
 
     placer = _Placer(abstract.to_pure_dict(), shardings, jnp.dtype(cfg.param_dtype))
     by_name = {e.name: e for e in entries}

@@ -1,8 +1,10 @@
-"""Hugging Face Llama tensor names ↔ paths in our parameters, and the layout change between them.
+"""Hugging Face Llama / Qwen2 tensor names ↔ paths in our parameters, and the layout change between them.
 
 Hugging Face `nn.Linear` weights are [out, in]; our kernels are [in..., out...] einsum operands (e.g. q_proj
-[D,N,H] ↔ HF [N·H, D]), so conversion is a transpose and a reshape. Rotary embeddings use the Hugging Face
-("rotate_half") layout, so q/k need no permutation in either direction.
+[D,N,H] ↔ HF [N·H, D]), so conversion is a transpose and a reshape; biases are [N·H] ↔ our [N, H]. Rotary
+embeddings use the Hugging Face ("rotate_half") layout, so q/k need no permutation in either direction. Qwen2
+adds `q_proj.bias`, `k_proj.bias`, `v_proj.bias`; with tied embeddings there is no `lm_head.weight` (the head
+is the embedding table), and one found in a checkpoint is skipped, as transformers does.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ class TensorMap:
     hf: str  # Hugging Face name; "{i}" stands for the layer index
     ours: tuple[str, ...]  # path in our parameters (inside one decoder block for per-layer tensors)
     in_dims: int  # how many leading dims of our array are the HF Linear's input dims; 0 = same layout
+    flat: bool = False  # a Linear's bias: HF [N·H] ↔ our [N, H]
 
     def shape_in_hf(self, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.flat:
+            return (math.prod(our_shape),)
         if not self.in_dims:
             return tuple(our_shape)
         return math.prod(our_shape[self.in_dims:]), math.prod(our_shape[:self.in_dims])
@@ -40,6 +45,8 @@ class TensorMap:
         return (x.T if self.in_dims else x).reshape(our_shape)
 
     def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if self.flat:
+            return x.reshape(-1)
         if not self.in_dims:
             return x
         return x.reshape(math.prod(x.shape[:self.in_dims]), -1).T
@@ -61,6 +68,31 @@ LAYER_TENSORS = (
     TensorMap("model.layers.{i}.input_layernorm.weight", ("attn_norm", "scale"), 0),
     TensorMap("model.layers.{i}.post_attention_layernorm.weight", ("mlp_norm", "scale"), 0),
 )
+QKV_BIAS_TENSORS = {  # Qwen2's, each following its weight (Hugging Face's order)
+    f"{p}_proj": TensorMap(f"model.layers.{{i}}.self_attn.{p}_proj.bias", ("attn", f"{p}_bias"), 0, flat=True)
+    for p in "qkv"}
+LM_HEAD = "lm_head.weight"
+
+
+def global_tensors(cfg: ModelConfig) -> tuple[TensorMap, ...]:
+    """Embedding, final norm and (unless tied) output head."""
+    return tuple(t for t in GLOBAL_TENSORS if not (cfg.tie_word_embeddings and t.hf == LM_HEAD))
+
+
+def layer_tensors(cfg: ModelConfig) -> tuple[TensorMap, ...]:
+    """One decoder block's tensors (`{i}` = the layer), with the q/k/v biases where the architecture has them."""
+    out = []
+    for t in LAYER_TENSORS:
+        out.append(t)
+        if cfg.qkv_bias and t.ours[-1] in QKV_BIAS_TENSORS:
+            out.append(QKV_BIAS_TENSORS[t.ours[-1]])
+    return tuple(out)
+
+
+def ignored_tensors(cfg: ModelConfig) -> frozenset[str]:
+    """Tensors a checkpoint may hold that are not read: a tied model's `lm_head.weight` (transformers ties it to
+    the embedding and ignores the stored copy too)."""
+    return frozenset({LM_HEAD} if cfg.tie_word_embeddings else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,27 +130,30 @@ def tensor_entries(cfg: ModelConfig, params: dict) -> list[Entry]:
         shape = tuple(get_path(params, path).shape)
         entries.append(Entry(hf_name, path, layer, shape[1:] if layer is not None else shape, tmap))
 
-    add(GLOBAL_TENSORS[0], GLOBAL_TENSORS[0].hf, GLOBAL_TENSORS[0].ours, None)
+    first, *rest = global_tensors(cfg)
+    add(first, first.hf, first.ours, None)
     for i in range(cfg.num_layers):
-        for t in LAYER_TENSORS:
+        for t in layer_tensors(cfg):
             if cfg.scan_layers:
                 add(t, t.hf.format(i=i), ("layers",) + t.ours, i)
             else:
                 add(t, t.hf.format(i=i), ("layers", i) + t.ours, None)
-    for t in GLOBAL_TENSORS[1:]:
+    for t in rest:
         add(t, t.hf, t.ours, None)
     return entries
 
 
-def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str) -> None:
-    """Raise CheckpointMismatchError naming every missing, unexpected and mis-shaped tensor."""
+def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str, *,
+                  ignored: frozenset[str] = frozenset(), architecture: str = "Llama") -> None:
+    """Raise CheckpointMismatchError naming every missing, unexpected and mis-shaped tensor (`ignored` names,
+    and derived buffers, may be present without being expected)."""
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(n for n in set(found) - set(expected) if not DERIVED_BUFFERS.match(n))
+    unexpected = sorted(n for n in set(found) - set(expected) if not DERIVED_BUFFERS.match(n) and n not in ignored)
     misshaped = sorted(f"{n}: expected {expected[n]}, found {found[n]}"
                        for n in set(expected) & set(found) if tuple(found[n]) != tuple(expected[n]))
     problems = [f"{title} ({len(items)}):\n    " + "\n    ".join(items)
                 for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
                 if items]
     if problems:
-        raise CheckpointMismatchError(f"{where}: the tensors do not match the Llama architecture of its "
+        raise CheckpointMismatchError(f"{where}: the tensors do not match the {architecture} architecture of its "
                                       f"config.json:\n  " + "\n  ".join(problems))

@@ -1,8 +1,9 @@
-"""Export our parameters as a Hugging Face Llama checkpoint (local or `gs://`), without PyTorch.
+"""Export our parameters as a Hugging Face Llama or Qwen2 checkpoint (local or `gs://`), without PyTorch.
 
-`model-0000N-of-0000M.safetensors` shards no larger than `max_shard_size` + `model.safetensors.index.json`,
-`config.json` (a `transformers.LlamaConfig`), `generation_config.json`, and the tokenizer files with the
-training chat template and a pad token (tokenizer.py). Tensors are gathered to the host one at a time (the host
+`model-0000N-of-0000M.safetensors` shards no larger than `max_shard_size` (no `lm_head.weight` when the
+embeddings are tied) + `model.safetensors.index.json`, `config.json` (a `transformers.LlamaConfig` or
+`Qwen2Config`), `generation_config.json`, and the tokenizer files with the training chat template and a pad
+token (tokenizer.py). Tensors are gathered to the host one at a time (the host
 holds at most one shard's tensors); only process 0 writes.
 
 A non-empty output directory is refused unless `overwrite`; then the files a Hugging Face export owns

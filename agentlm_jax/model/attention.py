@@ -1,4 +1,5 @@
 """Grouped-query self-attention with rotary positions, packed-sequence masking and an optional KV cache.
+Qwen2 (`cfg.qkv_bias`) adds a bias to the q, k and v projections (not to o), as its Hugging Face model does.
 
 A query attends to a key iff the key's slot is not after the query's (causal) and both carry the same segment
 id (packed conversations never see each other): `ops.masking.attention_mask`. Which kernel computes it is
@@ -30,6 +31,12 @@ class Attention(nnx.Module):
         self.k_proj = param(rngs, init, (D, K, H), ("embed", "kv_heads", "head_dim"), pdt)
         self.v_proj = param(rngs, init, (D, K, H), ("embed", "kv_heads", "head_dim"), pdt)
         self.o_proj = param(rngs, init, (N, H, D), ("heads", "head_dim", "embed"), pdt)
+        if cfg.qkv_bias:  # each bias carries its kernel's output axes
+            zeros = jax.nn.initializers.zeros
+            self.q_bias = param(rngs, zeros, (N, H), ("heads", "head_dim"), pdt)
+            self.k_bias = param(rngs, zeros, (K, H), ("kv_heads", "head_dim"), pdt)
+            self.v_bias = param(rngs, zeros, (K, H), ("kv_heads", "head_dim"), pdt)
+        self.qkv_bias = cfg.qkv_bias
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
@@ -37,6 +44,8 @@ class Attention(nnx.Module):
         q = ops.project("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
         k = ops.project("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
         v = ops.project("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
+        if self.qkv_bias:
+            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rotary(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))

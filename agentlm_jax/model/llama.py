@@ -1,4 +1,5 @@
-"""Llama 2: embed → L decoder blocks (scanned) → final RMSNorm → untied output head."""
+"""The Llama family (Llama 2, 3.x; Qwen 2.5 by its q/k/v biases): embed → L decoder blocks (scanned) → final
+RMSNorm → output head (its own [D, V] matrix, or the embedding table when `tie_word_embeddings`)."""
 
 from __future__ import annotations
 
@@ -39,12 +40,17 @@ class Llama(nnx.Module):
         else:
             self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
-        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, init=init, dtype=dtype, param_dtype=pdt,
-                              rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, init=init, dtype=dtype, param_dtype=pdt,
+                                  rngs=rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """Float32 logits [B,T,V] for int32 tokens, positions and segment ids [B,T] (segment 0 = padding)."""
-        return self.lm_head(self.hidden_states(tokens, positions, segment_ids))
+        return self.logits(self.hidden_states(tokens, positions, segment_ids))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Float32 logits [B,T,V] of final-norm hidden states [B,T,D]: the output head, or the tied embedding."""
+        return self.embedder.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """The final-norm output [B,T,D] in the compute dtype (what the output head multiplies)."""
@@ -56,13 +62,13 @@ class Llama(nnx.Module):
         """Float32 logits [B,T,V] for T new tokens that follow the `cache.length` cached ones; updated cache.
         `last_only`: logits of the last position only ([B,1,V]; all that sampling needs after a prefill)."""
         h, cache = self._forward(tokens, positions, segment_ids, cache)
-        return self.lm_head(h[:, -1:] if last_only else h), cache
+        return self.logits(h[:, -1:] if last_only else h), cache
 
     # ------------------------------------------------------------------------------------------- internals
     def _forward(self, tokens, positions, segment_ids, cache: KVCache | None):
         cfg = self.config
         x = self.embedder(tokens)
-        cos, sin = rotary_angles(positions, cfg.resolved_head_dim, cfg.rope_theta)
+        cos, sin = rotary_angles(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
         kv_segment_ids = start = None
         if cache is not None:
             start = cache.length
@@ -97,6 +103,14 @@ class Llama(nnx.Module):
         if layer_kv is None:
             return x, None
         return x, (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
+
+
+def head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
+    """The output head's [D, V] kernel in pure-dict `params` (what the loss multiplies): `lm_head.kernel`, or the
+    transposed embedding table when the embeddings are tied."""
+    if cfg.tie_word_embeddings:
+        return params["embedder"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 # ----------------------------------------------------------------------------------------------- creation

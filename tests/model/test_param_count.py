@@ -33,3 +33,17 @@ def test_config_matches_official_and_parameter_count(name):
         assert getattr(cfg, key) == value, key
     assert (cfg.vocab_size, cfg.max_position_embeddings, cfg.rope_theta, cfg.rms_norm_eps) == (32000, 4096, 1e4, 1e-5)
     assert count_params(cfg) == KNOWN_TOTALS[name]
+
+
+# Published sizes of meta-llama/Llama-3.1-8B (8.03B) and Qwen/Qwen2.5-7B (7.62B): the sums of their tensors.
+# (tests/model/test_families.py checks that the configs equal the official config.json values.)
+FAMILY_TOTALS = {"llama3.1-8b": 8_030_261_248, "qwen2.5-7b": 7_615_616_512}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TOTALS))
+def test_family_configs_load_and_match_the_published_size(name):
+    from agentlm_jax.config import load_config
+
+    cfg = load_config(str(CONFIGS / f"{name}.yaml"))  # the whole training config loads and passes its checks
+    assert count_params(cfg.model) == FAMILY_TOTALS[name]
+    assert round(count_params(cfg.model) / 1e9, 2) == {"llama3.1-8b": 8.03, "qwen2.5-7b": 7.62}[name]
