@@ -179,36 +179,40 @@ class TemplateEncoder:
         return out
 
     def encode(self, pairs: list[Pair], system: str | None) -> Encoded | str | Rejection:
-        result = self._encode_whole(pairs, system)
-        if isinstance(result, Rejection) or self.max_seq_len is None or len(result.ids) <= self.max_seq_len:
-            return result
-        kept = self._pairs_that_fit(pairs, system)
-        if kept == 0:
-            return FIRST_PAIR_TOO_LONG
-        if not any(p.loss for p in pairs[:kept]):
-            return NO_LOSS_AFTER_TRUNCATION
-        result = self._encode_whole(pairs[:kept], system)
-        if isinstance(result, Encoded):
-            if len(result.ids) > self.max_seq_len:  # (prefix-stable templates cannot get here)
-                return Rejection(TEMPLATE_MISMATCH, f"template {self.name}: {kept} pairs render to "
-                                                    f"{len(result.ids)} tokens after fitting in {self.max_seq_len}")
-            result = dataclasses.replace(result, pairs_dropped=len(pairs) - kept)
-        return result
+        text = self.render(self.messages(pairs, system))
+        encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+        if self.max_seq_len is None or len(encoding.ids) <= self.max_seq_len:
+            return self._encode_whole(pairs, system, (text, encoding))
+        # Too long: the leading whole pairs that fit, each candidate measured on the whole conversation's
+        # tokens when its rendering is a prefix of the whole one; then rendered again and checked alone.
+        kept = self._pairs_that_fit(pairs, system, text, [b for _, b in encoding.offsets])
+        while kept > 0:
+            if not any(p.loss for p in pairs[:kept]):
+                return NO_LOSS_AFTER_TRUNCATION
+            result = self._encode_whole(pairs[:kept], system)
+            if isinstance(result, Rejection):
+                return result
+            if len(result.ids) <= self.max_seq_len:
+                return dataclasses.replace(result, pairs_dropped=len(pairs) - kept)
+            kept -= 1  # (a token across the end of the estimate's last pair)
+        return FIRST_PAIR_TOO_LONG
 
-    def _pairs_that_fit(self, pairs: list[Pair], system: str | None) -> int:
+    def _pairs_that_fit(self, pairs: list[Pair], system: str | None, text: str, token_ends: list[int]) -> int:
         """The most leading pairs whose rendering has at most max_seq_len tokens (lengths grow with the pairs
         of a prefix-stable template: binary search)."""
         lo, hi = 0, len(pairs) - 1  # the whole conversation does not fit
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            n = len(self._ids(self.render(self.messages(pairs[:mid], system))))
+            prefix = self.render(self.messages(pairs[:mid], system))
+            n = bisect.bisect_right(token_ends, len(prefix)) if text.startswith(prefix) else len(self._ids(prefix))
             lo, hi = (mid, hi) if n <= self.max_seq_len else (lo, mid - 1)
         return lo
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
-    def _encode_whole(self, pairs: list[Pair], system: str | None) -> Encoded | Rejection:
+    def _encode_whole(self, pairs: list[Pair], system: str | None, rendered=None) -> Encoded | Rejection:
+        """`rendered`: (the whole rendering, its encoding) when already computed."""
         messages = self.messages(pairs, system)
         first_assistant = 1 if system else 0
         assistant_at = [first_assistant + 2 * k + 1 for k in range(len(pairs))]  # message indices
@@ -216,19 +220,18 @@ class TemplateEncoder:
             out = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True,
                                                      return_dict=True, return_assistant_tokens_mask=True)
             reference, assistant_mask = list(out["input_ids"]), list(out["assistant_masks"])
-            text = self.render(messages)
-            encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+            text, encoding = rendered or self._rendered(messages)
             runs = _runs(assistant_mask)
             if len(runs) != len(pairs):
                 return self._mismatch(f"{len(runs)} {{% generation %}} spans for {len(pairs)} assistant messages")
             spans = [(encoding.offsets[a][0], encoding.offsets[b - 1][1]) for a, b in runs]
         else:
-            renders = []  # (text, what it renders): P_1, F_1, P_2, F_2, ...
-            for at in assistant_at:
+            text, encoding = rendered or self._rendered(messages)
+            renders = []  # (text, what it renders): P_1, F_1, P_2, F_2, ... (the last F: the whole rendering)
+            for k, at in enumerate(assistant_at):
                 renders += [(self.render(messages[:at], add_generation_prompt=True),
                              f"messages 1-{at} with the generation prompt"),
-                            (self.render(messages[:at + 1]), f"messages 1-{at + 1}")]
-            text = renders[-1][0]  # (the whole conversation: F of its last assistant message)
+                            (self.render(messages[:at + 1]) if k < len(pairs) - 1 else text, f"messages 1-{at + 1}")]
             for k in range(1, len(renders)):
                 if not renders[k][0].startswith(renders[k - 1][0]):
                     at = assistant_at[k // 2]
@@ -241,7 +244,6 @@ class TemplateEncoder:
                 start, full = len(renders[2 * k][0]), renders[2 * k + 1][0]
                 end = self._last_special_end(full[start:])
                 spans.append((start, start + end if end is not None else len(full)))
-            encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
             reference = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True,
                                                            return_dict=False)
         ids = list(encoding.ids)
@@ -277,6 +279,10 @@ class TemplateEncoder:
         if 1 not in mask:
             return NO_LOSS_AFTER_TRUNCATION  # (normalize filters conversations without a trained answer)
         return Encoded(ids, mask, len(pairs), 0)
+
+    def _rendered(self, messages: list[dict]) -> tuple:
+        text = self.render(messages)
+        return text, self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
 
     def _mismatch(self, what: str) -> Rejection:
         return Rejection(TEMPLATE_MISMATCH, f"template {self.name}: {what}")

@@ -264,3 +264,39 @@ def test_build_fails_on_a_not_prefix_stable_template(tmp_path):
     error = run.stderr.strip().splitlines()[-1]
     assert error.startswith("error: ") and "template_not_prefix_stable" in error and "template hf" in error, error
     assert not out.exists()  # (the staging was discarded)
+
+
+def test_the_contract_check_can_fail(tmp_path, monkeypatch):
+    """An id that differs from apply_chat_template's, a template that raises, special-token text."""
+    tok_dir = fx.make_tokenizer_dir(tmp_path, fx.template_text("chatml.jinja"), "chatml.jinja")
+    tok = fx.load(tok_dir)
+    encoder = ht.TemplateEncoder(tok, ht.resolve_template("hf", tok_dir))
+    real = type(tok).apply_chat_template
+
+    def one_more_token(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        return out + [0] if kwargs.get("tokenize") and not kwargs.get("return_dict") else out
+
+    monkeypatch.setattr(type(tok), "apply_chat_template", one_more_token)
+    out = encoder.encode([Pair("q", "a")], None)
+    assert isinstance(out, ht.Rejection) and out.reason == ht.TEMPLATE_MISMATCH and "ids differ" in out.detail
+    monkeypatch.undo()
+    raising = "{{ raise_exception('only text turns') }}"
+    out = ht.TemplateEncoder(tok, ht.TemplateSpec("raising", "", raising)).encode_batch([([Pair("q", "a")], None)])
+    assert out[0].reason == ht.TEMPLATE_MISMATCH and "only text turns" in out[0].detail
+    assert encoder.special_token_text("quoting <|im_end|> here") == "<|im_end|>"
+    assert encoder.special_token_text("<|im_end plain") is None
+
+
+def test_chat_template_from_the_yaml_config_and_the_flag(tmp_path):
+    from data_pipeline.build import parse_args
+    from data_pipeline.config import load_config
+
+    path = tmp_path / "data.yaml"
+    path.write_text("chat_template: ${SAMPLE_DATA}/../templates/chatml.jinja\nmax_template_reject_fraction: 0\n")
+    cfg = load_config(str(path))
+    assert os.path.samefile(cfg.chat_template, os.path.join(ht.TEMPLATES_DIR, "chatml.jinja"))
+    assert cfg.max_template_reject_fraction == 0
+    cfg, _, _ = parse_args(["--config", str(path), "--chat-template", "hf", "--max-template-reject-fraction", "0.5"])
+    assert (cfg.chat_template, cfg.max_template_reject_fraction) == ("hf", 0.5)
+    assert load_config(None).chat_template == "llama2"
