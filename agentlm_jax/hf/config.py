@@ -74,7 +74,7 @@ def from_hf(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
 def _check_supported(hf: dict[str, Any], architecture: str) -> None:
     """UnsupportedConfigError naming the first field that asks for something the model does not compute."""
     expected_class = FAMILIES[architecture][2]
-    if hf.get("architectures") not in (None, [expected_class]):
+    if any(not str(a).endswith("ForCausalLM") for a in hf.get("architectures") or ()):  # e.g. a classifier's head
         _refuse("architectures", hf["architectures"], [expected_class], architecture)
     required = {"hidden_act": "silu", "partial_rotary_factor": 1.0, "attention_dropout": 0.0,
                 "quantization_config": None}
