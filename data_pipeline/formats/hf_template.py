@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from data_pipeline.formats.chat_template import (FIRST_PAIR_TOO_LONG, NO_LOSS_AFTER_TRUNCATION, Encoded,
-                                                 Pair)
+                                                 Pair, _max_chars_per_token)
 
 LLAMA2, HF = "llama2", "hf"
 TEMPLATES_DIR = str(Path(__file__).resolve().parents[1] / "templates")
@@ -139,6 +139,7 @@ class TemplateEncoder:
         specials = sorted({t.content for t in backend.get_added_tokens_decoder().values() if t.special},
                           key=len, reverse=True)
         self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self.max_chars_per_token = _max_chars_per_token(json.loads(backend.to_str()), backend)
         self._special_at_end = (re.compile(f"(?:{'|'.join(map(re.escape, specials))})+$") if specials
                                 else None)
 
@@ -180,11 +181,18 @@ class TemplateEncoder:
 
     def encode(self, pairs: list[Pair], system: str | None) -> Encoded | str | Rejection:
         text = self.render(self.messages(pairs, system))
-        encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-        if self.max_seq_len is None or len(encoding.ids) <= self.max_seq_len:
-            return self._encode_whole(pairs, system, (text, encoding))
-        # Too long: the leading whole pairs that fit, each candidate measured on the whole conversation's
-        # tokens when its rendering is a prefix of the whole one; then rendered again and checked alone.
+        limit = None  # characters that certainly hold more than max_seq_len tokens (chat_template.py's bound)
+        if self.max_seq_len is not None and self.max_chars_per_token is not None:
+            limit = (self.max_seq_len + 1) * self.max_chars_per_token
+        if limit is not None and len(text) > limit:  # too long for sure: only its head is tokenized
+            text = text[:limit]
+            encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+        else:
+            encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+            if self.max_seq_len is None or len(encoding.ids) <= self.max_seq_len:
+                return self._encode_whole(pairs, system, (text, encoding))
+        # Too long: the leading whole pairs that fit, each candidate measured on the tokens of the whole
+        # rendering (or of its head) when it is a prefix of it; then rendered again and checked alone.
         kept = self._pairs_that_fit(pairs, system, text, [b for _, b in encoding.offsets])
         while kept > 0:
             if not any(p.loss for p in pairs[:kept]):
@@ -204,7 +212,12 @@ class TemplateEncoder:
         while lo < hi:
             mid = (lo + hi + 1) // 2
             prefix = self.render(self.messages(pairs[:mid], system))
-            n = bisect.bisect_right(token_ends, len(prefix)) if text.startswith(prefix) else len(self._ids(prefix))
+            if len(prefix) > len(text):  # (longer than the head whose tokens are more than max_seq_len)
+                n = self.max_seq_len + 1
+            elif text.startswith(prefix):
+                n = bisect.bisect_right(token_ends, len(prefix))
+            else:
+                n = len(self._ids(prefix))
             lo, hi = (mid, hi) if n <= self.max_seq_len else (lo, mid - 1)
         return lo
 

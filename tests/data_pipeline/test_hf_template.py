@@ -300,3 +300,27 @@ def test_chat_template_from_the_yaml_config_and_the_flag(tmp_path):
     cfg, _, _ = parse_args(["--config", str(path), "--chat-template", "hf", "--max-template-reject-fraction", "0.5"])
     assert (cfg.chat_template, cfg.max_template_reject_fraction) == ("hf", 0.5)
     assert load_config(None).chat_template == "llama2"
+
+
+def test_a_huge_trailing_pair_is_dropped_without_tokenizing_it(tok, tok_dir, monkeypatch):
+    pairs = [Pair(f"question {i}", f"answer {i}") for i in range(3)] + [Pair("paste", "x y z " * 100_000)]
+    encoder = ht.TemplateEncoder(tok, ht.resolve_template("hf", tok_dir), max_seq_len=512)
+    assert encoder.max_chars_per_token is not None  # (byte-level BPE: the length bound holds)
+    backend = tok.backend_tokenizer
+    longest = []
+    real_encode = type(backend).encode
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def encode(self, text, *args, **kwargs):
+            longest.append(len(text))
+            return real_encode(backend, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "backend_tokenizer", property(lambda self: Spy()))
+    enc = encoder.encode(pairs, "sys")
+    monkeypatch.undo()
+    assert (enc.pairs_kept, enc.pairs_dropped) == (3, 1)
+    assert enc.ids == tok.apply_chat_template(messages_of(pairs[:3], "sys"), tokenize=True, return_dict=False)
+    assert max(longest) <= 513 * encoder.max_chars_per_token < 600_000
