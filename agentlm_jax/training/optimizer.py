@@ -52,7 +52,8 @@ def weight_decay_mask(abstract_params: nnx.State, decay_embedding: bool = True) 
     def decays(path, variable) -> bool:
         axes = variable_logical_axes(variable) or ()
         is_embedding = any(getattr(k, "key", None) == EMBEDDING_MODULE for k in path)
-        return variable.replace("norm" not in axes and (decay_embedding or not is_embedding))
+        is_bias = str(getattr(path[-1], "key", "")).endswith("bias")  # as Megatron-LM: no decay on biases
+        return variable.replace("norm" not in axes and not is_bias and (decay_embedding or not is_embedding))
 
     mask = jax.tree_util.tree_map_with_path(decays, abstract_params,
                                             is_leaf=lambda x: isinstance(x, nnx.Variable))

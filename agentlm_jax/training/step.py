@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from agentlm_jax import ops
 from agentlm_jax.config import DataConfig, LossConfig, ModelConfig, Rules
 from agentlm_jax.data.packing import BATCH_KEYS
-from agentlm_jax.model.llama import abstract_model
+from agentlm_jax.model.llama import abstract_model, head_kernel
 from agentlm_jax.sharding import activation_sharding, batch_sharding, batch_shards, logical_to_pspec
 from agentlm_jax.training import loss as loss_lib
 from agentlm_jax.training.state import TrainState
@@ -93,7 +93,7 @@ class TrainStep:
         with activation_sharding(self.mesh, self.rules):
             model = nnx.merge(self.graphdef, params)
             hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-            return ops.token_nll(hidden, params["lm_head"]["kernel"], batch["targets"], impl=self.loss_impl,
+            return ops.token_nll(hidden, head_kernel(params, self.model_cfg), batch["targets"], impl=self.loss_impl,
                                  chunk_size=self.loss_chunk_size, mesh=self.mesh, rules=self.rules,
                                  mask=batch["loss_mask"])
 

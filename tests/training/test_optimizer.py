@@ -41,6 +41,8 @@ def test_weight_decay_applies_to_matrices_but_never_to_norm_scales():
         "['final_norm']['scale']", "['layers']['attn_norm']['scale']", "['layers']['mlp_norm']['scale']"}
     no_embedding = weight_decay_mask(abstract_params(TINY_MODEL), decay_embedding=False)
     assert no_embedding["embedder"]["embedding"] is False and no_embedding["lm_head"]["kernel"] is True
+    qwen = weight_decay_mask(abstract_params(TINY_MODEL.replace(architecture="qwen2")))["layers"]["attn"]
+    assert (qwen["q_bias"], qwen["k_bias"], qwen["v_bias"], qwen["q_proj"]) == (False, False, False, True)
 
 
 def test_adamw_with_clipping_matches_torch():

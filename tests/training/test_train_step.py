@@ -94,6 +94,20 @@ def test_sharded_training_equals_one_device(initial_params, batches, single_devi
     assert len(moments) == 2 and all(x.sharding == kernel.sharding for x in moments), "Adam's mu and nu"
 
 
+def test_tied_embeddings_and_qkv_biases_train_sharded_as_on_one_device(batches):
+    """Qwen 2.5-style (q/k/v biases, the output head = the embedding table): the vocabulary-parallel loss over
+    the tied table and the biases' gradients, sharded over fsdp x tensor, equal one device."""
+    import dataclasses
+
+    cfg = dataclasses.replace(TINY_MODEL, architecture="qwen2", tie_word_embeddings=True)
+    params = jax.device_get(nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict())
+    assert "lm_head" not in params and "q_bias" in params["layers"]["attn"]
+    one = train(params, batches, MeshConfig(data=1, fsdp=1, tensor=1), model_cfg=cfg)
+    assert_same_training(train(params, batches, MeshConfig(data=1, fsdp=4, tensor=2), model_cfg=cfg,
+                               loss_impl="vocab_parallel"), one)
+    assert np.abs(one[1]["layers"]["attn"]["q_bias"] - params["layers"]["attn"]["q_bias"]).max() > 1e-4
+
+
 def test_gradient_accumulation_equals_one_big_batch(initial_params, batches, single_device):
     fsdp8 = MeshConfig(data=1, fsdp=8, tensor=1)
     big = train(initial_params, batches, fsdp8, rows=4 * BATCH)
