@@ -47,6 +47,20 @@ def llama2_chat_jinja() -> str:
     )
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def training_chat_template(tokenizer_dir: str) -> tuple[str, bool]:
+    """(the chat template the data was rendered with, whether it is Llama 2's): a dataset built with a Jinja
+    template (`data_pipeline.build --chat-template hf|PATH`) keeps its text in its tokenizer directory's
+    chat_template.jinja; without one it was the paper's Llama 2 template."""
+    path = os.path.join(tokenizer_dir, CHAT_TEMPLATE_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read(), False
+    return llama2_chat_jinja(), True
+
+
 def _token_content(token) -> str | None:
     """A special token as tokenizer_config.json / special_tokens_map.json spell it: a string or an AddedToken dict."""
     return token.get("content") if isinstance(token, dict) else token
@@ -118,25 +132,30 @@ def save_tokenizer(tokenizer_path: str, output_dir: str, model_max_length: int |
     into `output_dir` so `transformers.AutoTokenizer` loads it anywhere; returns the file names.
 
     A Hugging Face tokenizer directory (with `tokenizer_config.json`) is copied as its authors made it, except
-    that its `chat_template` becomes the training one (`llama2_chat_jinja`): Meta's Llama-2-chat template has no
-    default system prompt, so `apply_chat_template` would not render what the model was trained on. A bare
+    that its `chat_template` becomes the training one (`training_chat_template`: the dataset's Jinja template, or
+    `llama2_chat_jinja`, since Meta's Llama-2-chat template has no default system prompt, so
+    `apply_chat_template` would not render what the model was trained on). A bare
     SentencePiece `tokenizer.model` (the bundled tokenizer, a Llama 2 download) is copied too, and
     `hf_tokenizer_files` adds what `AutoTokenizer` needs beside it. `pad_token` (default: the one the files
     declare, else `<unk>`, what the pipeline pads with) is set where the files declare none (Meta's have
     `pad_token: null`, which fails batched `transformers` pipelines)."""
     from data_pipeline.formats.tokenizer import TOKENIZER_FILES, load_tokenizer, resolve_tokenizer_dir
 
-    tokenizer = load_tokenizer(tokenizer_path)  # fails early on something that is not a usable tokenizer
     source = resolve_tokenizer_dir(tokenizer_path)
+    template, is_llama2 = training_chat_template(source)
+    # fails early on something that is not a usable tokenizer (a Jinja template, e.g. ChatML, may need no BOS)
+    tokenizer = load_tokenizer(tokenizer_path, require_bos_eos=is_llama2)
     fs, root = files.fs_and_path(output_dir)
     fs.makedirs(root, exist_ok=True)
     copied = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(source, name))]
     for name in copied:
         fs.put(os.path.join(source, name), posixpath.join(root, name))
     pad_token = pad_token or _declared_pad_token(source) or tokenizer.pad_token or tokenizer.unk_token
+    if not is_llama2:  # transformers 5 reads this file first; older versions tokenizer_config.json's key
+        files.write_text(fs, posixpath.join(root, CHAT_TEMPLATE_FILE), template)
+        copied.append(CHAT_TEMPLATE_FILE)
     if TOKENIZER_CONFIG in copied:
-        _update_json(fs, posixpath.join(root, TOKENIZER_CONFIG),
-                     {"chat_template": llama2_chat_jinja(), "pad_token": pad_token})
+        _update_json(fs, posixpath.join(root, TOKENIZER_CONFIG), {"chat_template": template, "pad_token": pad_token})
         if SPECIAL_TOKENS_MAP in copied:
             _update_json(fs, posixpath.join(root, SPECIAL_TOKENS_MAP), {"pad_token": pad_token})
         return copied

@@ -150,3 +150,25 @@ def test_a_copied_tokenizer_without_a_pad_token_gets_one(exported, tmp_path):
     got = _auto_tokenizer_in_fresh_process(str(out), "print(json.dumps([tok.pad_token, tok(['a b c', 'a'], "
                                            "padding=True)['input_ids']]))")
     assert got[0] == "<unk>" and len(got[1][0]) == len(got[1][1])
+
+
+def test_the_export_carries_a_datasets_jinja_template(tmp_path):
+    """A dataset built with --chat-template hf|PATH keeps its template in tokenizer/chat_template.jinja; the
+    exported tokenizer renders with exactly that (both places transformers reads it), not Llama 2's."""
+    import transformers
+
+    from agentlm_jax.hf.tokenizer import llama2_chat_jinja, save_tokenizer
+    from tests.data_pipeline.hf_fixtures import make_tokenizer_dir, template_text
+
+    template = template_text("chatml.jinja")
+    source = make_tokenizer_dir(tmp_path / "dataset-tokenizer", template, style="chatml.jinja", in_config=False)
+    save_tokenizer(source, str(tmp_path / "export"))
+    assert (tmp_path / "export" / "chat_template.jinja").read_text() == template
+    config = json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == template != llama2_chat_jinja()
+    exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    reference = transformers.AutoTokenizer.from_pretrained(source)
+    assert exported.apply_chat_template(messages, tokenize=False) == \
+        reference.apply_chat_template(messages, tokenize=False, chat_template=template)
+    assert "<|im_start|>" in exported.apply_chat_template(messages, tokenize=False)
