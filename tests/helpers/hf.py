@@ -117,3 +117,42 @@ def orbax_run(tmp_path_factory):
             saved[step] = params
         ckpt.wait_until_finished()
     return str(directory), saved
+
+
+# ------------------------------------------------------------------------ checkpoints and generation
+def hf_tensors(path) -> dict:
+    """Every tensor of the safetensors shards in an HF directory, by name (torch tensors)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    """Same names, dtypes, shapes and bits (compared as integers, so NaN payloads and -0.0 count)."""
+    import torch
+
+    def bits(t):
+        return t.view({1: torch.uint8, 2: torch.int16}.get(t.element_size(), torch.int32))
+
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert torch.equal(bits(a[name]), bits(b[name])), name
+
+
+def transformers_greedy(torch_model, prompts, max_new_tokens: int, stop_id: int, pad_id: int = 0) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt (left-padded into one batch), cut after `stop_id`."""
+    import torch
+
+    P = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    out = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                               eos_token_id=stop_id, pad_token_id=pad_id)[:, P:].tolist()
+    return [row[: row.index(stop_id) + 1] if stop_id in row else row for row in out]

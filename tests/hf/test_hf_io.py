@@ -13,30 +13,11 @@ import pytest
 import torch
 import transformers
 from safetensors.numpy import save_file as save_numpy
-from safetensors.torch import load_file
 
 from agentlm_jax import hf
 from agentlm_jax.export import main as export_main
-from tests.helpers.hf import (TINY, model_from_params, random_tokens, save_hf_model, single_segment_inputs,
-                              torch_logits)
-def _hf_tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
-
-
-def _assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert torch.equal(a[name].view(torch.uint8 if a[name].element_size() == 1 else torch.int16
-                                        if a[name].element_size() == 2 else torch.int32),
-                           b[name].view(torch.uint8 if b[name].element_size() == 1 else torch.int16
-                                        if b[name].element_size() == 2 else torch.int32)), name
-
-
+from tests.helpers.hf import (TINY, assert_bit_identical, hf_tensors, model_from_params, random_tokens, save_hf_model,
+                              single_segment_inputs, torch_logits)
 @pytest.fixture(scope="module")
 def imported(hf_checkpoints):
     return {name: hf.import_hf(path, show_progress=False) for name, (_, _, path) in hf_checkpoints.items()}
@@ -66,7 +47,7 @@ def test_export_loads_in_transformers_without_missing_keys_and_matches(hf_checkp
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
     tokens = random_tokens(cfg, 2, 19, seed=4)
     np.testing.assert_allclose(torch_logits(loaded.eval(), tokens), torch_logits(torch_model, tokens), atol=1e-6)
-    _assert_bit_identical(_hf_tensors(out), _hf_tensors(source))  # float32 → float32 is lossless
+    assert_bit_identical(hf_tensors(out), hf_tensors(source))  # float32 → float32 is lossless
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -76,7 +57,7 @@ def test_import_export_round_trip_is_bit_exact(hf_checkpoints, tmp_path, dtype):
     cfg_in, params = hf.import_hf(source, show_progress=False)
     assert cfg_in == cfg
     hf.export_hf(params, cfg_in, str(tmp_path / "out"), dtype=dtype, show_progress=False)
-    _assert_bit_identical(_hf_tensors(tmp_path / "out"), _hf_tensors(source))
+    assert_bit_identical(hf_tensors(tmp_path / "out"), hf_tensors(source))
 
 
 def _write_checkpoint(path, cfg, tensors: dict[str, np.ndarray]):
@@ -87,7 +68,7 @@ def _write_checkpoint(path, cfg, tensors: dict[str, np.ndarray]):
 
 def test_mismatched_tensors_are_named(hf_checkpoints, tmp_path):
     cfg, _, source = hf_checkpoints["mha"]
-    tensors = {k: v.numpy() for k, v in _hf_tensors(source).items()}
+    tensors = {k: v.numpy() for k, v in hf_tensors(source).items()}
     del tensors["model.layers.1.mlp.up_proj.weight"]
     tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
     tensors["model.layers.0.self_attn.k_proj.weight"] = tensors["model.layers.0.self_attn.k_proj.weight"][:32]
@@ -104,7 +85,7 @@ def test_mismatched_tensors_are_named(hf_checkpoints, tmp_path):
 
 def test_derived_rotary_buffers_are_skipped(hf_checkpoints, imported, tmp_path):
     cfg, _, source = hf_checkpoints["mha"]
-    tensors = {k: v.numpy() for k, v in _hf_tensors(source).items()}
+    tensors = {k: v.numpy() for k, v in hf_tensors(source).items()}
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(8, np.float32)
     _write_checkpoint(tmp_path / "old", cfg, tensors)
     _, params = hf.import_hf(str(tmp_path / "old"), show_progress=False)
@@ -160,7 +141,7 @@ def test_export_cli_reexports_hf_dir_with_new_dtype(hf_checkpoints, tmp_path):
     assert len(set(index["weight_map"].values())) == 1  # everything fits the default 5GB
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"))
     assert loaded.dtype == torch.bfloat16
-    assert all(t.dtype == torch.bfloat16 for t in _hf_tensors(tmp_path / "bf16").values())
+    assert all(t.dtype == torch.bfloat16 for t in hf_tensors(tmp_path / "bf16").values())
 
 
 def test_parse_size():

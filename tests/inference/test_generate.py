@@ -15,7 +15,7 @@ from agentlm_jax.hf import load_hf_model
 from agentlm_jax.model.kv_cache import KVCache
 from agentlm_jax.config import SamplingConfig
 from agentlm_jax.inference.sampling import filter_logits, sample
-from tests.helpers.hf import TINY, model_from_params
+from tests.helpers.hf import TINY, model_from_params, transformers_greedy
 
 PROMPT_LENGTHS = (5, 12, 1, 30)
 forward = nnx.jit(lambda model, tokens, positions, segment_ids: model(tokens, positions, segment_ids))
@@ -33,15 +33,6 @@ def _prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(3, vocab_size, n).tolist() for n in PROMPT_LENGTHS]
 
 
-def _transformers_greedy(torch_model, prompts, max_new_tokens: int, stop_id: int, pad_id: int = 0):
-    P = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    out = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                               eos_token_id=stop_id, pad_token_id=pad_id)[:, P:].tolist()
-    return [row[: row.index(stop_id) + 1] if stop_id in row else row for row in out]
-
-
 @pytest.mark.parametrize("name", ["mha", "gqa"])
 def test_greedy_matches_transformers_generate(hf_checkpoints, models, name):
     cfg, torch_model, _ = hf_checkpoints[name]
@@ -50,7 +41,7 @@ def test_greedy_matches_transformers_generate(hf_checkpoints, models, name):
     # Stop token: a token row 0 produces at step 4 (and not before), so rows stop at different steps.
     stop_id = next(t for t in free_run[0][4:] if t not in free_run[0][:4])
     result = Generator(models[name], stop_token_ids=[stop_id])(prompts, max_new_tokens=12)
-    expected = _transformers_greedy(torch_model, prompts, 12, stop_id)
+    expected = transformers_greedy(torch_model, prompts, 12, stop_id)
     assert result.tokens == expected
     assert result.finished[0] and result.tokens[0][-1] == stop_id
     assert not all(result.finished)  # other rows ran to max_new_tokens

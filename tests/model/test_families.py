@@ -20,7 +20,6 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from safetensors.torch import load_file
 
 from agentlm_jax import hf
 from agentlm_jax.config import ModelConfig
@@ -29,7 +28,8 @@ from agentlm_jax.hf.config import from_hf, to_hf
 from agentlm_jax.inference.generate import Generator
 from agentlm_jax.model.layers import llama3_inv_freq
 from agentlm_jax.model.llama import abstract_model, head_kernel
-from tests.helpers.hf import random_tokens, single_segment_inputs, torch_logits
+from tests.helpers.hf import (assert_bit_identical, hf_tensors, random_tokens, single_segment_inputs, torch_logits,
+                              transformers_greedy)
 
 forward = nnx.jit(lambda model, tokens, positions, segment_ids: model(tokens, positions, segment_ids))
 
@@ -63,31 +63,6 @@ def random_torch_model(config, seed: int = 0):
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.15 * torch.randn_like(p))
     return model
-
-
-def hf_tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
-
-
-def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert torch.equal(a[name].view(torch.int16 if a[name].element_size() == 2 else torch.int32),
-                           b[name].view(torch.int16 if b[name].element_size() == 2 else torch.int32)), name
-
-
-def transformers_greedy(torch_model, prompts, max_new_tokens: int, stop_id: int, pad_id: int = 0):
-    P = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    out = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                               eos_token_id=stop_id, pad_token_id=pad_id)[:, P:].tolist()
-    return [row[: row.index(stop_id) + 1] if stop_id in row else row for row in out]
 
 
 @pytest.fixture(scope="module")
