@@ -354,6 +354,7 @@ class Trainer:
                     if self.validation is not None and cfg.logging.eval_every_steps >= 0 \
                             and not self._eval_due(cfg.steps):
                         self._log_validation(cfg.steps, state, writer, result)
+            bar.close()  # its last line before the export's
             self.checkpointer.wait_until_finished()
             if result.status == "finished" and cfg.export.enabled:
                 result.export_path = self.export(state)
