@@ -131,7 +131,7 @@ def generate(args: argparse.Namespace) -> list[dict]:
     prompts = encode_prompts(tokenizer, args.prompt, chat=args.chat, system_prompt=args.system_prompt)
     sampling = (SamplingConfig(greedy=True) if args.greedy else
                 SamplingConfig(greedy=False, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k))
-    stop_ids = sorted({cfg.eos_token_id, tokenizer.eos_token_id} - {None})
+    stop_ids = sorted({*cfg.stop_token_ids, tokenizer.eos_token_id} - {None})
     generator = Generator(model, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
     start = time.perf_counter()
     result = generator(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)

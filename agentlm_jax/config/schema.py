@@ -100,11 +100,15 @@ class ModelConfig:
     splash_block_size: int = 512  # query/key block of the splash kernel (a multiple of 128; MaxText's default)
     bos_token_id: int = 1
     eos_token_id: int = 2
+    # further ids that end a turn, e.g. Llama 3.1's <|eom_id|> and <|eot_id|> (config.json: "eos_token_id": [128001,
+    # 128008, 128009]); generation stops at any of `stop_token_ids`
+    extra_eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # ModelConfig(**yaml_section) gives a mapping
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        object.__setattr__(self, "extra_eos_token_ids", tuple(self.extra_eos_token_ids))  # (YAML gives a list)
         _require(self.architecture in ARCHITECTURES,
                  f"model.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
@@ -128,6 +132,11 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: eos_token_id, then extra_eos_token_ids."""
+        return tuple(dict.fromkeys((self.eos_token_id, *self.extra_eos_token_ids)))
 
     @property
     def qkv_bias(self) -> bool:

@@ -31,7 +31,7 @@ _HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_head
 FAMILIES = {"llama": ("llama", "LlamaConfig", "LlamaForCausalLM"),
             "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM")}
 # ModelConfig fields that are not plain config.json keys (written and read by to_hf / from_hf themselves)
-_OWN_FIELDS = ("architecture", "rope_scaling", "tie_word_embeddings")
+_OWN_FIELDS = ("architecture", "rope_scaling", "tie_word_embeddings", "extra_eos_token_ids")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -64,8 +64,9 @@ def from_hf(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
         kwargs["rope_theta"] = rope["rope_theta"]
     if kwargs.get("head_dim") == kwargs.get("hidden_size", 0) // kwargs.get("num_heads", 1):
         del kwargs["head_dim"]  # the default; keeps configs equal whether or not config.json spells it out
-    if isinstance(kwargs.get("eos_token_id"), list):
-        kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+    if isinstance(kwargs.get("eos_token_id"), list):  # Llama 3.1: [<|end_of_text|>, <|eom_id|>, <|eot_id|>]
+        kwargs["eos_token_id"], *extra = kwargs["eos_token_id"]
+        kwargs["extra_eos_token_ids"] = tuple(extra)
     kwargs.update(architecture=architecture, rope_scaling=_rope_scaling(hf),
                   tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
     return ModelConfig(**kwargs, **runtime)
@@ -135,6 +136,8 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     out = {_HF_NAMES.get(f.name, f.name): getattr(cfg, f.name) for f in dataclasses.fields(cfg)
            if f.name not in RUNTIME_FIELDS + _OWN_FIELDS}
     out["head_dim"] = cfg.resolved_head_dim
+    if cfg.extra_eos_token_ids:
+        out["eos_token_id"] = list(cfg.stop_token_ids)
     out.update(hidden_act="silu", tie_word_embeddings=cfg.tie_word_embeddings)
     if cfg.architecture == "llama":
         out.update(attention_bias=False, mlp_bias=False)
@@ -156,7 +159,14 @@ def load_hf_config(model_dir: str, **runtime: Any) -> ModelConfig:
         raise MissingInputError(f"{model_dir}: no {CONFIG_NAME}; not a Hugging Face model directory")
     try:
         with fs.open(path, "r") as f:
-            return from_hf(json.load(f), **runtime)
+            hf = json.load(f)
+        generation = posixpath.join(root, GENERATION_CONFIG_NAME)
+        if not isinstance(hf.get("eos_token_id"), list) and fs.exists(generation):
+            with fs.open(generation, "r") as f:  # Llama 3.1 base: the turn-ending ids are listed only here
+                eos = json.load(f).get("eos_token_id")
+            if isinstance(eos, list) and eos and hf.get("eos_token_id") in (None, eos[0]):
+                hf = {**hf, "eos_token_id": eos}
+        return from_hf(hf, **runtime)
     except ValueError as e:  # not JSON, an unsupported feature, or a value ModelConfig refuses
         raise UnsupportedConfigError(f"{model_dir}/{CONFIG_NAME}: {e}") from None
 
@@ -165,7 +175,7 @@ def check_architecture(cfg: ModelConfig, base: ModelConfig, model_dir: str) -> N
     """ArchitectureMismatchError naming every field where the checkpoint's architecture differs from `base`."""
     diffs = [f"{f.name}: config.json has {getattr(cfg, f.name)!r}, the given config {getattr(base, f.name)!r}"
              for f in dataclasses.fields(cfg)
-             if f.name not in RUNTIME_FIELDS + ("initializer_range",) and getattr(cfg, f.name) != getattr(base, f.name)]
+             if f.name not in RUNTIME_FIELDS + ("initializer_range", "extra_eos_token_ids") and getattr(cfg, f.name) != getattr(base, f.name)]
     if diffs:
         raise ArchitectureMismatchError(
             f"{model_dir}: the checkpoint's architecture differs from the configured model:\n  " + "\n  ".join(diffs)

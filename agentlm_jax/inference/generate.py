@@ -63,7 +63,7 @@ class Generator:
                  length_multiple: int = 64):
         self.config: ModelConfig = model.config
         self.graphdef, self.state = nnx.split(model)
-        self.stop_ids = np.asarray(stop_token_ids if stop_token_ids is not None else [self.config.eos_token_id],
+        self.stop_ids = np.asarray(stop_token_ids if stop_token_ids is not None else self.config.stop_token_ids,
                                    np.int32)
         self.pad_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
         self.length_multiple = length_multiple

@@ -27,7 +27,7 @@ from agentlm_jax.config.schema import RopeScaling
 from agentlm_jax.hf.config import from_hf, to_hf
 from agentlm_jax.inference.generate import Generator
 from agentlm_jax.model.layers import llama3_inv_freq
-from agentlm_jax.model.llama import abstract_model, head_kernel
+from agentlm_jax.model.llama import abstract_model, head_kernel, init_model
 from tests.helpers.hf import (assert_bit_identical, hf_tensors, random_tokens, single_segment_inputs, torch_logits,
                               transformers_greedy)
 
@@ -314,6 +314,32 @@ def test_official_configs_are_read_and_shipped_configs_match_them(official, publ
         model = load_config(f"configs/{shipped}.yaml").model
         assert model.replace(**{f: getattr(cfg, f) for f in RUNTIME_FIELDS}) == cfg
         assert count_params(model) == published
+
+
+def test_every_end_of_turn_id_stops_generation(tmp_path):
+    """Llama 3.1 lists three ids that end a turn; all are kept (config.json or generation_config.json), written
+    back as the list, and the Generator stops at any of them."""
+    from agentlm_jax.hf.config import load_hf_config
+
+    cfg = from_hf(LLAMA31_8B_INSTRUCT)
+    assert (cfg.eos_token_id, cfg.stop_token_ids) == (128001, (128001, 128008, 128009))
+    assert to_hf(cfg)["eos_token_id"] == [128001, 128008, 128009]
+    base = {**LLAMA31_8B_INSTRUCT, "eos_token_id": 128001}  # Llama-3.1-8B (base): the list is in generation_config
+    (tmp_path / "config.json").write_text(json.dumps(base))
+    assert load_hf_config(str(tmp_path)).stop_token_ids == (128001,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
+    assert load_hf_config(str(tmp_path)).stop_token_ids == (128001, 128008, 128009)
+    assert load_hf_config(str(tmp_path)).replace(extra_eos_token_ids=()) == from_hf(base)
+
+    small = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                        num_kv_heads=1, max_position_embeddings=64)
+    model = init_model(small, seed=0)
+    prompts = [[1, 5, 9], [1, 7]]
+    free = Generator(model, stop_token_ids=[])(prompts, max_new_tokens=8).tokens
+    assert free[0][0] not in (free[0][1], free[1][0])  # (the premise: row 0 runs past its first token)
+    model.config = small.replace(eos_token_id=free[0][1], extra_eos_token_ids=(free[1][0],))
+    result = Generator(model)(prompts, max_new_tokens=8)  # stops at the extra id in row 1, at eos in row 0
+    assert result.finished == [True, True] and result.tokens == [free[0][:2], free[1][:1]]
 
 
 def test_written_config_json_is_what_transformers_reads(tmp_path):
