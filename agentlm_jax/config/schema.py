@@ -166,6 +166,7 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("lora_rank", None),  # the rank axis of LoRA adapters (agentlm_jax/model/lora.py): small, replicated
 )
 
 
@@ -307,6 +308,34 @@ class ExportConfig:
     max_shard_size: str = "5GB"
 
 
+# LoRA targets: the projections an adapter can be attached to (Hugging Face's module names: `{t}_proj`).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA fine-tuning (docs/lora.md): every target projection W gets W + (alpha / rank) · A · B, with A
+    [in, rank] random and B [rank, out] zero at the start (so step 0 is the base model exactly). Only A and B are
+    trained (AdamW state for them alone); the base weights are frozen, stored once in `base_dtype`."""
+
+    enabled: bool = False
+    rank: int = 16  # r
+    alpha: float = 32.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # PEFT's lora_dropout; only 0 for now (the train step has no random state)
+    targets: tuple[str, ...] = LORA_TARGETS  # any of LORA_TARGETS (q, k, v, o: attention; gate, up, down: MLP)
+    base_dtype: str = "bfloat16"  # storage dtype of the frozen base weights (one of DTYPES)
+    init_adapter: str | None = None  # a PEFT adapter directory to continue training from; None: A random, B = 0
+    adapter_path: str | None = None  # where the final PEFT adapter is written; None: {run_dir}/adapter
+
+    def __post_init__(self):
+        targets = self.targets if isinstance(self.targets, (list, tuple)) else (self.targets,)
+        object.__setattr__(self, "targets", tuple(targets))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = ModelConfig(max_position_embeddings=1024)  # the tiny model of configs/tiny.yaml
@@ -317,6 +346,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     export: ExportConfig = ExportConfig()
+    lora: LoraConfig = LoraConfig()
     run_dir: str = "runs/tiny"  # checkpoints/, metrics.jsonl, tensorboard/, config.yaml, hf/ (local or gs://)
     steps: int = 150  # optimizer steps
     seed: int = 0  # parameter init (random) and data order
@@ -340,6 +370,10 @@ class TrainConfig:
     @property
     def checkpoint_dir(self) -> str:
         return f"{self.run_dir.rstrip('/')}/checkpoints"
+
+    @property
+    def adapter_path(self) -> str:
+        return self.lora.adapter_path or f"{self.run_dir.rstrip('/')}/adapter"
 
 
 def check(cfg: TrainConfig) -> None:
@@ -372,11 +406,27 @@ def check(cfg: TrainConfig) -> None:
         (cfg.export.dtype in EXPORT_DTYPES, f"export.dtype must be one of {EXPORT_DTYPES}"),
         (cfg.distributed in DISTRIBUTED_MODES, f"distributed must be one of {DISTRIBUTED_MODES}"),
     ]
+    rules += lora_problems(cfg.lora)
     problems = [f"{key} = {value!r} is not a finite float32 number" for key, value in _float_fields(cfg)
                 if not math.isfinite(value) or abs(value) > FLOAT32_MAX]
     problems += [msg for ok, msg in rules if not ok]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def lora_problems(lo: LoraConfig) -> list[tuple[bool, str]]:
+    unknown = [t for t in lo.targets if t not in LORA_TARGETS]
+    return [
+        (lo.rank > 0, f"lora.rank must be > 0, got {lo.rank}"),
+        (lo.alpha > 0, f"lora.alpha must be > 0, got {lo.alpha}"),
+        (lo.dropout == 0, f"lora.dropout={lo.dropout}: adapter dropout is not implemented yet (the train step has "
+                          f"no random state); set lora.dropout=0"),
+        (not unknown, f"lora.targets: unknown target(s) {unknown}; the valid ones are {list(LORA_TARGETS)} "
+                      f"(e.g. lora.targets=[q,k,v,o,gate,up,down])"),
+        (bool(lo.targets) and len(set(lo.targets)) == len(lo.targets),
+         f"lora.targets must name at least one projection, each once; got {list(lo.targets)}"),
+        (lo.base_dtype in DTYPES, f"lora.base_dtype must be one of {DTYPES}, got {lo.base_dtype!r}"),
+    ]
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max: a larger value becomes inf on the device

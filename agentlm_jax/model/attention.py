@@ -15,12 +15,14 @@ from flax import nnx
 from agentlm_jax import ops
 from agentlm_jax.config import ModelConfig
 from agentlm_jax.model.kv_cache import LayerCache
+from agentlm_jax.config.schema import LoraConfig
+from agentlm_jax.model import lora as lora_lib
 from agentlm_jax.model.layers import apply_rotary, param
 from agentlm_jax.sharding import constrain
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         init, pdt = jax.nn.initializers.normal(cfg.initializer_range), jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
@@ -37,6 +39,7 @@ class Attention(nnx.Module):
             self.k_bias = param(rngs, zeros, (K, H), ("kv_heads", "head_dim"), pdt)
             self.v_bias = param(rngs, zeros, (K, H), ("kv_heads", "head_dim"), pdt)
         self.qkv_bias = cfg.qkv_bias
+        lora_lib.attention_adapters(self, cfg, lora, rngs)  # q_proj_lora, ... (none without LoRA)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
@@ -46,6 +49,7 @@ class Attention(nnx.Module):
         v = ops.project("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        q, k, v = (lora_lib.add_delta(self, t, x, y) for t, y in (("q", q), ("k", k), ("v", v)))
         q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rotary(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
@@ -61,5 +65,5 @@ class Attention(nnx.Module):
                                 kv_segment_ids=cache.segment_ids, q_start=cache.start, impl=self.implementation,
                                 block_size=self.block_size)
         out = constrain(out, ("batch", "seq", "act_heads", None))
-        out = ops.project("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
+        out = lora_lib.add_delta(self, "o", out, ops.project("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt)))
         return constrain(out, ("batch", "seq", "act_embed")), cache

@@ -8,6 +8,7 @@ from flax import nnx
 
 from agentlm_jax.model.attention import Attention
 from agentlm_jax.config import ModelConfig
+from agentlm_jax.config.schema import LoraConfig
 from agentlm_jax.model.kv_cache import LayerCache
 from agentlm_jax.model.layers import RMSNorm
 from agentlm_jax.model.mlp import MLP
@@ -15,12 +16,12 @@ from agentlm_jax.sharding import constrain
 
 
 class DecoderBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         norm = dict(eps=cfg.rms_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
         self.attn_norm = RMSNorm(cfg.hidden_size, **norm)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs, lora=lora)
         self.mlp_norm = RMSNorm(cfg.hidden_size, **norm)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs, lora=lora)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:

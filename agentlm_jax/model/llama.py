@@ -9,6 +9,7 @@ from flax import nnx
 
 from agentlm_jax.model.block import DecoderBlock
 from agentlm_jax.config import DEFAULT_RULES, ModelConfig, Rules
+from agentlm_jax.config.schema import LoraConfig
 from agentlm_jax.model.kv_cache import KVCache, LayerCache
 from agentlm_jax.model.layers import Embedder, LMHead, RMSNorm, rotary_angles
 from agentlm_jax.ops import PROJECTION
@@ -24,7 +25,9 @@ LAYERS_AXIS = "layers"  # logical name of the stacked-layer axis of scanned para
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """`lora` (enabled): LoRA adapters on the projections it targets (model/lora.py); None: the plain model."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         self.config = cfg
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = jax.nn.initializers.normal(cfg.initializer_range)
@@ -34,11 +37,11 @@ class Llama(nnx.Module):
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
             def stacked_blocks(rngs: nnx.Rngs) -> DecoderBlock:
-                return DecoderBlock(cfg, rngs=rngs)
+                return DecoderBlock(cfg, rngs=rngs, lora=lora)
 
             self.layers = stacked_blocks(rngs)
         else:
-            self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs, lora=lora) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, init=init, dtype=dtype, param_dtype=pdt,
@@ -114,9 +117,11 @@ def head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------- creation
-def abstract_model(cfg: ModelConfig) -> Llama:
-    """The model with shapes and dtypes but no memory (`jax.eval_shape` underneath)."""
-    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: ModelConfig, lora: LoraConfig | None = None) -> Llama:
+    """The model with shapes and dtypes but no memory (`jax.eval_shape` underneath); with LoRA adapters when
+    `lora` is enabled."""
+    lora = lora if lora is not None and lora.enabled else None
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), lora=lora))
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -10,6 +10,10 @@ update equals the one from a single batch of all rows (token-level mean over eve
 batch, as the paper's Megatron-LM trainer averages). Then the global gradient norm, clipping and AdamW
 (optimizer.py). Parameters live in `param_dtype` (float32 master weights); the model computes in `dtype`
 (e.g. bfloat16), so gradients arrive in float32.
+
+LoRA (`lora` enabled): `state.params` are the adapters; the frozen base weights are the step's second argument
+(`step_fn.base`, set once by the caller), not donated and never differentiated (`jax.grad` is taken with
+respect to the adapters alone, the base closed over), so no gradient, moment or update exists for them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agentlm_jax import ops
 from agentlm_jax.config import DataConfig, LossConfig, ModelConfig, Rules
+from agentlm_jax.config.schema import LoraConfig
+from agentlm_jax.model import lora as lora_lib
 from agentlm_jax.data.packing import BATCH_KEYS
 from agentlm_jax.model.llama import abstract_model, head_kernel
 from agentlm_jax.sharding import activation_sharding, batch_sharding, batch_shards, logical_to_pspec
@@ -60,54 +66,81 @@ class TrainStep:
 
     def __init__(self, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                  schedule: optax.Schedule, *, mesh: Mesh, rules: Rules, state_shardings: TrainState,
-                 data: DataConfig = DataConfig(), loss: LossConfig = LossConfig(), num_tasks: int = 0):
+                 data: DataConfig = DataConfig(), loss: LossConfig = LossConfig(), num_tasks: int = 0,
+                 lora: LoraConfig | None = None, base_shardings: dict | None = None):
+        """With LoRA, `base_shardings` are the frozen base's (training.state.base_shardings) and `self.base`
+        must be set to the base parameters (pure dict) before the first call."""
         self.model_cfg, self.optimizer, self.schedule = model_cfg, optimizer, schedule
+        self.lora = lora if lora_lib.enabled(lora) else None
+        self.base: dict | None = None
         self.mesh, self.rules = mesh, tuple(rules)
         self.micro_batches = data.micro_batches
         self.loss_impl = ops.resolve_loss_impl(loss.impl, loss.chunk_size, data.max_seq_len, mesh, self.rules)
         self.loss_chunk_size = loss.chunk_size
         self.num_tasks = num_tasks
-        self.graphdef, _ = nnx.split(abstract_model(model_cfg))
+        self.graphdef, _ = nnx.split(abstract_model(model_cfg, lora=self.lora))
         self.state_shardings = state_shardings
         batch_s = {k: batch_sharding(mesh, rules) for k in BATCH_KEYS}
         replicated = NamedSharding(mesh, PartitionSpec())
-        self._train = jax.jit(self._train_step, in_shardings=(state_shardings, batch_s),
-                              out_shardings=(state_shardings, replicated), donate_argnums=0)
-        self._eval = jax.jit(self._eval_sums, in_shardings=(state_shardings.params, batch_s),
-                             out_shardings=replicated)
+        if self.lora is None:
+            self._train = jax.jit(self._train_step, in_shardings=(state_shardings, batch_s),
+                                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+            self._eval = jax.jit(self._eval_sums, in_shardings=(state_shardings.params, batch_s),
+                                 out_shardings=replicated)
+        else:
+            if base_shardings is None:
+                raise ValueError("TrainStep with LoRA needs base_shardings (training.state.base_shardings)")
+            self._train = jax.jit(self._lora_train_step, in_shardings=(state_shardings, base_shardings, batch_s),
+                                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+            self._eval = jax.jit(self._lora_eval_sums,
+                                 in_shardings=(state_shardings.params, base_shardings, batch_s),
+                                 out_shardings=replicated)
+
+    def _base_args(self, base: dict | None) -> tuple:
+        if self.lora is None:
+            return ()
+        base = self.base if base is None else base
+        if base is None:
+            raise ValueError("a LoRA TrainStep needs its frozen base parameters: set step_fn.base first")
+        return (base,)
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        return self._train(state, {k: batch[k] for k in BATCH_KEYS})
+        return self._train(state, *self._base_args(None), {k: batch[k] for k in BATCH_KEYS})
 
     def eval_sums(self, params: dict, batch: Batch) -> dict[str, jax.Array]:
         """Loss sums of one validation batch: overall, agent/general and per task (see loss.loss_sums)."""
-        return self._eval(params, {k: batch[k] for k in BATCH_KEYS})
+        return self._eval(params, *self._base_args(None), {k: batch[k] for k in BATCH_KEYS})
 
-    def lower(self, state: TrainState, batch: Batch):
-        return self._train.lower(state, {k: batch[k] for k in BATCH_KEYS})
+    def lower(self, state: TrainState, batch: Batch, base: dict | None = None):
+        """The train step lowered for these (possibly abstract) arguments; with LoRA, `base` (or `self.base`)."""
+        return self._train.lower(state, *self._base_args(base), {k: batch[k] for k in BATCH_KEYS})
 
     # ----------------------------------------------------------------------------------------- traced code
-    def token_nll(self, params: dict, batch: Batch) -> jax.Array:
+    def token_nll(self, params: dict, batch: Batch, base: dict | None = None) -> jax.Array:
         """nll [B,T] of the loss positions' targets (0 elsewhere with the chunked losses, which compute only the
-        loss positions; loss_sums masks in any case)."""
+        loss positions; loss_sums masks in any case). With LoRA, `params` are the adapters over `base`."""
         with activation_sharding(self.mesh, self.rules):
+            if base is not None:
+                params = lora_lib.merge_trees(base, params)
             model = nnx.merge(self.graphdef, params)
             hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
             return ops.token_nll(hidden, head_kernel(params, self.model_cfg), batch["targets"], impl=self.loss_impl,
                                  chunk_size=self.loss_chunk_size, mesh=self.mesh, rules=self.rules,
                                  mask=batch["loss_mask"])
 
-    def _loss_share(self, params: dict, batch: Batch, count: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def _loss_share(self, params: dict, batch: Batch, count: jax.Array,
+                    base: dict | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Σ nll·mask of this (micro-)batch / `count`, the global batch's loss-token count; the loss sums."""
-        sums = loss_lib.loss_sums(self.token_nll(params, batch), batch)
+        sums = loss_lib.loss_sums(self.token_nll(params, batch, base), batch)
         return sums["loss_sum"] / jnp.maximum(count, 1.0), sums
 
-    def _grads_and_sums(self, params: dict, batch: Batch) -> tuple[dict, dict[str, jax.Array]]:
+    def _grads_and_sums(self, params: dict, batch: Batch, base: dict | None = None) -> tuple[dict, dict[str, jax.Array]]:
         """The gradient of the token-level mean loss over the global batch (the micro-batches' gradients of
         Σ nll·mask / global count, summed: the count is known before any forward pass, so the gradients come
         out divided, with no extra pass over them) and the loss sums."""
         count = jnp.sum(batch["loss_mask"] > 0, dtype=jnp.float32)
-        grad_fn = jax.grad(self._loss_share, has_aux=True)
+        # argument 0 only: with LoRA the base (closed over here) gets no gradient at all
+        grad_fn = jax.grad(lambda p, b, c: self._loss_share(p, b, c, base), has_aux=True)
         if self.micro_batches == 1:
             return grad_fn(params, batch, count)
         param_shardings = self.state_shardings.params
@@ -124,8 +157,15 @@ class TrainStep:
         (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), micro)
         return grads, sums
 
-    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        grads, sums = self._grads_and_sums(state.params, batch)
+    def _lora_train_step(self, state: TrainState, base: dict, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        return self._train_step(state, batch, base)
+
+    def _lora_eval_sums(self, params: dict, base: dict, batch: Batch) -> dict[str, jax.Array]:
+        return loss_lib.loss_sums(self.token_nll(params, batch, base), batch, self.num_tasks)
+
+    def _train_step(self, state: TrainState, batch: Batch,
+                    base: dict | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+        grads, sums = self._grads_and_sums(state.params, batch, base)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
