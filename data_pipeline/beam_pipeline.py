@@ -45,7 +45,7 @@ from data_pipeline.formats import records
 from data_pipeline.formats.hf_template import LLAMA2_MANIFEST_ENTRY, Rejection, TemplateSpec, staged_encoder
 from data_pipeline.staging import STAGING_DIR, StagedTokenizer
 from data_pipeline.config import PipelineConfig
-from data_pipeline.normalize import REJECTED, Conversation, Dropped, normalize
+from data_pipeline.normalize import AUTO, REJECTED, Conversation, Dropped, normalize
 from data_pipeline.sources import RawItem, ReadPosition, ReadTask, read_task
 from data_pipeline.writers import write_manifest, write_rejected, write_shard
 
@@ -227,10 +227,12 @@ class Encode(beam.DoFn):
 
     def __init__(self, tokenizer: StagedTokenizer, max_seq_len: int, system_prompt: str,
                  reward_thresholds: dict[str, float], spill_dir: str | None,
-                 template: TemplateSpec | None = None, special_tokens: dict[str, str] | None = None):
+                 template: TemplateSpec | None = None, special_tokens: dict[str, str] | None = None,
+                 record_formats: dict[str, str] | None = None):
         """`template`: a Jinja chat template (hf_template.py, with the tokenizer's `special_tokens`); None =
-        the Llama 2 template (chat_template.py)."""
+        the Llama 2 template (chat_template.py). `record_formats`: source name → its record_format."""
         self.tokenizer, self.max_seq_len, self.system_prompt = tokenizer, max_seq_len, system_prompt
+        self.record_formats = record_formats or {}
         self.reward_thresholds, self.spill_dir = reward_thresholds, spill_dir
         self.template, self.special_tokens = template, special_tokens or {}
         self.encoder = None
@@ -247,8 +249,13 @@ class Encode(beam.DoFn):
         """Where the conversation's text holds special-token text (a detail for rejected.jsonl), or None."""
         if found := self.encoder.special_token_text(conv.system):
             return f"system prompt: {found!r}"
+        if conv.tools and (found := self.encoder.special_token_text(json.dumps(conv.tools, ensure_ascii=False))):
+            return f"tools: {found!r}"
         for i, pair in enumerate(conv.pairs):
-            for role, text in (("user", pair.user), ("assistant", pair.assistant)):
+            texts = [("tool result", r.content) for r in pair.tool_results] + [("user", pair.user),
+                                                                                ("assistant", pair.assistant)]
+            texts += [("tool call", c.text()) for c in pair.tool_calls]
+            for role, text in texts:
                 if found := self.encoder.special_token_text(text):
                     return f"pair {i + 1}, {role}: {found!r}"
         return None
@@ -264,7 +271,7 @@ class Encode(beam.DoFn):
         tally.read(source, len(items))
         for item in items:
             item = item.parsed()
-            result, repairs = normalize(item, source, kind, self.threshold)
+            result, repairs = normalize(item, source, kind, self.threshold, self.record_formats.get(source, AUTO))
             tally.repairs(source, repairs)
             if isinstance(result, Conversation):
                 if not (found := self.special_token_text(result)):
@@ -275,7 +282,7 @@ class Encode(beam.DoFn):
             if result.bucket == REJECTED:
                 rejected.append(rejected_row(item, source, result))
         rows, tokens = [], 0
-        encoded = self.encoder.encode_batch([(c.pairs, c.system or self.system_prompt) for c, _ in convs])
+        encoded = self.encoder.encode_batch([(c.pairs, c.system or self.system_prompt, c.tools) for c, _ in convs])
         for (conv, item), enc in zip(convs, encoded):
             if isinstance(enc, str):
                 tally.drop(mf.FILTERED, source, enc)
@@ -438,7 +445,8 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
     encoded = (read.batches
                | "SpreadBatches" >> beam.GroupByKey()
                | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds,
-                                               spill_dir, template, special_tokens),
+                                               spill_dir, template, special_tokens,
+                                               {s.name: s.record_format for s in cfg.agent + cfg.general}),
                                         beam.pvalue.AsSingleton(records_read))
                .with_outputs(Encode.SUMMARY, main="rows"))
     plan = (encoded[Encode.SUMMARY] | "GatherSummaries" >> beam.CombineGlobally(GatherSummaries()).without_defaults()

@@ -9,6 +9,7 @@ Beam; anything after `--` is passed to Beam unchecked; any other option is an er
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import logging
 import os
@@ -17,7 +18,7 @@ import sys
 import time
 from typing import Sequence
 
-from data_pipeline.config import PipelineConfig, SourceConfig, expand_path, load_config
+from data_pipeline.config import RECORD_FORMATS, PipelineConfig, SourceConfig, expand_path, load_config
 from data_pipeline.errors import BuildError, ConfigError, SourceError, TemplateError, TokenizerError
 from data_pipeline.formats import records
 from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR, TOKENIZER_SUBDIR, load_manifest
@@ -61,6 +62,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="agent trajectories (AgentInstruct format), repeatable; replaces the config's list")
     g.add_argument("--general", action="append", metavar="SRC",
                    help="general chat data (ShareGPT format), repeatable; replaces the config's list")
+    for kind in ("agent", "general"):
+        g.add_argument(f"--{kind}-format", choices=RECORD_FORMATS, metavar="auto|sharegpt|openai",
+                       help=f"the record layout of every {kind} source (default: each source's record_format, auto = "
+                            "detected per record): sharegpt (conversations of from/value turns, AgentInstruct's and "
+                            "LLaMA-Factory's tool turns too) or openai (messages with tool_calls); a record of "
+                            "another layout is rejected (wrong_record_format)")
     g.add_argument("--general-weights", type=_floats, metavar="W,W,...",
                    help=f"sub-mix of the general sources, in order (default {','.join(map(str, d.general_weights))};"
                         " 'none' or empty = proportional to pool sizes)")
@@ -133,6 +140,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PipelineConfig, list[
                 changes["general_weights"] = ()  # the config's weights were for other sources
     except ValueError as e:
         parser.error(str(e))
+    for kind in ("agent", "general"):
+        if (record_format := getattr(args, f"{kind}_format")) is not None:
+            changes[kind] = tuple(dataclasses.replace(s, record_format=record_format)
+                                  for s in changes.get(kind, getattr(cfg, kind)))
     for flag in ("general_weights", "eta", "max_seq_len", "validation_fraction", "num_shards",
                  "num_validation_shards", "seed", "system_prompt", "tokenize_batch_size",
                  "max_template_reject_fraction"):

@@ -21,6 +21,7 @@ from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR
 
 SAMPLE_DATA = str(Path(__file__).resolve().parent / "sample_data")
 SOURCE_FORMATS = ("auto", "jsonl", "json", "parquet", "hf")
+RECORD_FORMATS = ("auto", "sharegpt", "openai")  # (normalize.py applies them)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -36,16 +37,23 @@ class SourceConfig:
     """One input: local/gs:// file, directory or glob (JSONL, JSON array, Parquet) or a Hugging Face dataset id.
 
     `name` identifies the source in the manifest, in hashing (sampling is keyed on (seed, name, id)) and,
-    for general sources, is the records' task. `splits` chooses Hugging Face splits (empty = all).
+    for general sources, is the records' task. `splits` chooses Hugging Face splits (empty = all). `format` is
+    the file type; `record_format` the records' turn layout: auto (detected per record), sharegpt
+    (`conversations` of from/value turns: ShareGPT, AgentInstruct, LLaMA-Factory's tool turns) or openai
+    (`messages` of role/content messages with tool_calls); a record of another layout is rejected.
     """
     path: str
     name: str = ""
     format: str = "auto"
     splits: tuple[str, ...] = ()
+    record_format: str = "auto"
 
     def __post_init__(self):
         if self.format not in SOURCE_FORMATS:
             raise ValueError(f"source {self.path}: format must be one of {SOURCE_FORMATS}, got {self.format!r}")
+        if self.record_format not in RECORD_FORMATS:
+            raise ValueError(f"source {self.path}: record_format must be one of {RECORD_FORMATS}, got "
+                             f"{self.record_format!r}")
         if not self.name:
             object.__setattr__(self, "name", default_source_name(self.path))
         if not _NAME_RE.match(self.name):

@@ -42,11 +42,69 @@ NO_LOSS_AFTER_TRUNCATION = "no_loss_after_truncation"
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant makes: OpenAI's `{"id", "type": "function", "function": {"name", "arguments"}}`
+    with `arguments` parsed from its JSON text (Hugging Face templates take it as an object)."""
+    name: str
+    arguments: dict
+    id: str | None = None
+
+    def message(self) -> dict:
+        call = {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return ({"id": self.id} if self.id is not None else {}) | call
+
+    def text(self) -> str:
+        return json.dumps({"name": self.name, "arguments": self.arguments}, ensure_ascii=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolResult:
+    """A tool message: the result of one call (an observation: never in the loss)."""
+    content: str
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def message(self) -> dict:
+        return ({"role": "tool", "content": self.content}
+                | ({"tool_call_id": self.tool_call_id} if self.tool_call_id is not None else {})
+                | ({"name": self.name} if self.name is not None else {}))
+
+
+@dataclasses.dataclass(frozen=True)
 class Pair:
-    """One user message and the assistant's answer; `loss` says whether the answer is a training target."""
+    """One exchange: what the assistant answers (the results of its previous tool calls, then the user's
+    message; either may be absent, not both) and the answer (text and/or tool calls); `loss` says whether
+    the answer is a training target."""
     user: str
     assistant: str
     loss: bool = True
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_results: tuple[ToolResult, ...] = ()
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt side as one text (the Llama 2 template has no tool syntax): the tool results, then the
+        user's message, separated by blank lines, as AgentInstruct writes observations as user turns."""
+        if not self.tool_results:
+            return self.user
+        return "\n\n".join([r.content.strip() for r in self.tool_results] + ([self.user.strip()] if self.user.strip() else []))
+
+    @property
+    def answer_text(self) -> str:
+        """The answer as one text: its content, then each tool call as a JSON line `{"name", "arguments"}`."""
+        if not self.tool_calls:
+            return self.assistant
+        return "\n".join(([self.assistant.strip()] if self.assistant.strip() else []) + [c.text() for c in self.tool_calls])
+
+
+def tools_system_prompt(system_prompt: str | None, tools: Sequence) -> str | None:
+    """The Llama 2 template's system prompt for a record with tools: the prompt, then the tools' JSON schemas."""
+    if not tools:
+        return system_prompt
+    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    head = f"{system_prompt.strip()}\n\n" if system_prompt and system_prompt.strip() else ""
+    return f"{head}You can call these tools (JSON schemas); write a call as a JSON line " \
+           f'{{"name": ..., "arguments": {{...}}}}:\n{listing}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +131,8 @@ def user_prompt(user: str, system_prompt: str | None) -> str:
 
 def render_block(pair: Pair, system_prompt: str | None) -> tuple[str, int]:
     """A pair's block text (without BOS/EOS) and the character index where the assistant's part begins."""
-    prompt = f"{B_INST} {user_prompt(pair.user, system_prompt)} {E_INST}"
-    return f"{prompt} {pair.assistant.strip()} ", len(prompt)
+    prompt = f"{B_INST} {user_prompt(pair.prompt_text, system_prompt)} {E_INST}"
+    return f"{prompt} {pair.answer_text.strip()} ", len(prompt)
 
 
 def render_generation_prompt(user: str, system_prompt: str | None) -> str:
@@ -119,10 +177,13 @@ class ChatEncoder:
         """`tokenizers.Encoding`s (ids and character offsets) of texts, no special tokens added."""
         return self._backend.encode_batch(list(texts), add_special_tokens=False)
 
-    def encode_batch(self, conversations: Sequence[tuple[Sequence[Pair], str | None]]) -> list[Encoded | str]:
-        """Encodes (pairs, system_prompt) conversations; a filter reason string for those that cannot be."""
+    def encode_batch(self, conversations: Sequence[tuple]) -> list[Encoded | str]:
+        """Encodes (pairs, system_prompt[, tools]) conversations; a filter reason string for those that cannot
+        be. Tools (JSON schemas) go into the system prompt (`tools_system_prompt`)."""
         texts, starts, owners = [], [], []
-        for c, (pairs, system_prompt) in enumerate(conversations):
+        for c, (pairs, system_prompt, *tools) in enumerate(conversations):
+            if tools and tools[0]:
+                system_prompt = tools_system_prompt(system_prompt, tools[0])
             at_least = 0  # tokens the blocks so far have at least
             for i, pair in enumerate(pairs):
                 text, start = render_block(pair, system_prompt if i == 0 else None)

@@ -21,7 +21,9 @@ The contract, checked on every conversation (else `template_mismatch`, naming th
 the ids are `apply_chat_template(messages, tokenize=True)`, tokens do not straddle a span's boundaries, and
 each trained turn's span is exactly its content (up to surrounding whitespace, which templates may trim)
 followed by special tokens only: no generation prompt, no role header, at least one end-of-turn token.
-Assistant turns with loss off and every other message carry no loss.
+An answer with tool calls is rendered by the template's own call syntax, so its span must hold its content and
+the name of every call, then the end-of-turn token. Assistant turns with loss off and every other message (tool
+results included) carry no loss. The record's `tools` go to the template as `apply_chat_template(tools=...)`.
 
 Truncation keeps the same semantics as the Llama 2 path: the leading whole pairs whose rendering fits in
 `max_seq_len` (the conversation is re-rendered and re-checked with only those); `first_pair_too_long` when
@@ -158,29 +160,35 @@ class TemplateEncoder:
 
     # ------------------------------------------------------------------ rendering
     def messages(self, pairs: Sequence[Pair], system: str | None) -> list[dict]:
+        """OpenAI-style messages: [system], then per pair its tool results, its user message, its answer."""
         msgs = [{"role": "system", "content": system}] if system else []
         for pair in pairs:
-            msgs += [{"role": "user", "content": pair.user}, {"role": "assistant", "content": pair.assistant}]
+            msgs += [r.message() for r in pair.tool_results]
+            if pair.user or not pair.tool_results:
+                msgs.append({"role": "user", "content": pair.user})
+            answer = {"role": "assistant", "content": pair.assistant}
+            msgs.append(answer | ({"tool_calls": [c.message() for c in pair.tool_calls]} if pair.tool_calls else {}))
         return msgs
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: Sequence = ()) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  tools=list(tools) or None)
 
     # ------------------------------------------------------------------ encoding
-    def encode_batch(self, conversations: Sequence[tuple[Sequence[Pair], str | None]]) -> list[Encoded | str | Rejection]:
-        """An `Encoded`, a filter reason (str) or a `Rejection` per conversation."""
+    def encode_batch(self, conversations: Sequence[tuple]) -> list[Encoded | str | Rejection]:
+        """An `Encoded`, a filter reason (str) or a `Rejection` per (pairs, system[, tools]) conversation."""
         out = []
-        for pairs, system in conversations:
+        for pairs, system, *tools in conversations:
             try:
-                out.append(self.encode(list(pairs), system))
+                out.append(self.encode(list(pairs), system, tuple(tools[0]) if tools else ()))
             except Exception as e:  # a template that raises (raise_exception, bad Jinja) on this conversation
                 out.append(Rejection(TEMPLATE_MISMATCH, f"template {self.name}: rendering failed: "
                                                         f"{type(e).__name__}: {e}"[:500]))
         return out
 
-    def encode(self, pairs: list[Pair], system: str | None) -> Encoded | str | Rejection:
-        text = self.render(self.messages(pairs, system))
+    def encode(self, pairs: list[Pair], system: str | None, tools: tuple = ()) -> Encoded | str | Rejection:
+        text = self.render(self.messages(pairs, system), tools=tools)
         limit = None  # characters that certainly hold more than max_seq_len tokens (chat_template.py's bound)
         if self.max_seq_len is not None and self.max_chars_per_token is not None:
             limit = (self.max_seq_len + 1) * self.max_chars_per_token
@@ -190,14 +198,14 @@ class TemplateEncoder:
         else:
             encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
             if self.max_seq_len is None or len(encoding.ids) <= self.max_seq_len:
-                return self._encode_whole(pairs, system, (text, encoding))
+                return self._encode_whole(pairs, system, tools, (text, encoding))
         # Too long: the leading whole pairs that fit, each candidate measured on the tokens of the whole
         # rendering (or of its head) when it is a prefix of it; then rendered again and checked alone.
-        kept = self._pairs_that_fit(pairs, system, text, [b for _, b in encoding.offsets])
+        kept = self._pairs_that_fit(pairs, system, tools, text, [b for _, b in encoding.offsets])
         while kept > 0:
             if not any(p.loss for p in pairs[:kept]):
                 return NO_LOSS_AFTER_TRUNCATION
-            result = self._encode_whole(pairs[:kept], system)
+            result = self._encode_whole(pairs[:kept], system, tools)
             if isinstance(result, Rejection):
                 return result
             if len(result.ids) <= self.max_seq_len:
@@ -205,13 +213,14 @@ class TemplateEncoder:
             kept -= 1  # (a token across the end of the estimate's last pair)
         return FIRST_PAIR_TOO_LONG
 
-    def _pairs_that_fit(self, pairs: list[Pair], system: str | None, text: str, token_ends: list[int]) -> int:
+    def _pairs_that_fit(self, pairs: list[Pair], system: str | None, tools: tuple, text: str,
+                        token_ends: list[int]) -> int:
         """The most leading pairs whose rendering has at most max_seq_len tokens (lengths grow with the pairs
         of a prefix-stable template: binary search)."""
         lo, hi = 0, len(pairs) - 1  # the whole conversation does not fit
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            prefix = self.render(self.messages(pairs[:mid], system))
+            prefix = self.render(self.messages(pairs[:mid], system), tools=tools)
             if len(prefix) > len(text):  # (longer than the head whose tokens are more than max_seq_len)
                 n = self.max_seq_len + 1
             elif text.startswith(prefix):
@@ -224,27 +233,29 @@ class TemplateEncoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
-    def _encode_whole(self, pairs: list[Pair], system: str | None, rendered=None) -> Encoded | Rejection:
+    def _encode_whole(self, pairs: list[Pair], system: str | None, tools: tuple = (),
+                      rendered=None) -> Encoded | Rejection:
         """`rendered`: (the whole rendering, its encoding) when already computed."""
         messages = self.messages(pairs, system)
-        first_assistant = 1 if system else 0
-        assistant_at = [first_assistant + 2 * k + 1 for k in range(len(pairs))]  # message indices
+        assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]  # message indices
+        tools_arg = list(tools) or None
         if self.uses_generation:
-            out = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True,
+            out = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True, tools=tools_arg,
                                                      return_dict=True, return_assistant_tokens_mask=True)
             reference, assistant_mask = list(out["input_ids"]), list(out["assistant_masks"])
-            text, encoding = rendered or self._rendered(messages)
+            text, encoding = rendered or self._rendered(messages, tools)
             runs = _runs(assistant_mask)
             if len(runs) != len(pairs):
                 return self._mismatch(f"{len(runs)} {{% generation %}} spans for {len(pairs)} assistant messages")
             spans = [(encoding.offsets[a][0], encoding.offsets[b - 1][1]) for a, b in runs]
         else:
-            text, encoding = rendered or self._rendered(messages)
+            text, encoding = rendered or self._rendered(messages, tools)
             renders = []  # (text, what it renders): P_1, F_1, P_2, F_2, ... (the last F: the whole rendering)
             for k, at in enumerate(assistant_at):
-                renders += [(self.render(messages[:at], add_generation_prompt=True),
+                renders += [(self.render(messages[:at], add_generation_prompt=True, tools=tools),
                              f"messages 1-{at} with the generation prompt"),
-                            (self.render(messages[:at + 1]) if k < len(pairs) - 1 else text, f"messages 1-{at + 1}")]
+                            (self.render(messages[:at + 1], tools=tools) if k < len(pairs) - 1 else text,
+                             f"messages 1-{at + 1}")]
             for k in range(1, len(renders)):
                 if not renders[k][0].startswith(renders[k - 1][0]):
                     at = assistant_at[k // 2]
@@ -258,7 +269,7 @@ class TemplateEncoder:
                 end = self._last_special_end(full[start:])
                 spans.append((start, start + end if end is not None else len(full)))
             reference = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True,
-                                                           return_dict=False)
+                                                           tools=tools_arg, return_dict=False)
         ids = list(encoding.ids)
         if ids != list(reference):
             return self._mismatch("the ids differ from apply_chat_template(messages, tokenize=True)")
@@ -283,7 +294,13 @@ class TemplateEncoder:
             if tail is None:
                 return self._mismatch(f"the answer span of message {message} does not end with an end-of-turn "
                                       f"(special) token: {region[-40:]!r}")
-            if region[:tail.start()].strip() != pair.assistant.strip():
+            answer = region[:tail.start()]
+            if pair.tool_calls:  # (the template's own call syntax: content and every call's name, nothing else known)
+                missing = [c.name for c in pair.tool_calls if c.name not in answer]
+                if pair.assistant.strip() not in answer or missing:
+                    return self._mismatch(f"the answer span of message {message} lacks its content or the calls "
+                                          f"{missing} (does the template render tool_calls?): {region[:80]!r}")
+            elif answer.strip() != pair.assistant.strip():
                 return self._mismatch(f"the answer span of message {message} is not exactly its content + "
                                       f"end-of-turn: {region[:80]!r}")
             if pair.loss:
@@ -293,8 +310,8 @@ class TemplateEncoder:
             return NO_LOSS_AFTER_TRUNCATION  # (normalize filters conversations without a trained answer)
         return Encoded(ids, mask, len(pairs), 0)
 
-    def _rendered(self, messages: list[dict]) -> tuple:
-        text = self.render(messages)
+    def _rendered(self, messages: list[dict], tools: tuple = ()) -> tuple:
+        text = self.render(messages, tools=tools)
         return text, self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
 
     def _mismatch(self, what: str) -> Rejection:

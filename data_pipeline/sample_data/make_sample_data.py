@@ -486,6 +486,112 @@ def messy_records(prefix: str) -> list:
         "not a conversation object",
     ]
 
+# --------------------------------------------------------------------------- tool-calling chat (2026 formats)
+OPENAI_TOOLS_FILE = "openai_tools_sample.jsonl"  # OpenAI `messages` with tool_calls, `weight: 0` turns, `tools`
+SHAREGPT_TOOLS_FILE = "sharegpt_tools_sample.json"  # ShareGPT with function_call / observation turns (LLaMA-Factory)
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                       "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "convert_currency", "description": "Convert an amount between currencies.",
+        "parameters": {"type": "object", "properties": {"amount": {"type": "number"}, "from": {"type": "string"},
+                                                        "to": {"type": "string"}},
+                       "required": ["amount", "from", "to"]}}},
+]
+CURRENCIES = [("EUR", "USD", 1.08), ("USD", "JPY", 151.2), ("GBP", "EUR", 1.17), ("CAD", "USD", 0.73)]
+
+
+def tool_records(rng: random.Random, n: int = 32) -> list[dict]:
+    """OpenAI-format records: a question, the assistant's call(s) (sometimes two in parallel), the results,
+    the answer; some with a `weight: 0` greeting turn first."""
+    out = []
+    for i in range(n):
+        city, other = rng.sample(CITIES, 2)
+        temp, temp2 = rng.randint(-5, 32), rng.randint(-5, 32)
+        amount = rng.choice([20, 75, 120, 950])
+        src, dst, rate = rng.choice(CURRENCIES)
+        messages = [{"role": "system", "content": "You are a helpful assistant with tools."}]
+        if i % 4 == 0:
+            messages += [{"role": "user", "content": "Hi!"},
+                         {"role": "assistant", "content": "Hello! How can I help?", "weight": 0}]
+        if i % 3 == 0:
+            messages += [
+                {"role": "user", "content": f"Is it warmer in {city} or in {other} right now?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": f"call_{i}a", "type": "function",
+                     "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}},
+                    {"id": f"call_{i}b", "type": "function",
+                     "function": {"name": "get_weather", "arguments": json.dumps({"city": other})}}]},
+                {"role": "tool", "tool_call_id": f"call_{i}a", "content": json.dumps({"city": city, "temp_c": temp})},
+                {"role": "tool", "tool_call_id": f"call_{i}b", "content": json.dumps({"city": other, "temp_c": temp2})},
+                {"role": "assistant", "content": f"{city if temp >= temp2 else other} is warmer: {max(temp, temp2)} °C "
+                                                 f"against {min(temp, temp2)} °C."}]
+        elif i % 3 == 1:
+            messages += [
+                {"role": "user", "content": [{"type": "text", "text": f"How much is {amount} {src} in {dst}?"}]},
+                {"role": "assistant", "content": "Let me convert that.", "tool_calls": [
+                    {"id": f"call_{i}", "type": "function", "function": {
+                        "name": "convert_currency",
+                        "arguments": json.dumps({"amount": amount, "from": src, "to": dst})}}]},
+                {"role": "tool", "tool_call_id": f"call_{i}", "content": f"{amount * rate:.2f}"},
+                {"role": "assistant", "content": f"{amount} {src} is about {amount * rate:.2f} {dst}."}]
+        else:
+            messages += [
+                {"role": "user", "content": f"What's the weather in {city}, in fahrenheit?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": f"call_{i}", "type": "function", "function": {
+                        "name": "get_weather", "arguments": json.dumps({"city": city, "unit": "fahrenheit"})}}]},
+                {"role": "tool", "tool_call_id": f"call_{i}", "content": f"{temp * 9 / 5 + 32:.0f} F, clear"},
+                {"role": "assistant", "content": f"It is {temp * 9 / 5 + 32:.0f} °F and clear in {city}."},
+                {"role": "user", "content": "Thanks!"},
+                {"role": "assistant", "content": "You're welcome!"}]
+        out.append({"id": f"tools_{i}", "messages": messages, "tools": TOOLS})
+    city = CITIES[0]
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+    out += [  # bad input, one of each new rejection reason
+        {"id": "bad_orphan_tool", "messages": [{"role": "user", "content": "Weather?"},
+                                               {"role": "tool", "tool_call_id": "c9", "content": "sunny"},
+                                               {"role": "assistant", "content": "Sunny."}], "tools": TOOLS},
+        {"id": "bad_arguments", "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Lisbon"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."}], "tools": TOOLS},
+        {"id": "bad_role", "messages": [{"role": "user", "content": "Weather?"},
+                                        {"role": "critic", "content": "Be brief."},
+                                        {"role": "assistant", "content": "Sunny."}]},
+        {"id": "bad_part", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+                                         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]},
+            {"role": "assistant", "content": "A cat."}]},
+        {"id": "bad_call_id", "messages": [{"role": "user", "content": "Weather?"},
+                                           {"role": "assistant", "content": None, "tool_calls": [call]},
+                                           {"role": "tool", "tool_call_id": "c2", "content": "sunny"},
+                                           {"role": "assistant", "content": "Sunny."}], "tools": TOOLS},
+    ]
+    return out
+
+
+def sharegpt_tool_records(rng: random.Random, n: int = 16) -> list[dict]:
+    """LLaMA-Factory's ShareGPT tool format: `function_call` turns (the call as JSON text), `observation`
+    turns (the result), `tools` as JSON text."""
+    out = []
+    for i in range(n):
+        city = rng.choice(CITIES)
+        temp = rng.randint(-5, 32)
+        out.append({"id": f"sg_tools_{i}", "tools": json.dumps(TOOLS[:1]), "conversations": [
+            {"from": "human", "value": f"Do I need a coat in {city} today?"},
+            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": city}})},
+            {"from": "observation", "value": json.dumps({"city": city, "temp_c": temp})},
+            {"from": "gpt", "value": f"It is {temp} °C in {city}: " + ("take a coat." if temp < 15 else "no coat needed.")},
+        ]})
+    return out
+
 
 def main() -> None:
     rng = random.Random(20231019)
@@ -502,7 +608,15 @@ def main() -> None:
     with open(HERE / GPT35_FILE, "w") as f:
         json.dump(gpt35, f, ensure_ascii=False, indent=1)
         f.write("\n")
-    print(f"wrote {len(agent)} agent, {len(gpt4)} + {len(gpt35)} general records to {HERE}")
+    tool_rng = random.Random(20261201)  # (its own stream: the files above stay as they were)
+    with open(HERE / OPENAI_TOOLS_FILE, "w") as f:
+        for rec in tool_records(tool_rng):
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    with open(HERE / SHAREGPT_TOOLS_FILE, "w") as f:
+        json.dump(sharegpt_tool_records(tool_rng), f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    print(f"wrote {len(agent)} agent, {len(gpt4)} + {len(gpt35)} general records, and the tool-calling samples, "
+          f"to {HERE}")
 
 
 if __name__ == "__main__":

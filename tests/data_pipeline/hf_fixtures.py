@@ -70,3 +70,11 @@ def load(directory):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(directory))
+
+
+@functools.cache
+def make_tokenizer_dir_cached(style: str) -> str:
+    """`make_tokenizer_dir` with the shipped template `style`, made once per test session in a temp dir."""
+    import tempfile
+
+    return make_tokenizer_dir(tempfile.mkdtemp(prefix=f"tok_{style.split('.')[0]}_"), template_text(style), style)

@@ -95,7 +95,7 @@ def test_non_string_values_are_rejected(value):
     assert result.bucket == REJECTED and result.reason == "non_string_value"
 
 
-@pytest.mark.parametrize("role", ["tool", "function", None, 3])
+@pytest.mark.parametrize("role", ["function", "critic", "ipython", None, 3])
 def test_unknown_roles_are_rejected(role):
     result, _ = run({"id": "a", "conversations": turns(("human", "Q")) + [{"from": role, "value": "x"}]
                      + turns(("gpt", "A"))})
@@ -128,7 +128,7 @@ def test_loss_flags_follow_agentinstruct():
     conv, _ = run({"id": "os_0", "conversations": convs}, kind="agent")
     assert [p.loss for p in conv.pairs] == [False, False, False, True, True, True]
     bad, _ = run({"id": "os_0", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "loss": "yes", "value": "A"}]})
-    assert bad == Dropped(REJECTED, "bad_loss_flag", "turn 1: 'yes'")
+    assert bad == Dropped(REJECTED, "bad_loss_flag", "turn 1: loss 'yes'")
 
 
 @pytest.mark.parametrize("record,reason", [
