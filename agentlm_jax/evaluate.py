@@ -1,0 +1,204 @@
+"""Evaluate a model: `python -m agentlm_jax.evaluate --model RUN_DIR|CHECKPOINT|HF_DIR --suite NAMES [options]`.
+
+    python -m agentlm_jax.evaluate --model runs/tiny/hf --suite actions,dbbench,general
+    python -m agentlm_jax.evaluate --model runs/agentlm-7b --suite dbbench --db-items AgentBench/data/dbbench/standard.jsonl
+    python -m agentlm_jax.evaluate --model gs://B/agentlm-7b-hf --suite actions --data gs://B/agenttuning-data --max-items 100
+
+Suites (docs/evaluation.md):
+  actions   teacher-forced next-action accuracy per AgentInstruct task on a pipeline output's split (--data;
+            default: the bundled sample built by data_pipeline into a temporary directory)
+  dbbench   interactive AgentBench-style DB episodes on SQLite (--db-items; default: a small invented sample)
+  general   MMLU-format multiple choice by answer-letter likelihood, GSM8K-format final-number exact match
+            (--mmlu, --gsm8k; default: tiny invented samples)
+
+Decoding is greedy through the stack's batched KV-cache generation. Results: OUTPUT/eval.json and
+OUTPUT/eval.md (the paper's AgentLM-7B numbers beside ours where it reports the same task, labelled).
+
+Exit status: 0 when evaluated; 1 with one `error: ...` line for a missing or unusable model, tokenizer or
+input file (named with its line and reason); 2 (with the usage line) for bad command-line syntax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import posixpath
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+from agentlm_jax import cli, distributed
+from agentlm_jax.errors import ConfigError, MissingInputError
+from agentlm_jax.generate import non_negative_int, positive_int, tokenizer_of
+from agentlm_jax.model_source import check_source, check_tokenizer, load_model, step_arg
+
+log = logging.getLogger("agentlm_jax.evaluate")
+SUITES = ("actions", "dbbench", "general")
+
+
+def suite_list(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if names == ["all"]:
+        return list(SUITES)
+    unknown = [s for s in names if s not in SUITES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown suite {', '.join(unknown) or text!r}: choose from "
+                                         f"{', '.join(SUITES)} (comma-separated) or all")
+    return list(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m agentlm_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a Hugging Face directory, a training run directory or its "
+                   "checkpoints directory (local or gs://)")
+    p.add_argument("--step", type=step_arg, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's own)")
+    p.add_argument("--suite", type=suite_list, default=list(SUITES), help="comma-separated: actions, dbbench, "
+                   "general, or all (default: all)")
+    p.add_argument("--data", default=None, help="actions: a data_pipeline output directory (default: the bundled "
+                   "sample, built into a temporary directory)")
+    p.add_argument("--split", default="validation", choices=["validation", "train"],
+                   help="actions: the split to read (default %(default)s)")
+    p.add_argument("--max-items", type=positive_int, default=50, help="actions: records per task; dbbench, "
+                   "general: items per benchmark (default %(default)s)")
+    p.add_argument("--db-items", default=None, help="dbbench: an AgentBench dbbench JSONL file (dev.jsonl, "
+                   "standard.jsonl; default: the package's invented sample)")
+    p.add_argument("--max-rounds", type=positive_int, default=5, help="dbbench: SQL statements per episode at "
+                   "most (default %(default)s, AgentBench's)")
+    p.add_argument("--mmlu", default=None, help="general: an MMLU-format JSONL file (default: the package sample)")
+    p.add_argument("--gsm8k", default=None, help="general: a GSM8K-format JSONL file (default: the package sample)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="tokens per model turn at most (default %(default)s, the paper's evaluation)")
+    p.add_argument("--gsm8k-max-new-tokens", type=positive_int, default=256, help="(default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together (default "
+                   "%(default)s)")
+    p.add_argument("--chat-template", default="auto", choices=["auto", "llama2", "hf"],
+                   help="dbbench/general prompts: auto (default): the tokenizer's own chat template if it has "
+                   "one (an export carries the training one), else llama2, the pipeline's default")
+    p.add_argument("--system-prompt", default=None, help="dbbench/general: the system prompt (default: the "
+                   "training one; \"\" for none, as the paper's evaluation harness)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--output", default=None, help="directory for eval.json and eval.md (default: "
+                   "eval/<model name>)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help=argparse.SUPPRESS)
+    cli.add_mesh_args(p, fsdp=1)
+    return p
+
+
+def default_output(model: str) -> str:
+    return os.path.join("eval", posixpath.basename(model.rstrip("/")) or "model")
+
+
+def sample_data_dir(tokenizer_dir: str) -> str:
+    """The bundled sample built with data_pipeline (its defaults, `tokenizer_dir`) into a temporary directory."""
+    out = os.path.join(tempfile.mkdtemp(prefix="agentlm-eval-"), "data")
+    log.info("building the bundled sample with data_pipeline into %s", out)
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline.build", "--output", out, "--tokenizer", tokenizer_dir],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConfigError(f"building the sample data failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return out
+
+
+def check_records(records, vocab_size: int, where: str) -> None:
+    for r in records:
+        if len(r.input_ids) and int(r.input_ids.max()) >= vocab_size:
+            raise ConfigError(f"{where}record {r.id!r}: token id {int(r.input_ids.max())} >= the model's vocabulary "
+                              f"({vocab_size}): the data was tokenized with another tokenizer")
+
+
+def run(args: argparse.Namespace) -> dict:
+    check_source(args.model, step=args.step, flag="--model")
+    if args.tokenizer:
+        check_tokenizer(args.tokenizer)
+    for flag, path in (("--db-items", args.db_items), ("--mmlu", args.mmlu), ("--gsm8k", args.gsm8k)):
+        if path and "://" not in path and not os.path.isfile(path):
+            raise MissingInputError(f"{flag} {path}: does not exist")
+    from agentlm_jax.evaluation import actions, dbbench, general, report
+    from agentlm_jax.evaluation.lm import LM
+
+    # Inputs first (cheap, and a bad file is reported before the model loads).
+    db_items = db_source = mmlu = gsm8k = None
+    if "dbbench" in args.suite:
+        db_items, db_source = dbbench.load_items(args.db_items, limit=args.max_items)
+    if "general" in args.suite:
+        mmlu = general.load_mmlu(args.mmlu, limit=args.max_items)
+        gsm8k = general.load_gsm8k(args.gsm8k, limit=args.max_items)
+
+    distributed.initialize(args.distributed)
+    mesh = cli.cli_mesh(args)
+    cli.require_all_devices(mesh)
+    tokenizer_dir = tokenizer_of(args)
+    from data_pipeline.formats.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    records = where = data_dir = None
+    if "actions" in args.suite:
+        if args.data:
+            data_dir = args.data
+            records, where = actions.read_split(data_dir, args.split)
+        else:
+            data_dir = sample_data_dir(tokenizer_dir)
+            try:
+                records, where = actions.read_split(data_dir, args.split)
+            finally:
+                shutil.rmtree(os.path.dirname(data_dir), ignore_errors=True)
+            data_dir = where = "the bundled sample (data_pipeline defaults)"
+            where += ": "
+    main = distributed.is_main_process()
+    cfg, model = load_model(args.model, step=args.step, dtype=args.dtype, mesh=mesh, show_progress=main)
+    if records is not None:
+        check_records(records, cfg.vocab_size, where)
+    lm = LM(model, tokenizer, batch_size=args.batch_size, chat_template=args.chat_template,
+            system_prompt=args.system_prompt)
+    meta = {"model": args.model, "step": args.step, "tokenizer": tokenizer_dir, "chat_template": lm.chat_template,
+            "max_new_tokens": args.max_new_tokens, "model_config": {k: getattr(cfg, k) for k in (
+                "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings")},
+            "data": data_dir, "split": args.split, "max_items": args.max_items}
+    suites, timing = {}, {}
+    if "actions" in args.suite:
+        start = time.perf_counter()
+        suites["actions"] = actions.evaluate_actions(
+            records, lambda p, b, on_batch=None: lm.complete(p, max_new_tokens=b, on_batch=on_batch), lm.decode,
+            max_items=args.max_items, max_new_tokens=args.max_new_tokens, max_length=lm.max_length, where=where,
+            show_progress=main)
+        timing["actions"] = _rate(time.perf_counter() - start, suites["actions"]["overall"]["scored_turns"], "turns")
+    if "dbbench" in args.suite:
+        start = time.perf_counter()
+        suites["dbbench"] = dbbench.evaluate_dbbench(db_items, dbbench.model_respond(lm, max_new_tokens=args.max_new_tokens),
+                                                     max_rounds=args.max_rounds, show_progress=main)
+        meta.update(dbbench_source=db_source, dbbench_items=len(db_items))
+        timing["dbbench"] = _rate(time.perf_counter() - start, len(db_items), "episodes")
+    if "general" in args.suite:
+        start = time.perf_counter()
+        suites["general"] = {
+            "mmlu": {**general.evaluate_mmlu(lm, mmlu[0]), "source": mmlu[1]},
+            "gsm8k": {**general.evaluate_gsm8k(lm, gsm8k[0], max_new_tokens=args.gsm8k_max_new_tokens),
+                      "source": gsm8k[1]}}
+        timing["general"] = _rate(time.perf_counter() - start, len(mmlu[0]) + len(gsm8k[0]), "items")
+    meta["timing"] = timing
+    results = {"meta": meta, "suites": suites}
+    if main:
+        json_path, md_path = report.write(results, args.output or default_output(args.model))
+        print(report.markdown(results))
+        log.info("wrote %s and %s", json_path, md_path)
+    return results
+
+
+def _rate(seconds: float, count: int, unit: str) -> dict:
+    return {"seconds": round(seconds, 2), unit: count, f"{unit}_per_s": round(count / seconds, 3) if seconds else None}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cli.configure_logging()
+    args = build_parser().parse_args(argv)
+    return cli.run_reporting_errors(lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()

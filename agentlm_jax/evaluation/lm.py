@@ -1,0 +1,102 @@
+"""A model as the evaluation suites use it: batched greedy completion through the stack's KV-cache `Generator`,
+chat prompts in the template the data was built with, and next-token log-probabilities.
+
+    lm = LM(model, tokenizer, batch_size=8)
+    outs = lm.complete([[1, 518, ...], ...], max_new_tokens=128)       # new token ids per prompt
+    ids = lm.chat_prompt([{"role": "user", "content": "..."}])         # generation prompt ids
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from agentlm_jax.config import SamplingConfig
+from agentlm_jax.errors import ConfigError
+from agentlm_jax.inference.generate import Generator, left_pad, round_up
+
+log = logging.getLogger(__name__)
+
+CHAT_TEMPLATES = ("auto", "llama2", "hf")
+GREEDY = SamplingConfig(greedy=True)
+
+
+class LM:
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, chat_template: str = "auto",
+                 system_prompt: str | None = None, length_multiple: int = 64):
+        from data_pipeline.formats.chat_template import DEFAULT_SYSTEM_PROMPT
+
+        if chat_template not in CHAT_TEMPLATES:
+            raise ConfigError(f"chat template {chat_template!r}: choose one of {', '.join(CHAT_TEMPLATES)}")
+        if chat_template == "hf" and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("--chat-template hf: the tokenizer has no chat template; use llama2")
+        if chat_template == "auto":
+            chat_template = "hf" if getattr(tokenizer, "chat_template", None) else "llama2"
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.chat_template = chat_template
+        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        self.config = model.config
+        stop_ids = sorted({*self.config.stop_token_ids, tokenizer.eos_token_id} - {None})
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.config.pad_token_id
+        self.generator = Generator(model, stop_token_ids=stop_ids, pad_token_id=pad, length_multiple=length_multiple)
+        self.pad_id, self.length_multiple = pad, length_multiple
+        self._forward = None
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    # ---------------------------------------------------------------------------------------------- generation
+    def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+                 on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+        """Greedy continuations (new ids, the stop token removed) of every prompt, `batch_size` at a time; the
+        prompts are grouped by length (less padding), the answers come back in the prompts' order."""
+        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[list[int] | None] = [None] * len(prompts)
+        stops = set(self.generator.stop_ids.tolist())
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            result = self.generator([prompts[i] for i in chunk], max_new_tokens=max(budgets[i] for i in chunk),
+                                    sampling=GREEDY)
+            for i, ids in zip(chunk, result.tokens):
+                ids = ids[:budgets[i]]
+                out[i] = ids[:-1] if ids and ids[-1] in stops else ids
+            if on_batch:
+                on_batch(len(chunk))
+        return out  # type: ignore[return-value]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ---------------------------------------------------------------------------------------------------- chat
+    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
+        """The generation prompt of a history alternating user/assistant and ending with a user message, in
+        the training template (llama2: the pipeline's own encoder; hf: the tokenizer's Jinja template)."""
+        if self.chat_template == "llama2":
+            from data_pipeline.formats.chat_template import encode_generation_prompt
+
+            return encode_generation_prompt(list(messages), self.tokenizer, system_prompt=self.system_prompt or None)
+        history = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + list(messages)
+        return list(self.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True))
+
+    # ------------------------------------------------------------------------------------------ log-likelihood
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]], candidates: Sequence[int]) -> np.ndarray:
+        """log p(candidate | prompt) [N, len(candidates)]: one full forward pass per batch (no cache)."""
+        if self._forward is None:
+            self._forward = nnx.jit(lambda m, t, p, s: jax.nn.log_softmax(m(t, p, s)[:, -1], axis=-1))
+        cand = np.asarray(candidates, np.int32)
+        rows = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = [list(p) for p in prompts[start:start + self.batch_size]]
+            length = round_up(max(len(p) for p in chunk), self.length_multiple)
+            tokens, positions, segment_ids = left_pad(chunk, length, self.pad_id)
+            logp = np.asarray(jax.device_get(self._forward(self.model, jnp.asarray(tokens), jnp.asarray(positions),
+                                                           jnp.asarray(segment_ids))))
+            rows.append(logp[:, cand])
+        return np.concatenate(rows) if rows else np.zeros((0, len(cand)), np.float32)
