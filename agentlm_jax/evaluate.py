@@ -46,7 +46,7 @@ def suite_list(text: str) -> list[str]:
         return list(SUITES)
     unknown = [s for s in names if s not in SUITES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown suite {', '.join(unknown) or text!r}: choose from "
+        raise argparse.ArgumentTypeError(f"unknown suite {', '.join(unknown) if unknown else repr(text)}: choose from "
                                          f"{', '.join(SUITES)} (comma-separated) or all")
     return list(dict.fromkeys(names))
 

@@ -151,6 +151,12 @@ def read_split(data_dir: str, split: str = "validation"):
     from agentlm_jax.data.dataset import TFRecordSource, split_files
     from agentlm_jax.errors import MissingInputError
 
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(data_dir)
+    if not fs.isdir(root):
+        raise MissingInputError(f"--data {data_dir}: not a directory; give a data_pipeline output directory "
+                                f"(TFRecord shards and manifest.json)")
     try:
         paths = split_files(data_dir, split)
     except (FileNotFoundError, ValueError) as e:
