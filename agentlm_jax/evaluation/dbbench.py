@@ -39,7 +39,7 @@ import sqlite3
 import unicodedata
 from collections import defaultdict
 from importlib import resources
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from agentlm_jax.errors import ConfigError, MissingInputError
 from agentlm_jax.evaluation.extractors import parse_answer_list

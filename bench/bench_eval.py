@@ -1,0 +1,96 @@
+"""Evaluation benchmark: teacher-forced turns/s (suite `actions`) and DB episodes/s (suite `dbbench`) on CPU.
+
+    python -m bench.bench_eval                          # configs/tiny.yaml's model shape, random weights
+    python -m bench.bench_eval --model runs/tiny/hf     # a trained model
+    python -m bench.bench_eval --smoke                  # seconds: a 1-layer model, 2 records per task
+
+The data is the bundled sample built by data_pipeline (its validation split: one record per agent task,
+~16 scored turns) and the package's 10 dbbench items. Each measurement runs twice with the same shapes: the
+first includes compilation, the second is the steady state (the number that scales). A random model never
+stops early, so every turn generates its whole budget (min(max new tokens, gold length + 32)): the worst
+case. The scripted dbbench row (gold answers, no model) is the SQLite environment's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from agentlm_jax.config import ModelConfig
+from agentlm_jax.evaluation import actions, dbbench
+from agentlm_jax.evaluation.lm import LM
+
+TINY = ModelConfig(vocab_size=1024, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4, num_kv_heads=2,
+                   max_position_embeddings=1024)  # configs/tiny.yaml
+SMOKE = ModelConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                    max_position_embeddings=1024)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a model directory (default: random weights, tiny shape)")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    args = p.parse_args(argv)
+    from data_pipeline.formats.tokenizer import SAMPLE_TOKENIZER_DIR, load_tokenizer
+
+    data = os.path.join(tempfile.mkdtemp(prefix="bench-eval-"), "data")
+    subprocess.run([sys.executable, "-m", "data_pipeline.build", "--output", data], check=True, capture_output=True)
+    records, _ = actions.read_split(data, "validation")
+    tokenizer = load_tokenizer(SAMPLE_TOKENIZER_DIR)
+    if args.model:
+        from agentlm_jax.model_source import load_model
+
+        cfg, model = load_model(args.model, show_progress=False)
+        name = args.model
+    else:
+        from agentlm_jax.model.llama import count_params, init_model
+
+        cfg = SMOKE if args.smoke else TINY
+        model = init_model(cfg, seed=0)
+        name = f"random, {count_params(cfg) / 1e6:.1f}M parameters"
+    max_items = 1
+    items, _ = dbbench.load_items(limit=4 if args.smoke else None)
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        lm = LM(model, tokenizer, batch_size=batch)
+        complete = lambda p, b, on_batch=None: lm.complete(p, max_new_tokens=b, on_batch=on_batch)
+        for label in ("first (compile)", "steady"):
+            result, seconds = _timed(lambda: actions.evaluate_actions(
+                records, complete, lm.decode, max_items=max_items, max_new_tokens=args.max_new_tokens,
+                max_length=lm.max_length, show_progress=False))
+            turns = result["overall"]["scored_turns"]
+            rows.append((f"actions, batch {batch}, {label}", f"{turns / seconds:.2f} turns/s", turns, seconds))
+        for label in ("first (compile)", "steady"):
+            result, seconds = _timed(lambda: dbbench.evaluate_dbbench(
+                items, dbbench.model_respond(lm, max_new_tokens=args.max_new_tokens), show_progress=False))
+            rows.append((f"dbbench, batch {batch}, {label}", f"{len(items) / seconds:.2f} episodes/s", len(items),
+                         seconds))
+
+    def gold(episodes):
+        return ["Action: Operation\n```sql\n" + e.item.label[0] + "\n```" if e.item.is_mutation and e.rounds == 0
+                else "Action: Answer\nFinal Answer: " + str(list(e.item.label)) for e in episodes]
+
+    _, seconds = _timed(lambda: [dbbench.evaluate_dbbench(items, gold, show_progress=False) for _ in range(20)])
+    rows.append(("dbbench, scripted gold agent (SQLite only)", f"{20 * len(items) / seconds:.0f} episodes/s",
+                 20 * len(items), seconds))
+    print(f"\nModel: {name}; {os.cpu_count()} CPUs visible; max new tokens {args.max_new_tokens}\n")
+    print("| measurement | rate | items | seconds |\n|---|---:|---:|---:|")
+    for what, rate, n, seconds in rows:
+        print(f"| {what} | {rate} | {n} | {seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
