@@ -33,15 +33,19 @@ import time
 log = logging.getLogger("bench_pipeline")
 
 
-def sample_conversations() -> list[dict]:
-    """The sample records the pipeline keeps, in AgentInstruct format (human/gpt turns with `loss`)."""
-    from data_pipeline.config import PipelineConfig
+def sample_conversations(path: str | None = None) -> list[dict]:
+    """The sample records the pipeline keeps (or those of a ShareGPT/AgentInstruct JSONL file), in AgentInstruct
+    format (human/gpt turns with `loss`)."""
+    from data_pipeline.config import PipelineConfig, SourceConfig
     from data_pipeline.normalize import Conversation, normalize
     from data_pipeline.sources import ReadTask, read_task
 
     cfg = PipelineConfig()
+    sources = [(s, "agent") for s in cfg.agent] + [(s, "general") for s in cfg.general]
+    if path:
+        sources = [(SourceConfig(path, "input", "jsonl"), "general")]
     out = []
-    for src, kind in [(s, "agent") for s in cfg.agent] + [(s, "general") for s in cfg.general]:
+    for src, kind in sources:
         fmt = "jsonl" if src.path.endswith(".jsonl") else "json"
         for item in read_task(ReadTask(src.name, kind, src.path, fmt)):
             conv, _ = normalize(item, src.name, kind, cfg.reward_threshold)
@@ -87,13 +91,13 @@ def run_datasets_map(path: str, tokenizer_path: str, max_seq_len: int, batch_siz
 
 
 def run_beam(path: str, tokenizer_path: str, max_seq_len: int, mode: str, workers: int, output: str,
-             batch_size: int = 256):
+             batch_size: int = 256, chat_template: str = "llama2"):
     from data_pipeline.build import run
     from data_pipeline.config import PipelineConfig, SourceConfig
 
     cfg = PipelineConfig(agent=(SourceConfig(path, "bench", "jsonl"),), general=(), general_weights=(), eta=1.0,
                          tokenizer=tokenizer_path, max_seq_len=max_seq_len, validation_fraction=0.0,
-                         num_shards=8, output=output, tokenize_batch_size=batch_size)
+                         num_shards=8, output=output, tokenize_batch_size=batch_size, chat_template=chat_template)
     start = time.perf_counter()
     manifest = run(cfg, ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"],
                    overwrite=True)  # --repeat rebuilds into the same directory

@@ -42,6 +42,8 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from data_pipeline.formats.chat_template import (FIRST_PAIR_TOO_LONG, NO_LOSS_AFTER_TRUNCATION, Encoded,
                                                  Pair, _max_chars_per_token)
 
@@ -113,6 +115,15 @@ def resolve_template(choice: str, tokenizer_dir: str) -> TemplateSpec | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Reference:
+    """transformers' `apply_chat_template(tokenize=True)` of one conversation: ids, character offsets into the
+    rendering, and the {% generation %} assistant mask where the template has one."""
+    ids: list[int]
+    offsets: Sequence[tuple[int, int]]  # (start, end) character of each token
+    assistant_mask: list[int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Rejection:
     """A conversation the template cannot encode as the contract requires (a rejected record)."""
     reason: str
@@ -142,6 +153,9 @@ class TemplateEncoder:
                           key=len, reverse=True)
         self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
         self.max_chars_per_token = _max_chars_per_token(json.loads(backend.to_str()), backend)
+        self._compiled, self._special_tokens_map = None, dict(tokenizer.special_tokens_map)
+        self._special_ids = {i: t.content for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self._special_id_array = np.array(sorted(self._special_ids), np.int64)
         self._special_at_end = (re.compile(f"(?:{'|'.join(map(re.escape, specials))})+$") if specials
                                 else None)
 
@@ -171,21 +185,75 @@ class TemplateEncoder:
         return msgs
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: Sequence = ()) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  tools=list(tools) or None)
+        return self.render_many([messages], add_generation_prompt, tools)[0]
+
+    def render_many(self, conversations: list[list[dict]], add_generation_prompt: bool = False,
+                    tools: Sequence = ()) -> list[str]:
+        """What `apply_chat_template(tokenize=False)` renders: transformers' compiled template, rendered with the
+        arguments its `render_jinja_template` passes, without the per-call copying of the inputs into plain JSON
+        types (ours are plain JSON already: parsed records, no None values). A rendering that differed would
+        fail the checks of `_encode_whole` against apply_chat_template's own tokens."""
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        if self._compiled is None:
+            self._compiled = _compile_jinja_template(self.text)
+        tools = list(tools) or None
+        return [self._compiled.render(messages=messages, tools=tools, documents=None,
+                                      add_generation_prompt=add_generation_prompt, **self._special_tokens_map)
+                for messages in conversations]
+
+    def _references(self, messages: list[list[dict]], tools: tuple) -> list[Reference]:
+        """transformers' own `apply_chat_template(tokenize=True)` of each conversation, in one batched call:
+        the ids the contract compares with, their character offsets (into the rendering: the training ids are
+        these ids, so the text is tokenized once), and for {% generation %} templates the assistant masks."""
+        out = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True,
+                                                 tools=list(tools) or None, return_dict=True,
+                                                 return_assistant_tokens_mask=self.uses_generation,
+                                                 tokenizer_kwargs={"return_offsets_mapping": True})
+        masks = out["assistant_masks"] if self.uses_generation else [None] * len(messages)
+        return [Reference(list(ids), offsets, None if mask is None else list(mask))
+                for ids, offsets, mask in zip(out["input_ids"], out["offset_mapping"], masks)]
 
     # ------------------------------------------------------------------ encoding
     def encode_batch(self, conversations: Sequence[tuple]) -> list[Encoded | str | Rejection]:
         """An `Encoded`, a filter reason (str) or a `Rejection` per (pairs, system[, tools]) conversation."""
-        out = []
-        for pairs, system, *tools in conversations:
+        items = [(list(pairs), system, tuple(tools[0]) if tools else ()) for pairs, system, *tools in conversations]
+        out: list = [None] * len(items)
+        try:  # the common case in bulk: conversations that fit, rendered, tokenized and checked batch-wise
+            self._encode_fitting(items, out)
+        except Exception:  # (a template that raises on some conversation: each is then tried alone, below)
+            out = [None] * len(items)
+        for i, (pairs, system, tools) in enumerate(items):
+            if out[i] is not None:
+                continue
             try:
-                out.append(self.encode(list(pairs), system, tuple(tools[0]) if tools else ()))
+                out[i] = self.encode(pairs, system, tools)
             except Exception as e:  # a template that raises (raise_exception, bad Jinja) on this conversation
-                out.append(Rejection(TEMPLATE_MISMATCH, f"template {self.name}: rendering failed: "
-                                                        f"{type(e).__name__}: {e}"[:500]))
+                out[i] = Rejection(TEMPLATE_MISMATCH, f"template {self.name}: rendering failed: "
+                                                      f"{type(e).__name__}: {e}"[:500])
         return out
+
+    def _encode_fitting(self, items: list[tuple], out: list) -> None:
+        """Fills `out[i]` for the conversations whose whole rendering fits in max_seq_len (the others stay None)."""
+        messages = [self.messages(pairs, system) for pairs, system, _ in items]
+        by_tools: dict[str, list[int]] = {}
+        for i, (_, _, tools) in enumerate(items):
+            by_tools.setdefault(json.dumps(tools, sort_keys=True), []).append(i)
+        texts: list = [None] * len(items)
+        for group in by_tools.values():
+            for i, text in zip(group, self.render_many([messages[i] for i in group], tools=items[group[0]][2])):
+                texts[i] = text
+        limit = None if self.max_seq_len is None or self.max_chars_per_token is None else \
+            (self.max_seq_len + 1) * self.max_chars_per_token
+        short = {i for i in range(len(items)) if limit is None or len(texts[i]) <= limit}
+        for group in by_tools.values():
+            group = [i for i in group if i in short]
+            if not group:
+                continue
+            for i, reference in zip(group, self._references([messages[i] for i in group], items[group[0]][2])):
+                if self.max_seq_len is None or len(reference.ids) <= self.max_seq_len:
+                    pairs, system, tools = items[i]
+                    out[i] = self._encode_whole(pairs, system, tools, texts[i], reference)
 
     def encode(self, pairs: list[Pair], system: str | None, tools: tuple = ()) -> Encoded | str | Rejection:
         text = self.render(self.messages(pairs, system), tools=tools)
@@ -198,7 +266,7 @@ class TemplateEncoder:
         else:
             encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
             if self.max_seq_len is None or len(encoding.ids) <= self.max_seq_len:
-                return self._encode_whole(pairs, system, tools, (text, encoding))
+                return self._encode_whole(pairs, system, tools, text)
         # Too long: the leading whole pairs that fit, each candidate measured on the tokens of the whole
         # rendering (or of its head) when it is a prefix of it; then rendered again and checked alone.
         kept = self._pairs_that_fit(pairs, system, tools, text, [b for _, b in encoding.offsets])
@@ -234,28 +302,30 @@ class TemplateEncoder:
         return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
     def _encode_whole(self, pairs: list[Pair], system: str | None, tools: tuple = (),
-                      rendered=None) -> Encoded | Rejection:
-        """`rendered`: (the whole rendering, its encoding) when already computed."""
+                      text: str | None = None, reference: "Reference | None" = None) -> Encoded | Rejection:
+        """`text` (the whole rendering) and `reference` (`_references`) when already computed."""
         messages = self.messages(pairs, system)
         assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]  # message indices
-        tools_arg = list(tools) or None
+        text = text if text is not None else self.render(messages, tools=tools)
+        if reference is None:
+            reference = self._references([messages], tools)[0]
+        ids, offsets = reference.ids, reference.offsets
+        if len(ids) != len(offsets) or (len(ids) and offsets[-1][1] > len(text)) or any(
+                text[offsets[i][0]:offsets[i][1]] != content for i, content in self._special_tokens_at(ids)):
+            return self._mismatch("the tokens of apply_chat_template(messages, tokenize=True) do not match the "
+                                  "rendering (its special tokens are not where the rendered text has them)")
         if self.uses_generation:
-            out = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True, tools=tools_arg,
-                                                     return_dict=True, return_assistant_tokens_mask=True)
-            reference, assistant_mask = list(out["input_ids"]), list(out["assistant_masks"])
-            text, encoding = rendered or self._rendered(messages, tools)
-            runs = _runs(assistant_mask)
+            runs = _runs(reference.assistant_mask)
             if len(runs) != len(pairs):
                 return self._mismatch(f"{len(runs)} {{% generation %}} spans for {len(pairs)} assistant messages")
-            spans = [(encoding.offsets[a][0], encoding.offsets[b - 1][1]) for a, b in runs]
+            spans = [(offsets[a][0], offsets[b - 1][1]) for a, b in runs]
         else:
-            text, encoding = rendered or self._rendered(messages, tools)
+            prompts = self.render_many([messages[:at] for at in assistant_at], True, tools)
+            answers = self.render_many([messages[:at + 1] for at in assistant_at[:-1]], False, tools) + [text]
             renders = []  # (text, what it renders): P_1, F_1, P_2, F_2, ... (the last F: the whole rendering)
             for k, at in enumerate(assistant_at):
-                renders += [(self.render(messages[:at], add_generation_prompt=True, tools=tools),
-                             f"messages 1-{at} with the generation prompt"),
-                            (self.render(messages[:at + 1], tools=tools) if k < len(pairs) - 1 else text,
-                             f"messages 1-{at + 1}")]
+                renders += [(prompts[k], f"messages 1-{at} with the generation prompt"),
+                            (answers[k], f"messages 1-{at + 1}")]
             for k in range(1, len(renders)):
                 if not renders[k][0].startswith(renders[k - 1][0]):
                     at = assistant_at[k // 2]
@@ -268,26 +338,14 @@ class TemplateEncoder:
                 start, full = len(renders[2 * k][0]), renders[2 * k + 1][0]
                 end = self._last_special_end(full[start:])
                 spans.append((start, start + end if end is not None else len(full)))
-            reference = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True,
-                                                           tools=tools_arg, return_dict=False)
-        ids = list(encoding.ids)
-        if ids != list(reference):
-            return self._mismatch("the ids differ from apply_chat_template(messages, tokenize=True)")
         mask = [0] * len(ids)
-        offsets = encoding.offsets
-        token_ends = [b for _, b in offsets]  # (non-decreasing)
         for k, (pair, (begin, end)) in enumerate(zip(pairs, spans)):
             message = assistant_at[k] + 1
-            first = bisect.bisect_right(token_ends, begin)  # the first token ending after `begin`
-            tokens = []
-            for i in range(first, len(offsets)):
-                a, b = offsets[i]
-                if a >= end:
-                    break
-                if b > a:
-                    tokens.append(i)
-            straddle = [i for i in tokens if offsets[i][0] < begin or offsets[i][1] > end]
-            if straddle:
+            # the answer's tokens: from the first that ends after `begin` to the last that starts before `end`
+            # (token starts and ends are non-decreasing)
+            first = bisect.bisect_right(offsets, begin, key=lambda o: o[1])
+            last = bisect.bisect_left(offsets, end, key=lambda o: o[0])
+            if first < last and (offsets[first][0] < begin or offsets[last - 1][1] > end):
                 return self._mismatch(f"a token straddles the boundary of the answer in message {message}")
             region = text[begin:end]
             tail = self._special_at_end.search(region) if self._special_at_end else None
@@ -304,15 +362,15 @@ class TemplateEncoder:
                 return self._mismatch(f"the answer span of message {message} is not exactly its content + "
                                       f"end-of-turn: {region[:80]!r}")
             if pair.loss:
-                for i in tokens:
-                    mask[i] = 1
+                mask[first:last] = [1] * (last - first)
         if 1 not in mask:
             return NO_LOSS_AFTER_TRUNCATION  # (normalize filters conversations without a trained answer)
         return Encoded(ids, mask, len(pairs), 0)
 
-    def _rendered(self, messages: list[dict], tools: tuple = ()) -> tuple:
-        text = self.render(messages, tools=tools)
-        return text, self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    def _special_tokens_at(self, ids: list[int]) -> list[tuple[int, str]]:
+        """(position, text) of each special token in `ids`."""
+        at = np.flatnonzero(np.isin(np.asarray(ids), self._special_id_array))
+        return [(int(i), self._special_ids[ids[i]]) for i in at]
 
     def _mismatch(self, what: str) -> Rejection:
         return Rejection(TEMPLATE_MISMATCH, f"template {self.name}: {what}")

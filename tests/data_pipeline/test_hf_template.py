@@ -273,13 +273,16 @@ def test_the_contract_check_can_fail(tmp_path, monkeypatch):
     encoder = ht.TemplateEncoder(tok, ht.resolve_template("hf", tok_dir))
     real = type(tok).apply_chat_template
 
-    def one_more_token(self, *args, **kwargs):
+    def another_last_token(self, *args, **kwargs):  # (its ids no longer what the rendering says)
         out = real(self, *args, **kwargs)
-        return out + [0] if kwargs.get("tokenize") and not kwargs.get("return_dict") else out
+        if kwargs.get("tokenize"):
+            out["input_ids"] = [ids[:-1] + [self.convert_tokens_to_ids("<|im_start|>")] for ids in out["input_ids"]]
+        return out
 
-    monkeypatch.setattr(type(tok), "apply_chat_template", one_more_token)
-    out = encoder.encode([Pair("q", "a")], None)
-    assert isinstance(out, ht.Rejection) and out.reason == ht.TEMPLATE_MISMATCH and "ids differ" in out.detail
+    monkeypatch.setattr(type(tok), "apply_chat_template", another_last_token)
+    for out in encoder.encode([Pair("q", "a")], None), encoder.encode_batch([([Pair("q", "a")], None)])[0]:
+        assert isinstance(out, ht.Rejection) and out.reason == ht.TEMPLATE_MISMATCH
+        assert "do not match the rendering" in out.detail
     monkeypatch.undo()
     raising = "{{ raise_exception('only text turns') }}"
     out = ht.TemplateEncoder(tok, ht.TemplateSpec("raising", "", raising)).encode_batch([([Pair("q", "a")], None)])
