@@ -26,7 +26,8 @@ from agentlm_jax.config import TrainConfig
 from agentlm_jax.data.packing import BATCH_KEYS
 from agentlm_jax.sharding import batch_sharding, make_mesh
 from agentlm_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from agentlm_jax.training.state import abstract_params, abstract_train_state, train_state_shardings
+from agentlm_jax.training.state import abstract_base, abstract_params, abstract_train_state, base_shardings, \
+    train_state_shardings
 from agentlm_jax.training.step import TrainStep, check_batch_layout
 
 # HBM per chip (GiB) of the TPU generations the configs name; v4 and v5p chips hold two TensorCores that JAX
@@ -83,6 +84,7 @@ class StepReport:
     mesh_shape: dict[str, int]
     params_bytes: int  # per chip: this chip's shard of the parameters
     optimizer_bytes: int  # per chip: its shard of the optimizer state (AdamW's moments) and counters
+    base_bytes: int = 0  # LoRA: per chip, its shard of the frozen base weights (`params_bytes` = the adapters)
 
     @property
     def total_bytes(self) -> int:
@@ -119,16 +121,24 @@ def compile_train_step(cfg: TrainConfig, devices: Sequence[Any], num_tasks: int 
     mesh = make_mesh(cfg.mesh, list(devices))
     rules = cfg.mesh.rules
     check_batch_layout(cfg.data.global_batch, cfg.data.micro_batches, mesh, rules)
-    optimizer = make_optimizer(cfg.optimizer, cfg.steps, abstract_params(cfg.model))
-    shardings = train_state_shardings(cfg.model, optimizer, mesh, rules)
+    lora = cfg.lora if cfg.lora.enabled else None
+    optimizer = make_optimizer(cfg.optimizer, cfg.steps, abstract_params(cfg.model, lora))
+    shardings = train_state_shardings(cfg.model, optimizer, mesh, rules, lora=lora)
+    base_s = base_shardings(cfg.model, lora, mesh, rules) if lora else None
     step = TrainStep(cfg.model, optimizer, learning_rate_schedule(cfg.optimizer, cfg.steps), mesh=mesh, rules=rules,
-                     state_shardings=shardings, data=cfg.data, loss=cfg.loss, num_tasks=num_tasks)
-    state = abstract_train_state(shardings, cfg.model, optimizer)
+                     state_shardings=shardings, data=cfg.data, loss=cfg.loss, num_tasks=num_tasks, lora=lora,
+                     base_shardings=base_s)
+    state = abstract_train_state(shardings, cfg.model, optimizer, lora)
+    base = None
+    if lora:  # the frozen base: an argument of the step, ShapeDtypeStructs on its shardings
+        base = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract_base(cfg.model, lora).to_pure_dict(), base_s)
     start = time.perf_counter()
-    compiled = step.lower(state, abstract_batch(cfg, mesh, rules)).compile()
+    compiled = step.lower(state, abstract_batch(cfg, mesh, rules), base=base).compile()
     return StepReport(memory=compiled.memory_analysis(), hlo=compiled.as_text(), compile_s=time.perf_counter() - start,
                       loss_impl=step.loss_impl, mesh_shape=dict(mesh.shape), params_bytes=shard_bytes(state.params),
-                      optimizer_bytes=shard_bytes((state.opt_state, state.step)))
+                      optimizer_bytes=shard_bytes((state.opt_state, state.step)),
+                      base_bytes=shard_bytes(base) if base is not None else 0)
 
 
 def shard_bytes(tree: Any) -> int:

@@ -2,6 +2,11 @@
 
     python -m agentlm_jax.export --checkpoint runs/tiny/checkpoints --output runs/tiny/hf \\
         --tokenizer data/sample/tokenizer [--step N] [--dtype bfloat16] [--max-shard-size 5GB] [--overwrite]
+    python -m agentlm_jax.export --checkpoint runs/lora/checkpoints --output runs/lora/adapter --peft
+
+A LoRA run's checkpoint exports as the merged model (base + alpha/r · A·B, in --dtype), its base loaded from
+the reference the run recorded; with --peft, as a PEFT adapter directory (adapter_config.json +
+adapter_model.safetensors) for `peft.PeftModel.from_pretrained(base, dir)` or vLLM's `--lora-modules`.
 
 The source is a training run's orbax checkpoint directory (latest step unless --step) or a Hugging Face
 directory (re-export: change dtype or shard size). The result loads with
@@ -57,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=shard_size_arg, default=ExportConfig.max_shard_size,
                    help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (GB = 10^9; a larger single tensor gets "
                    "its own file; default %(default)s)")
+    p.add_argument("--peft", action="store_true", help="a LoRA run's checkpoint: write its adapters as a PEFT "
+                   "adapter directory instead of the merged model")
     p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights of an --hf source "
                    "(trusted files only)")
     cli.add_mesh_args(p, fsdp=-1)
@@ -78,6 +85,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_output(args.output, overwrite=args.overwrite, flag="--output")
     if args.tokenizer:
         check_tokenizer(args.tokenizer)
+    if args.peft and not args.checkpoint:
+        raise ConfigError("--peft exports the adapters of a LoRA run's --checkpoint; --hf holds no adapters")
 
 
 def export(args: argparse.Namespace) -> dict:
@@ -85,6 +94,13 @@ def export(args: argparse.Namespace) -> dict:
     distributed.initialize(args.distributed)
     mesh = cli.cli_mesh(args)
     cli.require_all_devices(mesh)
+    if args.peft:
+        from agentlm_jax.lora import export_checkpoint_adapter
+
+        config = export_checkpoint_adapter(args.checkpoint, args.output, step=args.step, overwrite=args.overwrite)
+        log.info("wrote the PEFT adapter (rank %d, alpha %g, %s) to %s", config["r"], config["lora_alpha"],
+                 ",".join(config["target_modules"]), args.output)
+        return config
     source = args.checkpoint or args.hf
     tokenizer = args.tokenizer or default_tokenizer(source, step=args.step)  # reads the run's info with orbax
     if tokenizer is not None and not args.tokenizer:

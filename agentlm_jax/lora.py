@@ -261,3 +261,32 @@ def import_peft(adapter_dir: str, cfg: ModelConfig, lora: LoraConfig, *, mesh: M
     arrays = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), host, shardings)
     nnx.replace_by_pure_dict(abstract, arrays)
     return abstract
+
+
+def export_checkpoint_adapter(checkpoint_dir: str, output_dir: str, *, step: int | None = None,
+                              overwrite: bool = False) -> dict:
+    """A LoRA run's checkpoint (latest intact step by default) → a PEFT adapter directory."""
+    from agentlm_jax.training.checkpointing import (CONFIG, PARAMS, Checkpointer, lora_config_from_run_info,
+                                                    resolve_checkpoint_dir)
+
+    with Checkpointer(resolve_checkpoint_dir(checkpoint_dir), read_only=True) as ckpt:
+        if step is None:
+            step = ckpt.usable_step(items=(CONFIG, PARAMS))
+        step = ckpt._step_or_latest(step)
+        info = ckpt.run_info(step)
+        if not lora_config_from_run_info(info).enabled:
+            raise ConfigError(f"--peft: the checkpoints in {checkpoint_dir} are of a full fine-tuning run, not a LoRA "
+                              f"one (lora.enabled=false); export the model without --peft")
+        from agentlm_jax.config import TrainConfig
+        from agentlm_jax.config.loading import from_dict
+        from agentlm_jax.hf.load import default_mesh
+        from agentlm_jax.training.state import abstract_params
+
+        run_cfg = from_dict(TrainConfig, info["config"])
+        abstract = abstract_params(run_cfg.model, run_cfg.lora).to_pure_dict()
+        device = jax.sharding.SingleDeviceSharding(default_mesh().devices.flat[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+        adapters = ckpt.restore_params(step, target)
+    base_ref = (info.get("lora_base") or {}).get("init_from")
+    return export_peft(adapters, run_cfg.model, run_cfg.lora, output_dir, base_model_name_or_path=base_ref,
+                       overwrite=overwrite)

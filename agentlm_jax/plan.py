@@ -86,12 +86,16 @@ def describe(cfg: TrainConfig, topology: str, report, hbm: float, fits: bool) ->
 
     m = report.memory
     chips = math.prod(report.mesh_shape.values())
-    other_args = m.argument_size_in_bytes - report.params_bytes - report.optimizer_bytes
+    other_args = m.argument_size_in_bytes - report.params_bytes - report.optimizer_bytes - report.base_bytes
     total = report.total_bytes
     yield (f"{topology}: {chips} chips, {hbm / GIB:.0f} GiB HBM each; mesh "
            + " ".join(f"{k}={v}" for k, v in report.mesh_shape.items())
            + f"; loss {report.loss_impl}; remat {cfg.model.remat}; {cfg.data.micro_batches} micro-batch(es) of "
              f"{cfg.micro_batch} x {cfg.data.max_seq_len}")
+    if cfg.lora.enabled:
+        yield (f"  LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)}: frozen base ({cfg.lora.base_dtype}) "
+               f"{report.base_bytes / GIB:.2f} GiB per chip; the parameters and optimizer state below are the "
+               f"adapters'")
     yield (f"  per chip: parameters {report.params_bytes / GIB:.2f} GiB, optimizer state "
            f"{report.optimizer_bytes / GIB:.2f} GiB, batch and other arguments {other_args / GIB:.2f} GiB, "
            f"temporaries (gradients, activations, gathered parameters) {m.temp_size_in_bytes / GIB:.2f} GiB, "

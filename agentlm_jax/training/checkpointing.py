@@ -372,6 +372,51 @@ def model_config_from_run_info(info: dict[str, Any]) -> ModelConfig:
     return from_dict(ModelConfig, info["config"]["model"], "model")
 
 
+def lora_config_from_run_info(info: dict[str, Any]):
+    """The run's LoraConfig (disabled for runs saved before LoRA existed)."""
+    from agentlm_jax.config.schema import LoraConfig
+
+    return from_dict(LoraConfig, info["config"].get("lora") or {}, "lora")
+
+
+def _mesh_of(shardings: Any):
+    from jax.sharding import NamedSharding
+
+    for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        if isinstance(s, NamedSharding):
+            return s.mesh
+    return None
+
+
+def load_lora_checkpoint(ckpt: "Checkpointer", step: int, info: dict[str, Any], shardings: Any = None
+                         ) -> tuple[Any, dict, dict]:
+    """(TrainConfig, adapters, frozen base) of a LoRA run's checkpoint: the adapters restored, the base loaded
+    from the reference the run recorded (its init_from, or its random seed) and checked against its content
+    hash. `shardings`: as for `load_model_params` (a function of the abstract parameters, or None)."""
+    from agentlm_jax.config import TrainConfig
+    from agentlm_jax.hf.load import default_mesh
+    from agentlm_jax.lora import check_base, load_base
+    from agentlm_jax.sharding import state_shardings
+
+    run_cfg = from_dict(TrainConfig, info["config"])
+    abstract = abstract_params(run_cfg.model, run_cfg.lora)
+    if callable(shardings):
+        target_s = shardings(abstract)
+        mesh = _mesh_of(target_s)
+    else:
+        mesh = _mesh_of(shardings) if shardings is not None else None
+        mesh = mesh or default_mesh()
+        target_s = state_shardings(abstract, mesh, run_cfg.mesh.rules)
+    if isinstance(target_s, nnx.State):
+        target_s = target_s.to_pure_dict()
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract.to_pure_dict(), target_s)
+    adapters = ckpt.restore_params(step, target)
+    base, base_info = load_base(run_cfg, mesh, run_cfg.mesh.rules, show_progress=False)
+    check_base(info.get("lora_base"), base_info, f"the LoRA checkpoint of step {step} in {ckpt.directory}")
+    return run_cfg, adapters, base
+
+
 def load_model_params(checkpoint_dir: str, step: int | None = None,
                       shardings: Any | Callable[[nnx.State], Any] | None = None) -> tuple[ModelConfig, nnx.State]:
     """(ModelConfig, params nnx.State) from a training run's checkpoints (latest step by default).
@@ -382,12 +427,27 @@ def load_model_params(checkpoint_dir: str, step: int | None = None,
     ShapeDtypeStructs) to such a tree; None = all on the first device. Only the parameters are read, never
     the optimizer state. Their files are verified against the checksums saved with them first: a damaged
     `step` is an error (CheckpointDamagedError, naming the files); by default the newest intact step is used.
+    A LoRA run's checkpoint gives the merged model (base + alpha/r · A·B), its base loaded from the run's
+    reference (and refused if its content hash differs from the recorded one).
     """
     with Checkpointer(resolve_checkpoint_dir(checkpoint_dir), read_only=True) as ckpt:
         if step is None:
             step = ckpt.usable_step(items=(CONFIG, PARAMS))  # None if there is no checkpoint: raised just below
         step = ckpt._step_or_latest(step)
-        cfg = model_config_from_run_info(ckpt.run_info(step))
+        info = ckpt.run_info(step)
+        cfg = model_config_from_run_info(info)
+        if lora_config_from_run_info(info).enabled:  # adapters over a frozen base: merged into the plain model
+            import jax.numpy as jnp
+
+            from agentlm_jax.model.lora import merged_params
+
+            run_cfg, adapters, base = load_lora_checkpoint(ckpt, step, info, shardings)
+            dtype = jnp.promote_types(jnp.dtype(run_cfg.lora.base_dtype), jnp.dtype(cfg.param_dtype))
+            merged = jax.jit(lambda b, a: merged_params(b, a, cfg, run_cfg.lora, dtype))(base, adapters)
+            abstract = abstract_params(cfg)
+            nnx.replace_by_pure_dict(abstract, merged)
+            log.info("loaded the LoRA adapters of step %d from %s, merged into their base", step, checkpoint_dir)
+            return cfg, abstract
         abstract = abstract_params(cfg)
         if callable(shardings):
             shardings = shardings(abstract)

@@ -42,7 +42,8 @@ LEASE_STALE_S = 300.0
 
 # Settings a resumed run must share with its checkpoint: they decide the data order (the input iterator's
 # state only makes sense for them) or the meaning of the saved step.
-RESUME_KEYS = ("seed", "data.global_batch", "data.max_seq_len", "data.packing_bins", "data.overlong")
+RESUME_KEYS = ("seed", "data.global_batch", "data.max_seq_len", "data.packing_bins", "data.overlong",
+               "lora.enabled", "lora.rank", "lora.alpha", "lora.targets", "lora.base_dtype")
 
 
 class RunInUseError(SetupError):

@@ -48,8 +48,8 @@ from agentlm_jax.training.optimizer import learning_rate_schedule, make_optimize
 from agentlm_jax.training.run_dir import TOKENIZER_SUBDIR as RUN_TOKENIZER_SUBDIR
 from agentlm_jax.training.run_dir import Every, RunLock, WorkerLog, check_resume, copy_tokenizer, data_identity, \
     write_config
-from agentlm_jax.training.state import TrainState, abstract_params, abstract_train_state, init_train_state, \
-    train_state_shardings
+from agentlm_jax.training.state import TrainState, abstract_params, abstract_train_state, base_shardings, \
+    init_train_state, train_state_shardings
 from agentlm_jax.training.step import TrainStep, check_batch_layout
 from data_pipeline.formats.dataset import has_manifest, load_manifest, manifest_tokenizer_path
 
@@ -137,22 +137,31 @@ class Trainer:
                               f"is {cfg.model.vocab_size}: set model.vocab_size={vocab} (or use a model config "
                               f"made for this tokenizer)")
         self.tokenizer_dir = self._check_tokenizer()
-        if cfg.export.enabled:  # a bad export setting shows now, not after the last step
-            from agentlm_jax.hf.save import check_output, parse_size
+        from agentlm_jax.hf.save import check_output, parse_size
 
+        if cfg.export.enabled:  # a bad export setting shows now, not after the last step
             try:
                 parse_size(cfg.export.max_shard_size)
             except ConfigError as e:
                 raise ConfigError(f"export.max_shard_size: {e}") from None
             check_output(cfg.export_path, overwrite=True, flag="export.path")
         self.identity = data_identity(self.manifest)
+        # LoRA: the state's params are the adapters; the frozen base is loaded when the run starts (load_base)
+        self.lora = cfg.lora if cfg.lora.enabled else None
+        self.base_info: dict | None = None
+        if self.lora is not None:
+            self._check_lora_inputs()
+            if cfg.export.enabled:
+                check_output(cfg.adapter_path, overwrite=True, flag="lora.adapter_path")
 
-        self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, abstract_params(cfg.model))
+        self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, abstract_params(cfg.model, self.lora))
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
-        self.shardings = train_state_shardings(cfg.model, self.optimizer, self.mesh, self.rules)
+        self.shardings = train_state_shardings(cfg.model, self.optimizer, self.mesh, self.rules, lora=self.lora)
         self.step_fn = TrainStep(cfg.model, self.optimizer, self.schedule, mesh=self.mesh, rules=self.rules,
                                  state_shardings=self.shardings, data=cfg.data, loss=cfg.loss,
-                                 num_tasks=len(self.tasks))
+                                 num_tasks=len(self.tasks), lora=self.lora,
+                                 base_shardings=base_shardings(cfg.model, self.lora, self.mesh, self.rules)
+                                 if self.lora else None)
         self.lock = RunLock(cfg.run_dir).acquire() if self.is_main else None
         self._release_lock = weakref.finalize(self, self.lock.release) if self.lock else lambda: None
         try:
@@ -179,6 +188,27 @@ class Trainer:
         self.run_info = {"config": to_dict(cfg), "tasks": self.tasks, "data_dir": self.data_dir,
                          "data_identity": self.identity,
                          "tokenizer_path": f"{cfg.run_dir.rstrip('/')}/{RUN_TOKENIZER_SUBDIR}"}
+
+    def _check_lora_inputs(self) -> None:
+        """What a LoRA run reads besides the base: a PEFT adapter to continue from must match lora.*."""
+        if self.cfg.lora.init_adapter:
+            from agentlm_jax.lora import check_adapter_config, read_adapter_config
+
+            where = f"lora.init_adapter={self.cfg.lora.init_adapter}"
+            check_adapter_config(read_adapter_config(self.cfg.lora.init_adapter), self.cfg.lora, where)
+
+    def load_base(self) -> dict:
+        """The frozen base of a LoRA run (init_from or random), placed on its shardings; records its reference
+        and content hash in the run info (saved with every checkpoint)."""
+        from agentlm_jax.lora import load_base
+
+        if self.step_fn.base is None:
+            self._info("loading the frozen LoRA base (%s, %s)", self.cfg.init_from or f"random, seed {self.cfg.seed}",
+                       self.cfg.lora.base_dtype)
+            self.step_fn.base, self.base_info = load_base(self.cfg, self.mesh, self.rules,
+                                                          show_progress=self.is_main)
+            self.run_info["lora_base"] = self.base_info
+        return self.step_fn.base
 
     def _check_tokenizer(self) -> str:
         """The dataset's tokenizer directory, loaded once now: a dataset moved without it (or a broken copy)
@@ -208,9 +238,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the state
     def initial_state(self) -> TrainState:
-        """Parameters from `init_from` (a Hugging Face Llama dir) or random, and a fresh optimizer state."""
+        """Parameters from `init_from` (a Hugging Face Llama dir) or random, and a fresh optimizer state. With
+        LoRA: fresh adapters (A random, B = 0) or those of `lora.init_adapter`, over the frozen base."""
         cfg = self.cfg
-        if cfg.init_from:
+        if self.lora is not None:
+            from agentlm_jax.model.lora import init_adapters
+
+            self.load_base()
+            if cfg.lora.init_adapter:
+                from agentlm_jax.lora import import_peft
+
+                self._info("adapters from the PEFT adapter %s", cfg.lora.init_adapter)
+                params = import_peft(cfg.lora.init_adapter, cfg.model, cfg.lora, mesh=self.mesh, rules=self.rules)
+            else:
+                params = init_adapters(cfg.model, cfg.lora, seed=cfg.seed, mesh=self.mesh, rules=self.rules)
+        elif cfg.init_from:
             from agentlm_jax.hf import CONFIG_NAME, ArchitectureMismatchError, import_hf
 
             fs, root = fsspec.core.url_to_fs(cfg.init_from)
@@ -242,13 +284,19 @@ class Trainer:
         if latest is None:
             self._info("starting from %s", self.cfg.init_from or f"random weights (seed {self.cfg.seed})")
             return self.initial_state()
-        abstract = abstract_train_state(self.shardings, self.cfg.model, self.optimizer)
+        abstract = abstract_train_state(self.shardings, self.cfg.model, self.optimizer, self.lora)
         try:  # verifies the files; a damaged step is logged (naming its files) and the previous one tried
             restored = self.checkpointer.restore_latest(abstract, self.train_data)
         except ValueError as e:
             if "input iterator" not in str(e):
                 raise
             raise ConfigError(f"cannot resume {self.cfg.run_dir}: {e}") from None
+        if self.lora is not None:  # the adapters only make sense over the base they were trained on
+            from agentlm_jax.lora import check_base
+
+            self.load_base()
+            check_base(self.checkpointer.run_info(restored.step).get("lora_base"), self.base_info,
+                       f"cannot resume {self.cfg.run_dir}")
         self._info("resumed from the checkpoint of step %d in %s", restored.step, self.cfg.checkpoint_dir)
         return restored.state
 
@@ -309,6 +357,12 @@ class Trainer:
         tokens_per_step = cfg.data.global_batch * cfg.data.max_seq_len
         peak, peak_source = peak_flops(cfg.logging.peak_flops_per_device)
         throughput = Throughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.max_seq_len), peak)
+        if self.lora is not None:
+            from agentlm_jax.model.lora import count_adapter_params
+
+            self._info("LoRA: %.2fM trainable adapter parameters (rank %d, alpha %g, targets %s) over a frozen "
+                       "%s base", count_adapter_params(cfg.model, cfg.lora) / 1e6, cfg.lora.rank, cfg.lora.alpha,
+                       ",".join(cfg.lora.targets), cfg.lora.base_dtype)
         self._info("model: %.1fM parameters; mesh %s; loss %s; %d micro-batch(es) of %d x %d; peak %.3g FLOP/s (%s)",
                    count_params(cfg.model) / 1e6, dict(self.mesh.shape), self.step_fn.loss_impl, cfg.data.micro_batches,
                    cfg.micro_batch, cfg.data.max_seq_len, peak, peak_source)
@@ -443,8 +497,19 @@ class Trainer:
 
         path = self.cfg.export_path
         tokenizer = self.run_info["tokenizer_path"]
+        params = state.params
+        if self.lora is not None:
+            from agentlm_jax.lora import export_peft, merged_export_params
+
+            adapter_dir = self.cfg.adapter_path
+            self._info("writing the PEFT adapter to %s", adapter_dir)
+            export_peft(state.params, self.cfg.model, self.cfg.lora, adapter_dir,
+                        base_model_name_or_path=self.cfg.init_from, overwrite=True)
+            params = merged_export_params(self.step_fn.base, state.params, self.cfg.model, self.cfg.lora,
+                                          self.cfg.export.dtype)
+            self._info("exporting the merged model (base + alpha/r A·B)")
         self._info("exporting the Hugging Face checkpoint to %s (tokenizer: %s)", path, tokenizer)
-        export_hf(state.params, self.cfg.model, path, dtype=self.cfg.export.dtype,
+        export_hf(params, self.cfg.model, path, dtype=self.cfg.export.dtype,
                   max_shard_size=self.cfg.export.max_shard_size, tokenizer_path=tokenizer, overwrite=True,
                   show_progress=self.is_main and self.cfg.logging.progress_bar)
         return path
