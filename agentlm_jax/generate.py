@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: a Hugging Face --model's own "
                    "tokenizer files; for an orbax checkpoint, the tokenizer the training run recorded)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the Llama-2-chat training template")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template the model was trained "
+                   "with (its tokenizer's chat_template.jinja; without one, the Llama-2-chat template)")
     p.add_argument("--system-prompt", default=None, help="system prompt for --chat (default: the training one; "
                    "\"\" for none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128,
@@ -88,11 +89,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool, system_prompt: str | None) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool, system_prompt: str | None,
+                   tokenizer_dir: str | None = None) -> list[list[int]]:
+    """Prompt ids: plain text after BOS, or (`chat`) the user message in the chat template the data was built
+    with (the tokenizer directory's chat_template.jinja: a Jinja template through apply_chat_template with the
+    generation prompt; without one, the paper's Llama 2 template). `system_prompt` None: the training default
+    (Llama 2's prompt; none for a Jinja template, whose own default then applies)."""
     if not chat:  # `<s>` first, as every training block began (the pipeline's tokenizer adds no BOS itself)
         return [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in prompts]
+    from agentlm_jax.hf.tokenizer import training_chat_template
     from data_pipeline.formats.chat_template import DEFAULT_SYSTEM_PROMPT, encode_generation_prompt
 
+    template, is_llama2 = training_chat_template(tokenizer_dir) if tokenizer_dir else (None, True)
+    if not is_llama2:
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        return [list(tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], chat_template=template,
+                                                   add_generation_prompt=True, tokenize=True, return_dict=False))
+                for p in prompts]
     system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
     return [encode_generation_prompt([{"role": "user", "content": p}], tokenizer, system_prompt=system)
             for p in prompts]
@@ -128,7 +141,8 @@ def generate(args: argparse.Namespace) -> list[dict]:
     tokenizer = load_tokenizer(tokenizer_dir)
     cfg, model = load_model(args.model, step=args.step, dtype=args.dtype, mesh=mesh,
                             show_progress=distributed.is_main_process())
-    prompts = encode_prompts(tokenizer, args.prompt, chat=args.chat, system_prompt=args.system_prompt)
+    prompts = encode_prompts(tokenizer, args.prompt, chat=args.chat, system_prompt=args.system_prompt,
+                             tokenizer_dir=tokenizer_dir)
     sampling = (SamplingConfig(greedy=True) if args.greedy else
                 SamplingConfig(greedy=False, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k))
     stop_ids = sorted({*cfg.stop_token_ids, tokenizer.eos_token_id} - {None})

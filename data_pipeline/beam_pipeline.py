@@ -225,7 +225,7 @@ class Encode(beam.DoFn):
     for the plan: (the rows' keys, the tally, the rejected rows)."""
     SUMMARY = "summary"
 
-    def __init__(self, tokenizer: StagedTokenizer, max_seq_len: int, system_prompt: str,
+    def __init__(self, tokenizer: StagedTokenizer, max_seq_len: int, system_prompt: str | None,
                  reward_thresholds: dict[str, float], spill_dir: str | None,
                  template: TemplateSpec | None = None, special_tokens: dict[str, str] | None = None,
                  record_formats: dict[str, str] | None = None):
@@ -444,7 +444,7 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
     records_read = read[ReadBatches.COUNTS] | "CountRecords" >> beam.CombineGlobally(sum)
     encoded = (read.batches
                | "SpreadBatches" >> beam.GroupByKey()
-               | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.system_prompt, cfg.reward_thresholds,
+               | "Encode" >> beam.ParDo(Encode(tokenizer, cfg.max_seq_len, cfg.effective_system_prompt, cfg.reward_thresholds,
                                                spill_dir, template, special_tokens,
                                                {s.name: s.record_format for s in cfg.agent + cfg.general}),
                                         beam.pvalue.AsSingleton(records_read))
@@ -461,4 +461,5 @@ def build_graph(p: beam.Pipeline, cfg: PipelineConfig, read_tasks: list[ReadTask
 
 
 def manifest_config(cfg: PipelineConfig) -> dict:
-    return json.loads(json.dumps(cfg.to_dict()))
+    """The config as the manifest records it: `system_prompt` is the one records without their own got."""
+    return json.loads(json.dumps(cfg.to_dict() | {"system_prompt": cfg.effective_system_prompt}))

@@ -21,6 +21,7 @@ from typing import Sequence
 from data_pipeline.config import RECORD_FORMATS, PipelineConfig, SourceConfig, expand_path, load_config
 from data_pipeline.errors import BuildError, ConfigError, SourceError, TemplateError, TokenizerError
 from data_pipeline.formats import records
+from data_pipeline.formats.chat_template import DEFAULT_SYSTEM_PROMPT
 from data_pipeline.formats.dataset import SAMPLE_DATASET_DIR, TOKENIZER_SUBDIR, load_manifest
 from data_pipeline.runner import (DEFAULT_DIRECT_MODE, DEFAULT_DIRECT_WORKERS, DEFAULT_RUNNER, local_runner,
                                   one_tokenizer_thread_per_worker)
@@ -85,7 +86,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "must be empty unless --overwrite")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --output, once the new build has succeeded (a failed build leaves it as it was)")
-    g.add_argument("--system-prompt", help=f"system prompt of records without one (default {d.system_prompt!r})")
+    g.add_argument("--system-prompt", help=f"system prompt of records without one (default: {DEFAULT_SYSTEM_PROMPT!r} "
+                   "with the llama2 template; none with a Jinja template, which then writes its own default, as a "
+                   "server does; \"\" for none)")
     g.add_argument("--reward-threshold", type=_threshold, action="append", metavar="TASK=VALUE",
                    help="keep records whose reward >= VALUE for TASK ('default' for all other tasks); "
                         f"repeatable (default {d.reward_thresholds})")
@@ -339,7 +342,7 @@ def run(cfg: PipelineConfig, beam_args: Sequence[str] = (), verbose: bool = Fals
         log.info("chat template %s (%s, sha256 %s, mask from %s)", template.name, template.source,
                  template.sha256[:12], "{% generation %}" if template.mask == "generation" else "prefix renderings")
     serialized = serialize_tokenizer(tokenizer)
-    if found := ChatEncoder.from_serialized(*serialized).special_token_text(cfg.system_prompt):
+    if found := ChatEncoder.from_serialized(*serialized).special_token_text(cfg.effective_system_prompt):
         raise TokenizerError(f"--system-prompt contains {found!r}, the text of a special token of the tokenizer: "
                              "a Hugging Face client would read it as that token; remove it")
     if leftovers := leftover_staging_dirs(cfg.output):

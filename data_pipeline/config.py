@@ -125,7 +125,9 @@ class PipelineConfig:
     num_validation_shards: int = 1
     seed: int = 0
     output: str = SAMPLE_DATASET_DIR
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # None: the template's default: the paper's DEFAULT_SYSTEM_PROMPT for llama2; none for a Jinja template, which
+    # then writes its own default (as a server does when a client sends no system message). "" = none at all.
+    system_prompt: str | None = None
     # A record with a reward is kept when reward >= its task's threshold ("default" for other tasks).
     reward_thresholds: dict[str, float] = dataclasses.field(default_factory=_agenttuning_thresholds)
     tokenize_batch_size: int = 256  # records per batch from reader to encoder: one tokenizer call each
@@ -168,6 +170,13 @@ class PipelineConfig:
             raise ValueError("chat_template must be llama2, hf or the path of a Jinja file")
         if not 0.0 <= self.max_template_reject_fraction <= 1.0:
             raise ValueError(f"max_template_reject_fraction must be in [0, 1], got {self.max_template_reject_fraction}")
+
+    @property
+    def effective_system_prompt(self) -> str | None:
+        """The system prompt of records without one (what the manifest records as `system_prompt`)."""
+        if self.system_prompt is not None:
+            return self.system_prompt or None
+        return DEFAULT_SYSTEM_PROMPT if self.chat_template == "llama2" else None
 
     def reward_threshold(self, task: str) -> float:
         return self.reward_thresholds.get(task, self.reward_thresholds["default"])

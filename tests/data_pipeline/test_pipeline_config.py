@@ -76,3 +76,14 @@ def test_unknown_yaml_keys_are_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("eta: 0.2\netta: 0.3\n")
     with pytest.raises(ValueError, match="unknown pipeline config keys.*etta"):
         load_config(str(tmp_path / "c.yaml"))
+
+
+def test_the_default_system_prompt_depends_on_the_template():
+    """The paper's prompt for Llama 2; none for a Jinja template, whose own default then applies (as when a
+    client sends no system message to a server); an explicit one (or "" for none) for either."""
+    from data_pipeline.formats.chat_template import DEFAULT_SYSTEM_PROMPT
+
+    assert PipelineConfig().effective_system_prompt == DEFAULT_SYSTEM_PROMPT
+    assert PipelineConfig(chat_template="hf").effective_system_prompt is None
+    assert PipelineConfig(chat_template="hf", system_prompt="Be brief.").effective_system_prompt == "Be brief."
+    assert PipelineConfig(system_prompt="").effective_system_prompt is None

@@ -86,3 +86,23 @@ def test_a_step_orbax_cannot_restore_is_one_line(orbax_run, monkeypatch):
 
     monkeypatch.setattr(model_source, "load_model_params", unfinished)
     assert "no checkpoint for step 7" in _error_line(["--model", directory, "--step", "7", "--prompt", "hi"])
+
+
+def test_chat_prompts_use_the_template_the_data_was_built_with(tmp_path):
+    """A tokenizer directory with the dataset's chat_template.jinja (a Jinja build): the prompt is that template's
+    rendering with the generation prompt, no system message unless one is given; without one: Llama 2's."""
+    from agentlm_jax.generate import encode_prompts
+    from tests.data_pipeline import hf_fixtures as fx
+
+    tok_dir = fx.make_tokenizer_dir(tmp_path / "tok", fx.template_text("llama3.jinja"), in_config=False)
+    tok = fx.load(tok_dir)
+    got = encode_prompts(tok, ["hi there"], chat=True, system_prompt=None, tokenizer_dir=tok_dir)[0]
+    want = tok.apply_chat_template([{"role": "user", "content": "hi there"}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=False)
+    assert got == list(want)
+    assert tok.decode(got).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    with_system = encode_prompts(tok, ["hi there"], chat=True, system_prompt="Be brief.", tokenizer_dir=tok_dir)[0]
+    assert "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>" in tok.decode(with_system)
+    os.remove(os.path.join(tok_dir, "chat_template.jinja"))
+    llama2 = encode_prompts(tok, ["hi there"], chat=True, system_prompt=None, tokenizer_dir=tok_dir)[0]
+    assert "[INST]" in tok.decode(llama2) and "<<SYS>>" in tok.decode(llama2)
