@@ -21,6 +21,7 @@ input file (named with its line and reason); 2 (with the usage line) for bad com
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import posixpath
@@ -78,10 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together (default "
                    "%(default)s)")
     p.add_argument("--chat-template", default="auto", choices=["auto", "llama2", "hf"],
-                   help="dbbench/general prompts: auto (default): the tokenizer's own chat template if it has "
-                   "one (an export carries the training one), else llama2, the pipeline's default")
+                   help="dbbench/general prompts: auto (default): the template --data's manifest records (the "
+                   "one the data was built with), else the tokenizer's own (an export carries the training one), "
+                   "else llama2, the pipeline's default")
     p.add_argument("--system-prompt", default=None, help="dbbench/general: the system prompt (default: the "
-                   "training one; \"\" for none, as the paper's evaluation harness)")
+                   "one --data was built with, else the training default; \"\" for none, as the paper's "
+                   "evaluation harness)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--output", default=None, help="directory for eval.json and eval.md (default: "
                    "eval/<model name>)")
@@ -103,6 +106,23 @@ def sample_data_dir(tokenizer_dir: str) -> str:
     if proc.returncode != 0:
         raise ConfigError(f"building the sample data failed: {proc.stderr.strip().splitlines()[-1:]}")
     return out
+
+
+def _data_template(data_dir: str) -> dict | None:
+    """The chat template the dataset's manifest records (None when it has no manifest)."""
+    import fsspec
+
+    from agentlm_jax.evaluation.lm import data_template_of
+
+    path = posixpath.join(data_dir, "manifest.json")
+    try:
+        with fsspec.open(path, "rt") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON ({e.msg})") from None
+    return data_template_of(manifest, path)
 
 
 def check_records(records, vocab_size: int, where: str) -> None:
@@ -137,15 +157,17 @@ def run(args: argparse.Namespace) -> dict:
     from data_pipeline.formats.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    records = where = data_dir = None
+    records = where = data_dir = data_template = None
     if "actions" in args.suite:
         if args.data:
             data_dir = args.data
             records, where = actions.read_split(data_dir, args.split)
+            data_template = _data_template(data_dir)
         else:
             data_dir = sample_data_dir(tokenizer_dir)
             try:
                 records, where = actions.read_split(data_dir, args.split)
+                data_template = _data_template(data_dir)
             finally:
                 shutil.rmtree(os.path.dirname(data_dir), ignore_errors=True)
             data_dir = where = "the bundled sample (data_pipeline defaults)"
@@ -155,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
     if records is not None:
         check_records(records, cfg.vocab_size, where)
     lm = LM(model, tokenizer, batch_size=args.batch_size, chat_template=args.chat_template,
-            system_prompt=args.system_prompt)
+            system_prompt=args.system_prompt, data_template=data_template)
     meta = {"model": args.model, "step": args.step, "tokenizer": tokenizer_dir, "chat_template": lm.chat_template,
             "max_new_tokens": args.max_new_tokens, "model_config": {k: getattr(cfg, k) for k in (
                 "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings")},

@@ -26,14 +26,35 @@ CHAT_TEMPLATES = ("auto", "llama2", "hf")
 GREEDY = SamplingConfig(greedy=True)
 
 
+def data_template_of(manifest: dict, where: str = "manifest.json") -> dict:
+    """{"template": "llama2"|"hf", "text": Jinja text or None, "system_prompt"} of a data_pipeline manifest:
+    the chat template its examples were rendered with (older manifests without one: llama2)."""
+    entry = manifest.get("chat_template") or {"name": "llama2"}
+    system = (manifest.get("config") or {}).get("system_prompt")
+    if entry.get("name") == "llama2":
+        return {"template": "llama2", "text": None, "system_prompt": system}
+    if not entry.get("text"):
+        raise ConfigError(f"{where}: chat_template {entry.get('name')!r} has no text; rebuild the data or pass "
+                          f"--chat-template")
+    return {"template": "hf", "text": entry["text"], "system_prompt": system}
+
+
 class LM:
     def __init__(self, model, tokenizer, *, batch_size: int = 8, chat_template: str = "auto",
-                 system_prompt: str | None = None, length_multiple: int = 64):
+                 system_prompt: str | None = None, length_multiple: int = 64, data_template: dict | None = None):
+        """`chat_template`: auto | llama2 | hf. `data_template`: what a dataset's manifest says it was built
+        with (`data_template_of`); with `auto` it wins over the tokenizer's own template."""
         from data_pipeline.formats.chat_template import DEFAULT_SYSTEM_PROMPT
 
         if chat_template not in CHAT_TEMPLATES:
             raise ConfigError(f"chat template {chat_template!r}: choose one of {', '.join(CHAT_TEMPLATES)}")
-        if chat_template == "hf" and not getattr(tokenizer, "chat_template", None):
+        self.jinja = None  # the Jinja text used for `hf` (None: the tokenizer's own)
+        if chat_template == "auto" and data_template is not None:
+            chat_template = data_template["template"]
+            self.jinja = data_template.get("text")
+            if system_prompt is None:
+                system_prompt = data_template.get("system_prompt")
+        if chat_template == "hf" and not (self.jinja or getattr(tokenizer, "chat_template", None)):
             raise ConfigError("--chat-template hf: the tokenizer has no chat template; use llama2")
         if chat_template == "auto":
             chat_template = "hf" if getattr(tokenizer, "chat_template", None) else "llama2"
@@ -62,8 +83,10 @@ class LM:
         stops = set(self.generator.stop_ids.tolist())
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            result = self.generator([prompts[i] for i in chunk], max_new_tokens=max(budgets[i] for i in chunk),
-                                    sampling=GREEDY)
+            new = max(budgets[i] for i in chunk)
+            # Never past the model's positions (the batch's prompts are of similar lengths: sorted).
+            new = max(1, min(new, self.max_length - max(len(prompts[i]) for i in chunk)))
+            result = self.generator([prompts[i] for i in chunk], max_new_tokens=new, sampling=GREEDY)
             for i, ids in zip(chunk, result.tokens):
                 ids = ids[:budgets[i]]
                 out[i] = ids[:-1] if ids and ids[-1] in stops else ids
@@ -83,7 +106,9 @@ class LM:
 
             return encode_generation_prompt(list(messages), self.tokenizer, system_prompt=self.system_prompt or None)
         history = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + list(messages)
-        return list(self.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True))
+        text = self.tokenizer.apply_chat_template(history, chat_template=self.jinja, add_generation_prompt=True,
+                                                  tokenize=False)
+        return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids  # as the pipeline
 
     # ------------------------------------------------------------------------------------------ log-likelihood
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]], candidates: Sequence[int]) -> np.ndarray:
