@@ -37,6 +37,7 @@ from agentlm_jax.progress import format_duration
 log = logging.getLogger("agentlm_jax.sweep")
 DEFAULT_ETAS = (0.0, 0.1, 0.2, 0.5, 1.0)
 OWN_KEYS = ("data.path", "run_dir")
+VALIDATION_KEYS = ("val/loss", "val/agent_loss", "val/general_loss")  # the trainer's metrics.jsonl keys
 
 
 def eta_list(text: str) -> list[float]:
@@ -101,7 +102,7 @@ def _last_metrics(run_dir: str) -> dict:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                for key in ("step", "loss", "eval_loss", "eval/loss"):
+                for key in ("step", "loss", *VALIDATION_KEYS):
                     if key in record:
                         out[key] = record[key]
     return out
@@ -116,6 +117,9 @@ def row_of(eta: float, point_dir: str) -> dict:
     row = {"eta": eta, "eta_achieved": manifest["mix"].get("eta_achieved"),
            "train_examples": manifest["splits"]["train"]["examples"], "steps": train.get("step"),
            "final_loss": train.get("loss")}
+    # Validation losses on the point's own validation split (its mix: not comparable across η; the
+    # suites below are on one common set).
+    row.update({key.replace("/", "_"): train.get(key) for key in VALIDATION_KEYS})
     if "actions" in results:
         row["actions_accuracy"] = results["actions"]["overall"]["accuracy"]
         row["actions_macro_accuracy"] = results["actions"]["overall"]["macro_accuracy"]
@@ -155,7 +159,13 @@ def write_plot(rows: list[dict], path: str) -> None:
     ax.set_xlabel("η (agent share of the training examples)")
     ax.set_ylabel("score")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend()
+    losses = [(r["eta"], r["final_loss"]) for r in rows if r.get("final_loss") is not None]
+    if losses:
+        twin = ax.twinx()
+        twin.plot(*zip(*losses), color="grey", linestyle="--", marker="x", label="final training loss")
+        twin.set_ylabel("loss")
+        twin.legend(loc="upper right")
+    ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -30,3 +30,10 @@ def test_metrics_and_fresh_weights(sample_data, tokenizer):
     after = lm.complete(prompt, max_new_tokens=8)
     assert after == LM(model, tokenizer).complete(prompt, max_new_tokens=8)
     assert after != before
+
+    # As the trainer would call it: a new model object merged from the train state's parameters each time.
+    graphdef, _ = nnx.split(model)
+    merged = nnx.merge(graphdef, nnx.state(init_model(TINY_EVAL, seed=3)))
+    evaluate_in_loop(merged, tokenizer, records, max_items=1, max_new_tokens=8, lm_cache=cache)
+    assert cache["lm"] is lm
+    assert lm.complete(prompt, max_new_tokens=8) == LM(merged, tokenizer).complete(prompt, max_new_tokens=8)
