@@ -106,6 +106,8 @@ def test_an_unknown_topology_is_a_clear_error():
     ("llama2-70b", "v5p-128", []),
     ("llama2-70b", "v5e-256", []),
     ("llama3.1-8b", "v4-32", []),  # (v5e-16 does not fit them, even with 4 micro-batches)
+    ("llama3.1-8b", "v5e-32", []),
+    ("qwen2.5-7b", "v5e-32", []),
     ("qwen2.5-7b", "v4-32", []),
 ])
 def test_each_shipped_config_fits_the_slice_its_comment_names(config_name, slice_, overrides):
