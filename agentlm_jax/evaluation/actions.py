@@ -15,16 +15,15 @@ interactive episode (what the paper reports).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections import defaultdict
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from agentlm_jax.errors import ConfigError
 from agentlm_jax.evaluation.extractors import extractor_for
 from agentlm_jax.progress import Progress
 
-log = logging.getLogger(__name__)
 
 # (prompts, max_new_tokens per prompt) -> new token ids per prompt (stop token removed)
 CompleteFn = Callable[[Sequence[Sequence[int]], Sequence[int]], list[list[int]]]
@@ -53,11 +52,11 @@ def record_turns(record, *, where: str = "") -> list[Turn]:
     mask = np.asarray(record.loss_mask)
     bad = np.setdiff1d(np.unique(mask), [0, 1])
     if bad.size:
-        raise ValueError(f"{where}record {record.id!r}: loss_mask holds {bad.tolist()}, expected only 0 and 1")
+        raise ConfigError(f"{where}record {record.id!r}: loss_mask holds {bad.tolist()}, expected only 0 and 1")
     turns = []
     for k, (a, b) in enumerate(loss_runs(mask)):
         if a == 0:
-            raise ValueError(f"{where}record {record.id!r}: its first token carries loss, so turn {k} has no "
+            raise ConfigError(f"{where}record {record.id!r}: its first token carries loss, so turn {k} has no "
                              f"prompt; was it built by data_pipeline?")
         turns.append(Turn(record.id, record.task, k, ids[:a].tolist(), ids[a:b].tolist()))
     return turns
@@ -161,5 +160,8 @@ def read_split(data_dir: str, split: str = "validation"):
         paths = split_files(data_dir, split)
     except (FileNotFoundError, ValueError) as e:
         raise MissingInputError(f"--data {data_dir}: {e}") from None
-    source = TFRecordSource(paths)
-    return [source[i] for i in range(len(source))], f"{data_dir} ({split}): "
+    try:
+        source = TFRecordSource(paths)
+        return [source[i] for i in range(len(source))], f"{data_dir} ({split}): "
+    except ValueError as e:  # records.CorruptRecordError and undecodable examples; the message names the file
+        raise ConfigError(f"--data {data_dir}: {e}") from None

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from agentlm_jax.errors import ConfigError
 from agentlm_jax.evaluation import actions
 from agentlm_jax.evaluation.actions import evaluate_actions, loss_runs, read_split, record_turns
 from data_pipeline.formats.records import Record
@@ -37,10 +38,10 @@ def test_turns_are_the_loss_runs_with_everything_before_as_prompt(records):
 
 def test_bad_records_are_named():
     bad = Record(np.arange(1, 5, dtype=np.int32), np.array([0, 2, 1, 0], np.int32), "agent", "os", "os_7")
-    with pytest.raises(ValueError, match=r"data/x \(validation\): record 'os_7': loss_mask holds \[2\]"):
+    with pytest.raises(ConfigError, match=r"data/x \(validation\): record 'os_7': loss_mask holds \[2\]"):
         record_turns(bad, where="data/x (validation): ")
     first = Record(np.arange(1, 5, dtype=np.int32), np.array([1, 1, 0, 0], np.int32), "agent", "os", "os_8")
-    with pytest.raises(ValueError, match="record 'os_8': its first token carries loss"):
+    with pytest.raises(ConfigError, match="record 'os_8': its first token carries loss"):
         record_turns(first)
 
 

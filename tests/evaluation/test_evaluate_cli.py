@@ -45,6 +45,9 @@ def test_user_errors_before_loading(tiny_hf_dir, tmp_path, no_loading):
         evaluate.main, ["--model", tiny_hf_dir, "--suite", "actions", "--data", "/no/data"])
     assert f"--data {tmp_path}: no validation-*-of-*.tfrecord shards" in error_line(
         evaluate.main, ["--model", tiny_hf_dir, "--suite", "actions", "--data", str(tmp_path)])
+    (tmp_path / "validation-00000-of-00001.tfrecord").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage")
+    message = error_line(evaluate.main, ["--model", tiny_hf_dir, "--suite", "actions", "--data", str(tmp_path)])
+    assert f"--data {tmp_path}: " in message and "validation-00000-of-00001.tfrecord" in message
 
 
 def test_bad_suite_is_a_usage_error(capsys):
