@@ -52,8 +52,9 @@ class LM:
         if chat_template == "auto" and data_template is not None:
             chat_template = data_template["template"]
             self.jinja = data_template.get("text")
-            if system_prompt is None:
-                system_prompt = data_template.get("system_prompt")
+            if system_prompt is None:  # the effective one the manifest records; none: llama2's default / no system
+                recorded = data_template.get("system_prompt")
+                system_prompt = recorded if recorded is not None else (None if chat_template == "llama2" else "")
         if chat_template == "hf" and not (self.jinja or getattr(tokenizer, "chat_template", None)):
             raise ConfigError("--chat-template hf: the tokenizer has no chat template; use llama2")
         if chat_template == "auto":
