@@ -7,8 +7,8 @@ against transformers on every record) versus the Llama 2 path and versus `datase
 
 Input: the bundled sample's conversations that the pipeline keeps (bench_pipeline.sample_conversations), or those
 of `--input` (e.g. 2,000 real ShareGPT conversations), repeated
-with fresh ids to N conversations in one JSONL file; the same conversations as OpenAI `messages` (with the
-pipeline's default system prompt) for `datasets.map`.
+with fresh ids to N conversations in one JSONL file; the same conversations as OpenAI `messages` (no system
+message, as the hf build renders them) for `datasets.map`.
 
   datasets.map    `datasets.load_dataset("json")` + `Dataset.map(batched=True)` calling
                   `tokenizer.apply_chat_template(batch["messages"], tokenize=True)`: rendering and tokenizing
@@ -38,7 +38,7 @@ def write_messages(rows: list[dict], n: int, path: str, system_prompt: str) -> N
     with open(path, "w") as f:
         for i in range(n):
             turns = rows[i % len(rows)]["conversations"]
-            messages = [{"role": "system", "content": system_prompt}]
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
             for u, a in zip(turns[::2], turns[1::2]):
                 messages += [{"role": "user", "content": u["value"]}, {"role": "assistant", "content": a["value"]}]
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
@@ -100,7 +100,6 @@ def main(argv=None) -> list[dict]:
     import transformers  # noqa: F401
 
     import data_pipeline.beam_pipeline  # noqa: F401
-    from data_pipeline.formats.chat_template import DEFAULT_SYSTEM_PROMPT
 
     rows = sample_conversations(args.input)
     results = []
@@ -110,7 +109,7 @@ def main(argv=None) -> list[dict]:
         for n in (int(s) for s in args.sizes.split(",")):
             records, messages = os.path.join(tmp, f"convs-{n}.jsonl"), os.path.join(tmp, f"messages-{n}.jsonl")
             write_scaled(rows, n, records)
-            write_messages(rows, n, messages, DEFAULT_SYSTEM_PROMPT)
+            write_messages(rows, n, messages, None)  # (as the hf build: no default system prompt for a Jinja template)
             times: dict[str, list[float]] = {"datasets_s": [], "beam_hf_s": [], "beam_llama2_s": []}
             for _ in range(args.repeat):  # interleaved, so that a busy spell hits every side alike
                 seconds, ds_tokens = run_datasets_map(messages, tokenizer, args.batch_size)
