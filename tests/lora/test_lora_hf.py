@@ -139,3 +139,21 @@ def test_an_adapter_of_other_settings_is_refused_with_the_setting_to_use(family,
         check_adapter_config(config, LoraConfig(enabled=True, rank=8, alpha=16.0), "here")
     with pytest.raises(ConfigError, match=r"set lora.targets=\[down,gate,k,o,q,up,v\]"):
         check_adapter_config(config, LoraConfig(enabled=True, rank=4, alpha=8.0, targets=("q",)), "here")
+
+
+def test_unscanned_layers_merge_export_and_import_too(tmp_path):
+    cfg = SMALL["gqa"].replace(scan_layers=False)
+    from agentlm_jax.model.llama import init_model
+
+    base = nnx.state(init_model(cfg, seed=0), nnx.Param).to_pure_dict()
+    rng = np.random.default_rng(1)
+    adapters = jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(np.float32),
+                            lora_lib.init_adapters(cfg, LORA, seed=1).to_pure_dict())
+    assert sorted(adapters["layers"]) == [0, 1]
+    tokens = random_tokens(cfg, 2, 10)
+    want = lora_logits(cfg, base, adapters, tokens)
+    merged = jax.device_get(lora_lib.merged_params(base, adapters, cfg, LORA))
+    np.testing.assert_allclose(plain_logits(cfg, merged, tokens), want, atol=1e-5, rtol=0)
+    export_peft(adapters, cfg, LORA, str(tmp_path / "a"))
+    back = import_peft(str(tmp_path / "a"), cfg, LORA).to_pure_dict()
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(adapters)))
