@@ -308,6 +308,33 @@ class ExportConfig:
     max_shard_size: str = "5GB"
 
 
+# Suites agentlm_jax.evaluation.in_loop can run between training steps (docs/evaluation.md).
+IN_LOOP_SUITES = ("actions", "dbbench", "general")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Agent evaluation inside training (agentlm_jax.evaluation.in_loop): greedy KV-cache generation on the model
+    being trained. Results go to metrics.jsonl, TensorBoard (eval/actions/<task>/accuracy, eval/dbbench/success,
+    ...) and the progress log; its time is excluded from tokens/s; a failure is logged and retried next time."""
+
+    every_steps: int = 50  # 0: only at the end of the run; -1: never
+    suites: tuple[str, ...] = ("actions",)  # any of IN_LOOP_SUITES
+    # actions: loss-carrying turns per task (from the validation split); dbbench, general: items (the package's
+    # samples unless a path below is given)
+    max_items: int = 4
+    max_new_tokens: int = 48  # per generated turn (actions: also at most the gold turn's length + 32)
+    batch_size: int = 8  # prompts decoded together
+    split: str = "validation"  # actions: the split of data.path to read (validation or train)
+    db_items: str | None = None  # dbbench: an AgentBench dbbench JSONL; None: the package's sample
+    mmlu: str | None = None  # general: an MMLU-format JSONL; None: the package's sample
+    gsm8k: str | None = None  # general: a GSM8K-format JSONL; None: the package's sample
+
+    def __post_init__(self):
+        suites = self.suites if isinstance(self.suites, (list, tuple)) else (self.suites,)
+        object.__setattr__(self, "suites", tuple(suites))
+
+
 # LoRA targets: the projections an adapter can be attached to (Hugging Face's module names: `{t}_proj`).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -347,6 +374,7 @@ class TrainConfig:
     logging: LoggingConfig = LoggingConfig()
     export: ExportConfig = ExportConfig()
     lora: LoraConfig = LoraConfig()
+    eval: EvalConfig = EvalConfig()
     run_dir: str = "runs/tiny"  # checkpoints/, metrics.jsonl, tensorboard/, config.yaml, hf/ (local or gs://)
     steps: int = 150  # optimizer steps
     seed: int = 0  # parameter init (random) and data order
@@ -406,12 +434,24 @@ def check(cfg: TrainConfig) -> None:
         (cfg.export.dtype in EXPORT_DTYPES, f"export.dtype must be one of {EXPORT_DTYPES}"),
         (cfg.distributed in DISTRIBUTED_MODES, f"distributed must be one of {DISTRIBUTED_MODES}"),
     ]
-    rules += lora_problems(cfg.lora)
+    rules += lora_problems(cfg.lora) + eval_problems(cfg.eval)
     problems = [f"{key} = {value!r} is not a finite float32 number" for key, value in _float_fields(cfg)
                 if not math.isfinite(value) or abs(value) > FLOAT32_MAX]
     problems += [msg for ok, msg in rules if not ok]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def eval_problems(ev: EvalConfig) -> list[tuple[bool, str]]:
+    unknown = [s for s in ev.suites if s not in IN_LOOP_SUITES]
+    return [
+        (ev.every_steps >= -1, f"eval.every_steps must be >= -1 (-1: never, 0: only at the end), got {ev.every_steps}"),
+        (not unknown, f"eval.suites: unknown suite(s) {unknown}; the valid ones are {list(IN_LOOP_SUITES)} "
+                      f"(e.g. eval.suites=[actions,dbbench])"),
+        (ev.max_items > 0 and ev.max_new_tokens > 0 and ev.batch_size > 0,
+         "eval.max_items, eval.max_new_tokens and eval.batch_size must be > 0"),
+        (ev.split in ("validation", "train"), f"eval.split must be validation or train, got {ev.split!r}"),
+    ]
 
 
 def lora_problems(lo: LoraConfig) -> list[tuple[bool, str]]:

@@ -63,11 +63,14 @@ def record_turns(record, *, where: str = "") -> list[Turn]:
 
 
 def select_turns(records: Iterable, *, max_items: int | None, tasks: Sequence[str] | None = None,
-                 where: str = "") -> tuple[dict[str, list[Turn]], dict[str, int]]:
-    """The turns to score per task (the first `max_items` records of each task that has an extractor), and
-    how many records of tasks without one were skipped."""
+                 where: str = "", max_turns: int | None = None,
+                 scorable: Callable[[Turn], bool] | None = None) -> tuple[dict[str, list[Turn]], dict[str, int]]:
+    """The turns per task (those of the first `max_items` records of each task that has an extractor; with
+    `max_turns`, only until that many `scorable` turns (default: any) of the task are chosen, in record
+    order), and how many records of tasks without an extractor were skipped."""
     chosen: dict[str, list[Turn]] = defaultdict(list)
     records_per_task: dict[str, int] = defaultdict(int)
+    counted: dict[str, int] = defaultdict(int)  # scorable turns chosen per task
     skipped: dict[str, int] = defaultdict(int)
     for record in records:
         if extractor_for(record.task) is None or (tasks and record.task not in tasks):
@@ -75,8 +78,14 @@ def select_turns(records: Iterable, *, max_items: int | None, tasks: Sequence[st
             continue
         if max_items is not None and records_per_task[record.task] >= max_items:
             continue
+        if max_turns is not None and counted[record.task] >= max_turns:
+            continue
         records_per_task[record.task] += 1
-        chosen[record.task].extend(record_turns(record, where=where))
+        for turn in record_turns(record, where=where):
+            if max_turns is not None and counted[record.task] >= max_turns:
+                break
+            chosen[record.task].append(turn)
+            counted[record.task] += scorable is None or scorable(turn)
     return dict(chosen), dict(skipped)
 
 
@@ -109,14 +118,19 @@ def score_turns(turns_by_task: dict[str, list[Turn]], completions: dict[tuple[st
 def evaluate_actions(records: Iterable, complete: CompleteFn, decode: Callable[[Sequence[int]], str], *,
                      max_items: int | None = 50, max_new_tokens: int = 128, extra_tokens: int = 32,
                      max_length: int | None = None, tasks: Sequence[str] | None = None, where: str = "",
-                     show_progress: bool = True) -> dict:
+                     show_progress: bool = True, max_turns: int | None = None) -> dict:
     """The `actions` suite over `records` (records.Record-like: input_ids, loss_mask, task, id).
 
     Each turn may generate up to min(`max_new_tokens`, len(gold) + `extra_tokens`) tokens (enough to write
     the gold action and a little more); turns whose prompt leaves no room under `max_length` are skipped
-    and counted (`too_long`)."""
-    by_task, skipped = select_turns(records, max_items=max_items, tasks=tasks, where=where)
-    flat = [t for task in sorted(by_task) for t in by_task[task]]
+    and counted (`too_long`). Only turns whose gold text holds an action are generated. `max_turns`: at most
+    that many of those per task (as select_turns)."""
+    def scorable(t: Turn) -> bool:
+        return extractor_for(t.task)(decode(t.gold)) is not None
+
+    by_task, skipped = select_turns(records, max_items=max_items, tasks=tasks, where=where, max_turns=max_turns,
+                                    scorable=scorable)
+    flat = [t for task in sorted(by_task) for t in by_task[task] if scorable(t)]
     too_long = 0
     if max_length is not None:
         fits = [t for t in flat if len(t.prompt) + 1 <= max_length]

@@ -1,15 +1,14 @@
-"""Evaluation the trainer can run between steps: the `actions` suite on validation records, on the model
-being trained, returning flat metrics for metrics.jsonl / TensorBoard.
+"""Evaluation the trainer runs between steps (`eval.*` of the config): the suites of `evaluate` on the model
+being trained, greedy through the stack's KV-cache generation, returning flat metrics for metrics.jsonl,
+TensorBoard and the progress log.
 
-    metrics = evaluate_in_loop(model, tokenizer, records, max_items=8)
+    evaluator = InLoopEvaluator(cfg.eval, tokenizer, records, data_template=data_template_of(manifest))
+    metrics = evaluator(model)
     # {"eval/actions/os/accuracy": 0.25, ..., "eval/actions/accuracy": 0.31, "eval/actions/seconds": 12.3}
 
-`model` is the trained `Llama` (nnx; its parameters as they are, sharded or not), `tokenizer` the dataset's
-(data_pipeline.formats.tokenizer.load_tokenizer(manifest tokenizer path)), `records` validation
-records.Record objects (agentlm_jax.data.dataset.TFRecordSource over split_files(data.path, "validation")).
-Pass the same `lm_cache` dict on every call so the compiled decode programs are reused (a new `Generator`
-per call would recompile); the parameters are read from `model` at each call, so the trainer may pass a
-model freshly merged from its train state: `nnx.merge(step_fn.graphdef, state.params)`.
+`model` is a `Llama` with the parameters as trained so far (the trainer merges it from its train state:
+`nnx.merge(step_fn.graphdef, params)`). The evaluator keeps one `LM` (one `Generator`) for the whole run and
+swaps the parameters in at each call, so the decode programs compile once, at the first evaluation.
 """
 
 from __future__ import annotations
@@ -17,34 +16,40 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from agentlm_jax.evaluation.actions import evaluate_actions
+from agentlm_jax.config.schema import EvalConfig
 from agentlm_jax.evaluation.lm import LM
+from agentlm_jax.evaluation.suites import SuiteInputs, flat_metrics, run_suites
 
 
-def evaluate_in_loop(model, tokenizer, records: Sequence, *, max_items: int = 8, max_new_tokens: int = 64,
-                     batch_size: int = 8, lm_cache: dict | None = None, show_progress: bool = False) -> dict:
-    start = time.perf_counter()
-    from flax import nnx
+class InLoopEvaluator:
+    def __init__(self, cfg: EvalConfig, tokenizer, records: Sequence | None = None, *,
+                 data_template: dict | None = None, where: str = ""):
+        """Reads the suites' inputs now (a bad file fails before training starts): `records` for actions (the
+        split's records), the dbbench / general items from cfg's paths or the package's samples."""
+        from agentlm_jax.evaluation import dbbench, general
 
-    lm = None if lm_cache is None else lm_cache.get("lm")
-    graphdef, state = nnx.split(model)
-    if lm is None or lm.generator.graphdef != graphdef:
-        lm = LM(model, tokenizer, batch_size=batch_size)
-        if lm_cache is not None:
-            lm_cache["lm"] = lm
-    else:  # the weights as trained so far (a new model merged from the train state is fine): same programs
-        lm.model, lm.generator.state = model, state
-    result = evaluate_actions(records, lambda p, b, on_batch=None: lm.complete(p, max_new_tokens=b, on_batch=on_batch),
-                              lm.decode, max_items=max_items, max_new_tokens=max_new_tokens,
-                              max_length=lm.max_length, show_progress=show_progress)
-    out = {}
-    for task, v in result["tasks"].items():
-        if v["accuracy"] is not None:
-            out[f"eval/actions/{task}/accuracy"] = v["accuracy"]
-            out[f"eval/actions/{task}/unparsed_rate"] = v["unparsed_rate"]
-    if result["overall"]["accuracy"] is not None:
-        out["eval/actions/accuracy"] = result["overall"]["accuracy"]
-        out["eval/actions/macro_accuracy"] = result["overall"]["macro_accuracy"]
-    out["eval/actions/scored_turns"] = result["overall"]["scored_turns"]
-    out["eval/actions/seconds"] = time.perf_counter() - start
-    return out
+        self.cfg, self.tokenizer, self.data_template = cfg, tokenizer, data_template
+        self.inputs = SuiteInputs(records=records, where=where)
+        if "dbbench" in cfg.suites:
+            self.inputs.db_items, self.inputs.db_source = dbbench.load_items(cfg.db_items, limit=cfg.max_items)
+        if "general" in cfg.suites:
+            self.inputs.mmlu = general.load_mmlu(cfg.mmlu, limit=cfg.max_items)
+            self.inputs.gsm8k = general.load_gsm8k(cfg.gsm8k, limit=cfg.max_items)
+        self.lm: LM | None = None
+
+    def __call__(self, model, *, show_progress: bool = False) -> dict[str, float]:
+        from flax import nnx
+
+        start = time.perf_counter()
+        graphdef, state = nnx.split(model)
+        if self.lm is None or self.lm.generator.graphdef != graphdef:
+            self.lm = LM(model, self.tokenizer, batch_size=self.cfg.batch_size, data_template=self.data_template)
+        else:  # the weights as trained so far: same graph, so the same compiled programs
+            self.lm.model, self.lm.generator.state = model, state
+        suites = [s for s in self.cfg.suites if s != "actions" or self.inputs.records]
+        results, timing = run_suites(self.lm, suites, self.inputs, max_items=None, max_turns=self.cfg.max_items,
+                                     max_new_tokens=self.cfg.max_new_tokens, gsm8k_max_new_tokens=self.cfg.max_new_tokens,
+                                     show_progress=show_progress)
+        out = flat_metrics(results, timing)
+        out["eval/seconds"] = time.perf_counter() - start
+        return out

@@ -5,7 +5,7 @@
 A run directory holds everything of one run (local or gs://):
     config.yaml      the resolved config (also saved inside every checkpoint)
     checkpoints/     orbax checkpoints (checkpointing.py); a rerun resumes from the latest
-    metrics.jsonl    one JSON object per logged step / evaluation
+    metrics.jsonl    one JSON object per logged step / evaluation (validation loss, eval/* suites)
     tensorboard/     TensorBoard event files
     tokenizer/       the dataset's tokenizer, copied at the start (run_dir.py)
     logs/            each worker's log of each start
@@ -66,6 +66,8 @@ class RunResult:
     first_loss: float | None = None  # training loss of the first step of this invocation
     last_loss: float | None = None  # training loss of the last step
     validation: dict[str, float] | None = None  # the last evaluation
+    agent_eval: dict[str, float] | None = None  # the last in-loop evaluation (eval.*)
+    eval_failures: int = 0  # in-loop evaluations that failed (logged; training went on)
     export_path: str | None = None
 
 
@@ -185,6 +187,7 @@ class Trainer:
             self._release_lock()
             raise
         self.validation = self._validation_set()
+        self.evaluator = self._in_loop_evaluator()
         self.run_info = {"config": to_dict(cfg), "tasks": self.tasks, "data_dir": self.data_dir,
                          "data_identity": self.identity,
                          "tokenizer_path": f"{cfg.run_dir.rstrip('/')}/{RUN_TOKENIZER_SUBDIR}"}
@@ -235,6 +238,25 @@ class Trainer:
         except FileNotFoundError as e:
             log.warning("no validation loss: %s", e)
             return None
+
+    def _in_loop_evaluator(self):
+        """The eval.* suites' evaluator, its inputs read now (a bad eval.db_items file fails before training)."""
+        ev = self.cfg.eval
+        if ev.every_steps < 0:
+            return None
+        from agentlm_jax.evaluation.actions import read_split
+        from agentlm_jax.evaluation.in_loop import InLoopEvaluator
+        from agentlm_jax.evaluation.lm import data_template_of
+        from data_pipeline.formats.tokenizer import load_tokenizer
+
+        records, where = None, ""
+        if "actions" in ev.suites:
+            try:
+                records, where = read_split(self.data_dir, ev.split)
+            except MissingInputError as e:
+                log.warning("eval.suites has actions but it cannot run: %s", e)
+        return InLoopEvaluator(ev, load_tokenizer(self.tokenizer_dir), records, where=where,
+                               data_template=data_template_of(self.manifest, f"{self.data_dir}/manifest.json"))
 
     # ------------------------------------------------------------------------------------------ the state
     def initial_state(self) -> TrainState:
@@ -331,6 +353,19 @@ class Trainer:
         every = self.cfg.logging.eval_every_steps
         return self.validation is not None and every > 0 and step % every == 0
 
+    def _agent_eval_due(self, step: int) -> bool:
+        every = self.cfg.eval.every_steps
+        return self.evaluator is not None and every > 0 and step % every == 0
+
+    def eval_model(self, params: dict):
+        """The model as trained so far, for generation: the train state's parameters (with LoRA: the frozen
+        base and the adapters) in the step's graph, sharded as they are."""
+        if self.lora is not None:
+            from agentlm_jax.model.lora import merge_trees
+
+            params = merge_trees(self.step_fn.base, params)
+        return nnx.merge(self.step_fn.graphdef, params)
+
     # ------------------------------------------------------------------------------------------ the loop
     def run(self) -> RunResult:
         cfg = self.cfg
@@ -384,7 +419,8 @@ class Trainer:
                     save_now = stop or step == cfg.steps or step % cfg.checkpoint.every_steps == 0 \
                         or self._timed_save_due(step, save_due)
                     eval_now = self._eval_due(step)
-                    if step == start + 1 or save_now or eval_now:  # these need this step's metrics now
+                    agent_eval_now = self._agent_eval_due(step)
+                    if step == start + 1 or save_now or eval_now or agent_eval_now:  # these need this step's metrics now
                         self._check_and_log(*pending, writer, throughput, bar, result)
                         pending = None
                     with throughput.paused():  # the next step's tokens/s and MFU count training only
@@ -396,6 +432,8 @@ class Trainer:
                             worker_log.sync()
                         if eval_now:
                             self._log_validation(step, state, writer, result)
+                        if agent_eval_now:
+                            self._log_agent_eval(step, state, writer, result)
                     result.step = step
                     if stop:
                         result.status = "preempted"
@@ -408,6 +446,8 @@ class Trainer:
                     if self.validation is not None and cfg.logging.eval_every_steps >= 0 \
                             and not self._eval_due(cfg.steps):
                         self._log_validation(cfg.steps, state, writer, result)
+                    if self.evaluator is not None and not self._agent_eval_due(cfg.steps):
+                        self._log_agent_eval(cfg.steps, state, writer, result)
             bar.close()  # its last line before the export's
             self.checkpointer.wait_until_finished()
             if result.status == "finished" and cfg.export.enabled:
@@ -478,6 +518,30 @@ class Trainer:
         tasks = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.3f}" for k, v in values.items() if k.startswith("val/loss/"))
         self._info("step %d: validation loss %.4f (agent %s, general %s; %s)", step, values["val/loss"],
                    _fmt(values.get("val/agent_loss")), _fmt(values.get("val/general_loss")), tasks)
+
+    def _log_agent_eval(self, step: int, state: TrainState, writer: MetricsWriter, result: RunResult) -> None:
+        """The eval.* suites on the model as trained so far. A failure is logged and counted, never fatal: the
+        next due step tries again (every host runs the suites: their generation is collective)."""
+        self._info("step %d: in-loop evaluation (%s)", step, ", ".join(self.cfg.eval.suites))
+        try:
+            values = self.evaluator(self.eval_model(state.params), show_progress=False)
+        except Exception as e:  # noqa: BLE001 - an evaluation bug must not cost the training run
+            result.eval_failures += 1
+            log.warning("step %d: the in-loop evaluation failed (%s: %s); training goes on and the next one "
+                        "(eval.every_steps=%d) tries again", step, type(e).__name__, e, self.cfg.eval.every_steps,
+                        exc_info=True)
+            writer.write(step, {"eval/failures": float(result.eval_failures)})
+            return
+        result.agent_eval = values
+        writer.write(step, values)
+        parts = [f"{k.split('/')[2]} {v:.3f}" for k, v in values.items()
+                 if k.startswith("eval/actions/") and k.endswith("/accuracy") and k.count("/") == 3]
+        for key, name in (("eval/actions/accuracy", "actions"), ("eval/dbbench/success", "dbbench"),
+                          ("eval/general/mmlu/accuracy", "mmlu"), ("eval/general/gsm8k/accuracy", "gsm8k")):
+            if key in values:
+                parts.insert(0, f"{name} {values[key]:.3f}")
+        self._info("step %d: in-loop evaluation in %.1f s: %s", step, values["eval/seconds"],
+                   "; ".join(parts) or "nothing scored")
 
     def _info(self, msg: str, *args: Any) -> None:
         """An info line from process 0 only (every host runs the same loop); warnings and errors stay on all."""

@@ -131,5 +131,27 @@ def test_max_items_bounds_records_per_task_and_other_tasks_are_skipped(records):
     one = evaluate_actions(records, echo, lambda ids: "", max_items=1, show_progress=False)
     assert all(v["records"] == 1 for v in one["tasks"].values())
     assert "sharegpt_gpt4" in one["skipped_records"] or any(k.startswith("sharegpt") for k in one["skipped_records"])
-    long = evaluate_actions(records, echo, lambda ids: "", max_items=1, max_length=8, show_progress=False)
+    from data_pipeline.formats.tokenizer import SAMPLE_TOKENIZER_DIR, load_tokenizer
+
+    decode = load_tokenizer(SAMPLE_TOKENIZER_DIR).decode
+    long = evaluate_actions(records, echo, decode, max_items=1, max_length=8, show_progress=False)
     assert long["too_long_turns"] > 0 and long["overall"]["scored_turns"] == 0
+
+
+def test_only_turns_with_a_gold_action_are_generated(records):
+    from data_pipeline.formats.tokenizer import SAMPLE_TOKENIZER_DIR, load_tokenizer
+
+    decode = load_tokenizer(SAMPLE_TOKENIZER_DIR).decode
+    asked = []
+
+    def complete(prompts, budgets, on_batch=None):
+        asked.extend(prompts)
+        return [[]] * len(prompts)
+
+    result = evaluate_actions(records, complete, decode, max_items=None, show_progress=False)
+    total = sum(v["turns"] for v in result["tasks"].values())
+    assert len(asked) == result["overall"]["scored_turns"] < total  # the "OK." turns are counted, not generated
+    capped = evaluate_actions(records, complete, decode, max_items=None, max_turns=2, show_progress=False)
+    for task, v in capped["tasks"].items():
+        assert v["scored_turns"] == min(2, result["tasks"][task]["scored_turns"]), task
+    assert sum(v["scored_turns"] for v in capped["tasks"].values()) < result["overall"]["scored_turns"]
