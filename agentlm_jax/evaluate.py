@@ -2,12 +2,14 @@
 
     python -m agentlm_jax.evaluate --model runs/tiny/hf --suite actions,dbbench,general
     python -m agentlm_jax.evaluate --model runs/agentlm-7b --suite dbbench --db-items AgentBench/data/dbbench/standard.jsonl
+    python -m agentlm_jax.evaluate --model runs/agentlm-7b --suite dbbench --db mysql://root@127.0.0.1:3306
     python -m agentlm_jax.evaluate --model gs://B/agentlm-7b-hf --suite actions --data gs://B/agenttuning-data --max-items 100
 
 Suites (docs/evaluation.md):
   actions   teacher-forced next-action accuracy per AgentInstruct task on a pipeline output's split (--data;
             default: the bundled sample built by data_pipeline into a temporary directory)
-  dbbench   interactive AgentBench-style DB episodes on SQLite (--db-items; default: a small invented sample)
+  dbbench   interactive AgentBench-style DB episodes on SQLite, or a MySQL/MariaDB server with --db mysql://...
+            (--db-items; default: a small invented sample)
   general   MMLU-format multiple choice by answer-letter likelihood, GSM8K-format final-number exact match
             (--mmlu, --gsm8k; default: tiny invented samples)
 
@@ -52,6 +54,17 @@ def suite_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def db_arg(text: str) -> str:
+    """--db: sqlite or mysql://USER[:PASSWORD]@HOST[:PORT], checked here (a bad one is a usage error)."""
+    from agentlm_jax.evaluation.dbbench import parse_db
+
+    try:
+        parse_db(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agentlm_jax.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "general: items per benchmark (default %(default)s)")
     p.add_argument("--db-items", default=None, help="dbbench: an AgentBench dbbench JSONL file (dev.jsonl, "
                    "standard.jsonl; default: the package's invented sample)")
+    p.add_argument("--db", type=db_arg, default="sqlite", help="dbbench: where episodes run: sqlite (default, in "
+                   "memory) or mysql://USER[:PASSWORD]@HOST[:PORT], a MySQL/MariaDB server (driver: pip install "
+                   "'agentlm-jax[mysql]'; MYSQL_PWD when the URL has no password; one database per episode)")
     p.add_argument("--max-rounds", type=positive_int, default=5, help="dbbench: SQL statements per episode at "
                    "most (default %(default)s, AgentBench's)")
     p.add_argument("--mmlu", default=None, help="general: an MMLU-format JSONL file (default: the package sample)")
@@ -143,9 +159,10 @@ def run(args: argparse.Namespace) -> dict:
     from agentlm_jax.evaluation.lm import LM
 
     # Inputs first (cheap, and a bad file is reported before the model loads).
-    db_items = db_source = mmlu = gsm8k = None
+    db_items = db_source = mmlu = gsm8k = db_backend = None
     if "dbbench" in args.suite:
         db_items, db_source = dbbench.load_items(args.db_items, limit=args.max_items)
+        db_backend = dbbench.open_backend(args.db)  # a missing driver or an unreachable server: said here
     if "general" in args.suite:
         mmlu = general.load_mmlu(args.mmlu, limit=args.max_items)
         gsm8k = general.load_gsm8k(args.gsm8k, limit=args.max_items)
@@ -193,8 +210,9 @@ def run(args: argparse.Namespace) -> dict:
     if "dbbench" in args.suite:
         start = time.perf_counter()
         suites["dbbench"] = dbbench.evaluate_dbbench(db_items, dbbench.model_respond(lm, max_new_tokens=args.max_new_tokens),
-                                                     max_rounds=args.max_rounds, show_progress=main)
-        meta.update(dbbench_source=db_source, dbbench_items=len(db_items))
+                                                     max_rounds=args.max_rounds, show_progress=main, backend=db_backend)
+        meta.update(dbbench_source=db_source, dbbench_items=len(db_items), dbbench_backend=db_backend.describe())
+        db_backend.close()
         timing["dbbench"] = _rate(time.perf_counter() - start, len(db_items), "episodes")
     if "general" in args.suite:
         start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Suite `dbbench`: interactive database episodes as AgentBench's DB task runs them, on SQLite.
+"""Suite `dbbench`: interactive database episodes as AgentBench's DB task runs them, on SQLite (default) or a
+real MySQL/MariaDB server (`--db mysql://user:pass@host:port`, `MySQLBackend`).
 
 An episode: the instruction (`INSTRUCTION`, AgentBench's wording in substance), the one-shot assistant turn
 "Ok.", then the item's question and table description. Each model turn is read as AgentBench reads it:
@@ -25,6 +26,10 @@ Known differences from MySQL (docs/evaluation.md): SQLite compares a TEXT column
 text; a number stored into a TEXT column is written as SQLite prints it (`1.0`, not `1`); SQL only MySQL
 parses (`UPDATE ... LIMIT` on stock builds, `IF()`, `DATE_FORMAT`...) is an error.
 
+The MySQL backend (`MySQLBackend`, driver pymysql: `pip install 'agentlm-jax[mysql]'`) runs the model's SQL
+verbatim on the server, in one fresh database per episode (created from the item's table as AgentBench creates
+it, dropped after), and computes the hash in the server with AgentBench's own query.
+
 The headline number, as the paper's: the mean of the question (SELECT), INSERT and UPDATE accuracies.
 """
 
@@ -32,16 +37,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
+import os
 import re
 import sqlite3
 import unicodedata
+import urllib.parse
 from collections import defaultdict
 from importlib import resources
 from typing import Callable, Sequence
 
-from agentlm_jax.errors import ConfigError, MissingInputError
+from agentlm_jax.errors import ConfigError, MissingInputError, SetupError
 from agentlm_jax.evaluation.extractors import parse_answer_list
 from agentlm_jax.progress import Progress
 
@@ -271,6 +279,7 @@ class Database:
 
     def __init__(self, item: Item):
         self.item = item
+        self.last_error: str | None = None  # the message of the last statement's error (None: it ran)
         self.conn = sqlite3.connect(":memory:", isolation_level=None)
         for name, fn in (("md5", _md5), ("concat_ws", _concat_ws), ("concat", _concat)):
             self.conn.create_function(name, -1 if name != "md5" else 1, fn, deterministic=True)
@@ -287,14 +296,13 @@ class Database:
     def execute(self, sql: str) -> str:
         """The response the model sees: the rows as the Python list of tuples (as AgentBench's MySQL
         connector prints them), or the error's message; cut at RESPONSE_LIMIT characters."""
+        self.last_error = None
         try:
             cursor = self.conn.execute(mysql_to_sqlite(sql))
             text = str(cursor.fetchall())
         except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as e:
-            text = f"{type(e).__name__}: {e}"
-        if len(text) > RESPONSE_LIMIT:
-            text = text[:RESPONSE_LIMIT] + "[TRUNCATED]"
-        return text
+            text = self.last_error = f"{type(e).__name__}: {e}"
+        return _truncate(text)
 
     def table_hash(self) -> str:
         """AgentBench's table hash (module docstring), as the MySQL client prints it: `[('<hex>',)]`."""
@@ -308,6 +316,264 @@ class Database:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _truncate(text: str) -> str:
+    return text[:RESPONSE_LIMIT] + "[TRUNCATED]" if len(text) > RESPONSE_LIMIT else text
+
+
+class SQLiteBackend:
+    """The default backend: each episode's database in memory (`Database`)."""
+
+    name = "sqlite"
+
+    def open(self, item: Item) -> Database:
+        return Database(item)
+
+    def describe(self) -> dict:
+        return {"backend": "sqlite", "where": "in memory"}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------------- MySQL
+DEFAULT_MYSQL_PORT = 3306
+# MySQL 8.0's defaults, which AgentBench's server (the `mysql` Docker image) ran with; MariaDB's differ
+# (group_concat_max_len 1 MiB: a long table's hash would not be cut at 1,024 bytes; no ONLY_FULL_GROUP_BY).
+MYSQL8_SQL_MODE = ("ONLY_FULL_GROUP_BY,STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,"
+                   "NO_ENGINE_SUBSTITUTION")
+# On MariaDB, without strict mode: strict MariaDB fails an UPDATE whose WHERE compares a TEXT column holding a
+# non-number with a number (`WHERE No = 16` over a row 'Replay': error 1292, Truncated incorrect DECIMAL value),
+# where MySQL 8 runs it (it raises that error for VARCHAR, not TEXT columns); AgentBench's answer_md5 of standard
+# items 278 and 295 are the tables after such an UPDATE.
+MARIADB_SQL_MODE = MYSQL8_SQL_MODE.replace("STRICT_TRANS_TABLES,", "")
+# MySQL 8's default collation, else the closest MariaDB has (UCA, accent- and case-insensitive, NO PAD).
+COLLATIONS = ("utf8mb4_0900_ai_ci", "utf8mb4_uca1400_nopad_ai_ci", "utf8mb4_unicode_520_ci", "utf8mb4_unicode_ci")
+STATEMENT_SECONDS = 60  # a model's statement is stopped after this long (AgentBench's newer client waits 30 s)
+DATABASE_PREFIX = "agentlm_dbbench_"
+
+
+@dataclasses.dataclass(frozen=True)
+class MySQLURL:
+    host: str
+    port: int
+    user: str
+    password: str = dataclasses.field(default="", repr=False)
+
+    def public(self) -> str:
+        """The URL without the password (what eval.json records)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mysql://{urllib.parse.quote(self.user, safe='')}@{host}:{self.port}"
+
+
+def parse_db(text: str) -> MySQLURL | None:
+    """`--db`: None for "sqlite"; a MySQLURL for mysql://USER[:PASSWORD]@HOST[:PORT] (user root, port 3306 when
+    left out; a user name or password with @ : / % written %-encoded). ValueError with the reason."""
+    if text.strip().lower() in ("sqlite", "sqlite://", ""):
+        return None
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme.lower() not in ("mysql", "mariadb"):
+        raise ValueError(f"{text!r}: give sqlite or mysql://USER[:PASSWORD]@HOST[:PORT]")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{parts.scheme}://...{parts.path}{'?' if parts.query else ''}{parts.query}: no database, "
+                         "path or options after HOST:PORT (each episode gets its own database)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"mysql://...: the port is not a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise ValueError("mysql://...: no host (mysql://USER[:PASSWORD]@HOST[:PORT], e.g. mysql://root@127.0.0.1:3306)")
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else os.environ.get("MYSQL_PWD", "")
+    return MySQLURL(parts.hostname, port or DEFAULT_MYSQL_PORT,
+                    urllib.parse.unquote(parts.username) if parts.username else "root", password)
+
+
+def _pymysql():
+    try:
+        import pymysql
+    except ImportError:
+        raise SetupError("--db mysql://...: the MySQL driver pymysql is not installed: pip install "
+                         "'agentlm-jax[mysql]' (or pip install pymysql), or leave --db out for SQLite") from None
+    return pymysql
+
+
+def _mysql_error(e: Exception) -> str:
+    """An error as AgentBench's client (mysql-connector) prints it: `1146 (42S02): Table 't.x' doesn't exist`."""
+    if len(e.args) == 2 and isinstance(e.args[0], int):
+        state = getattr(e, "sqlstate", None)
+        return f"{e.args[0]} ({state}): {e.args[1]}" if state else f"{e.args[0]}: {e.args[1]}"
+    return str(e)
+
+
+class MySQLBackend:
+    """Episodes on a MySQL or MariaDB server (`url`, a MySQLURL). Connecting happens here, so an unreachable
+    server is reported before a model loads. Every session runs with MySQL 8's defaults (`MYSQL8_SQL_MODE`, on
+    MariaDB `MARIADB_SQL_MODE`; group_concat_max_len 1,024) and utf8mb4; each episode's database gets MySQL 8's
+    default collation or the server's nearest (`COLLATIONS`)."""
+
+    name = "mysql"
+
+    def __init__(self, url: MySQLURL, *, connect_timeout: float = 10):
+        self.url = url
+        self.pymysql = _pymysql()
+        self.connect_timeout = connect_timeout
+        self._names = itertools.count()
+        try:
+            self.admin = self._connect(init=False)
+        except self.pymysql.MySQLError as e:
+            raise SetupError(f"--db {url.public()}: cannot connect ({_mysql_error(e)}): start a server there "
+                             "(docs/evaluation.md, 'dbbench on MySQL') or fix the URL") from None
+        with self.admin.cursor() as cur:
+            cur.execute("SELECT VERSION()")
+            (self.version,) = cur.fetchone()
+            self.mariadb = "mariadb" in self.version.lower()
+        self.collation = next((c for c in COLLATIONS if self._has_collation(c)), "utf8mb4_general_ci")
+        timeout = (f"max_statement_time = {STATEMENT_SECONDS}" if self.mariadb
+                   else f"max_execution_time = {STATEMENT_SECONDS * 1000}")
+        self.sql_mode = MARIADB_SQL_MODE if self.mariadb else MYSQL8_SQL_MODE
+        self.init_command = (f"SET SESSION sql_mode = '{self.sql_mode}', group_concat_max_len = "
+                             f"{GROUP_CONCAT_MAX_LEN}, {timeout}")
+        try:  # the session settings, once, so that a server refusing them says so here
+            self._connect(init=True).close()
+        except self.pymysql.MySQLError as e:
+            self.close()
+            raise SetupError(f"--db {url.public()}: the server refuses the session settings ({_mysql_error(e)})") \
+                from None
+
+    def _connect(self, *, init: bool, database: str | None = None):
+        # TLS when the server offers it (pymysql's default), but not over loopback, where it is no use and where
+        # its context (50 ms to build) would be most of a statement's time.
+        loopback = self.url.host in ("127.0.0.1", "localhost", "::1")
+        return self.pymysql.connect(
+            host=self.url.host, port=self.url.port, user=self.url.user, password=self.url.password,
+            database=database, charset="utf8mb4", autocommit=True, connect_timeout=self.connect_timeout,
+            client_flag=self.pymysql.constants.CLIENT.MULTI_STATEMENTS, ssl_disabled=True if loopback else None,
+            init_command=self.init_command if init else None)
+
+    def _has_collation(self, name: str) -> bool:
+        try:
+            self.admin_execute(f"SELECT _utf8mb4'a' COLLATE {name}")
+        except self.pymysql.MySQLError:
+            return False
+        return True
+
+    def session(self, database: str):
+        """A fresh session in `database` (AgentBench reconnects before every statement it runs)."""
+        return self._connect(init=True, database=database)
+
+    def new_database_name(self) -> str:
+        return f"{DATABASE_PREFIX}{os.getpid()}_{next(self._names)}"
+
+    def admin_execute(self, sql: str) -> None:
+        self.admin.ping(reconnect=True)
+        with self.admin.cursor() as cur:
+            cur.execute(sql)
+
+    def open(self, item: Item) -> "MySQLDatabase":
+        return MySQLDatabase(self, item)
+
+    def describe(self) -> dict:
+        return {"backend": "mysql", "server": self.url.public(), "version": self.version,
+                "collation": self.collation, "sql_mode": self.sql_mode, "group_concat_max_len": GROUP_CONCAT_MAX_LEN}
+
+    def close(self) -> None:
+        try:
+            self.admin.close()
+        except self.pymysql.MySQLError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MySQLDatabase:
+    """One episode's database on a MySQL server (named `agentlm_dbbench_<pid>_<n>`): the item's table created
+    and filled as AgentBench does it (every column TEXT, one multi-row INSERT), the model's SQL run verbatim,
+    the hash computed by the server; dropped by `close`."""
+
+    def __init__(self, backend: MySQLBackend, item: Item):
+        self.backend, self.item = backend, item
+        self.name = backend.new_database_name()
+        self.last_error: str | None = None
+        self.load_error: str | None = None  # the server's error creating or filling the table
+        table = f"{quote_name(self.name)}.{quote_name(item.table)}"
+        backend.admin_execute(f"CREATE DATABASE {quote_name(self.name)} CHARACTER SET utf8mb4 COLLATE "
+                              f"{backend.collation}")
+        cols = ", ".join(f"{quote_name(c)} TEXT" for c in item.columns)
+        names = ", ".join(quote_name(c) for c in item.columns)
+        literal = backend.admin.literal  # the driver's quoting (AgentBench passes the values as parameters)
+        values = ", ".join("(" + ", ".join(literal(_cell(v)) for v in row) + ")" for row in item.rows)
+        try:
+            # The server's errors are the episode's, as in AgentBench: a row of the wrong length leaves the table
+            # empty; a column MySQL refuses (dev item 5 has one named '') leaves no table at all.
+            backend.admin_execute(f"CREATE TABLE {table} ({cols})")
+            if item.rows:
+                backend.admin_execute(f"INSERT INTO {table} ({names}) VALUES {values}")
+        except backend.pymysql.MySQLError as e:
+            self.load_error = _mysql_error(e)
+
+    def _run(self, sql: str) -> str:
+        """`sql` as AgentBench's client runs it: the first result's rows as a Python list of tuples (`[]` for a
+        statement without rows), or the error's message; a fresh session in the episode's database."""
+        pymysql = self.backend.pymysql
+        self.last_error = None
+        try:
+            conn = self.backend.session(self.name)
+        except pymysql.MySQLError as e:
+            raise SetupError(f"--db {self.backend.url.public()}: lost the server ({_mysql_error(e)})") from None
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)  # no arguments: pymysql leaves the text as it is (no %-formatting)
+                rows = list(cur.fetchall())
+                while cur.nextset():  # the other statements of a multi-statement turn; an error among them counts
+                    pass
+            return str(rows)
+        except (pymysql.MySQLError, ValueError, OverflowError, UnicodeError) as e:
+            self.last_error = _mysql_error(e)
+            return self.last_error
+        finally:
+            conn.close()
+
+    def execute(self, sql: str) -> str:
+        """The response the model sees (as the SQLite backend's): cut at RESPONSE_LIMIT characters."""
+        return _truncate(self._run(sql))
+
+    def table_hash(self) -> str:
+        """AgentBench's own hash query, run by the server; its result as the client prints it (`[('<hex>',)]`)."""
+        cols = ",".join(quote_name(c) for c in self.item.columns)
+        return self._run(f"select md5(group_concat(rowhash order by rowhash)) as hash from( SELECT "
+                         f"substring(MD5(CONCAT_WS(',', {cols})), 1, 5) AS rowhash FROM {quote_name(self.item.table)}"
+                         ") as sub;")
+
+    def close(self) -> None:
+        try:
+            self.backend.admin_execute(f"DROP DATABASE IF EXISTS {quote_name(self.name)}")
+        except self.backend.pymysql.MySQLError:
+            pass
+
+
+Backend = SQLiteBackend | MySQLBackend
+
+
+def open_backend(db: str | MySQLURL | None = None):
+    """The backend `--db` names (a string, or parse_db's result): SQLiteBackend for sqlite/None, else a connected
+    MySQLBackend (SetupError, one line, when the driver is missing or the server cannot be reached)."""
+    if isinstance(db, str):
+        try:
+            db = parse_db(db)
+        except ValueError as e:
+            raise ConfigError(f"--db {e}") from None
+    return SQLiteBackend() if db is None else MySQLBackend(db)
 
 
 # -------------------------------------------------------------------------------------------------- scoring
@@ -338,7 +604,7 @@ def answer_correct(answer: str, label: Sequence) -> bool:
 class Episode:
     item: Item
     messages: list[dict]
-    db: Database
+    db: Database | MySQLDatabase
     rounds: int = 0
     status: str = "running"  # completed | invalid_format | round_limit | context_limit
     answer: str = ""
@@ -350,9 +616,10 @@ class Episode:
         return self.status != "running"
 
 
-def start_episode(item: Item) -> Episode:
+def start_episode(item: Item, backend: Backend | None = None) -> Episode:
+    db = backend.open(item) if backend is not None else Database(item)
     return Episode(item, [{"role": "user", "content": INSTRUCTION}, {"role": "assistant", "content": ACKNOWLEDGEMENT},
-                          {"role": "user", "content": item.question}], Database(item))
+                          {"role": "user", "content": item.question}], db)
 
 
 def step(episode: Episode, response: str, *, max_rounds: int) -> None:
@@ -393,22 +660,30 @@ RespondFn = Callable[[Sequence[Episode]], list[str | None]]
 
 
 def run_episodes(items: Sequence[Item], respond: RespondFn, *, max_rounds: int = 5,
-                 show_progress: bool = True) -> list[Episode]:
-    """Every item's episode, the running ones advanced together (one batched `respond` per round)."""
-    episodes = [start_episode(item) for item in items]
-    with Progress(total=len(episodes), desc="dbbench", unit="episode", enabled=show_progress) as bar:
-        while True:
-            running = [e for e in episodes if not e.done]
-            if not running:
-                break
-            for episode, response in zip(running, respond(running)):
-                if response is None:
-                    episode.status = "context_limit"
-                else:
-                    step(episode, response, max_rounds=max_rounds)
-                if episode.done:
-                    finish(episode)
-                    bar.update(1)
+                 show_progress: bool = True, backend: Backend | None = None) -> list[Episode]:
+    """Every item's episode, the running ones advanced together (one batched `respond` per round), on
+    `backend` (default: SQLite in memory)."""
+    episodes: list[Episode] = []
+    try:
+        for item in items:
+            episodes.append(start_episode(item, backend))
+        with Progress(total=len(episodes), desc="dbbench", unit="episode", enabled=show_progress) as bar:
+            while True:
+                running = [e for e in episodes if not e.done]
+                if not running:
+                    break
+                for episode, response in zip(running, respond(running)):
+                    if response is None:
+                        episode.status = "context_limit"
+                    else:
+                        step(episode, response, max_rounds=max_rounds)
+                    if episode.done:
+                        finish(episode)
+                        bar.update(1)
+    finally:  # an interrupted run leaves no episode databases behind on a server
+        for episode in episodes:
+            if not episode.done:
+                episode.db.close()
     return episodes
 
 
@@ -470,20 +745,20 @@ def model_respond(lm, *, max_new_tokens: int = 128) -> RespondFn:
 
 
 def evaluate_dbbench(items: Sequence[Item], respond: RespondFn, *, max_rounds: int = 5,
-                     show_progress: bool = True) -> dict:
-    return summarize(run_episodes(items, respond, max_rounds=max_rounds, show_progress=show_progress))
+                     show_progress: bool = True, backend: Backend | None = None) -> dict:
+    return summarize(run_episodes(items, respond, max_rounds=max_rounds, show_progress=show_progress,
+                                  backend=backend))
 
 
-def gold_hash(item: Item) -> tuple[str, str | None]:
-    """(hash after applying the item's gold statement(s), the first error if one failed): the check that the
-    SQLite port reproduces AgentBench's answer_md5."""
-    db = Database(item)
+def gold_hash(item: Item, backend: Backend | None = None) -> tuple[str, str | None]:
+    """(hash after applying the item's gold statement(s), the first error if one failed): the check that a
+    backend (default: the SQLite port) reproduces AgentBench's answer_md5."""
+    db = backend.open(item) if backend is not None else Database(item)
     error = None
-    for statement in item.label:
-        out = db.execute(str(statement).replace("\n", " "))
-        if out.startswith(("OperationalError", "IntegrityError", "ProgrammingError", "DatabaseError",
-                           "Warning", "ValueError", "OverflowError")) and error is None:
-            error = out
-    h = db.table_hash()
-    db.close()
-    return h, error
+    try:
+        for statement in item.label:
+            db.execute(str(statement).replace("\n", " "))
+            error = error or db.last_error
+        return db.table_hash(), error
+    finally:
+        db.close()
