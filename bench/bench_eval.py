@@ -3,17 +3,23 @@
     python -m bench.bench_eval                          # configs/tiny.yaml's model shape, random weights
     python -m bench.bench_eval --model runs/tiny/hf     # a trained model
     python -m bench.bench_eval --smoke                  # seconds: a 1-layer model, 2 records per task
+    python -m bench.bench_eval --in-loop                # + the share of the default training run in eval.*
 
 The data is the bundled sample built by data_pipeline (its validation split: one record per agent task,
 ~16 scored turns) and the package's 10 dbbench items. Each measurement runs twice with the same shapes: the
 first includes compilation, the second is the steady state (the number that scales). A random model never
 stops early, so every turn generates its whole budget (min(max new tokens, gold length + 32)): the worst
 case. The scripted dbbench row (gold answers, no model) is the SQLite environment's own cost.
+
+`--in-loop` also runs the default training (`python -m agentlm_jax.train`: the tiny model on the bundled
+sample, eval.* at its defaults) twice, with and without in-loop evaluation, and reports the share of the run's
+wall time spent in it (Σ eval/seconds of metrics.jsonl / wall time) and the wall-time difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +42,28 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+def in_loop_share(steps: int | None, overrides: list[str]) -> list[tuple]:
+    """Rows: the default training run with and without in-loop evaluation, each in its own process."""
+    rows, walls = [], {}
+    for label, extra in (("training, eval.* off", ["eval.every_steps=-1"]), ("training, eval.* defaults", [])):
+        run_dir = tempfile.mkdtemp(prefix="bench-in-loop-")
+        cmd = [sys.executable, "-m", "agentlm_jax.train", f"run_dir={run_dir}", "export.enabled=false",
+               "logging.progress_bar=false", *([f"steps={steps}"] if steps else []), *overrides, *extra]
+        (proc, seconds) = _timed(lambda: subprocess.run(cmd, capture_output=True, text=True))
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            rows_ = [json.loads(line) for line in f]
+        in_eval = sum(r.get("eval/seconds", 0.0) for r in rows_)
+        evals = sum("eval/seconds" in r for r in rows_)
+        walls[label] = seconds
+        share = f"{in_eval / seconds:.1%} in eval ({evals} evaluations, {in_eval:.1f} s)" if evals else "-"
+        rows.append((label, share, rows_[-1]["step"], seconds))
+    off, on = walls.values()
+    rows.append(("in-loop evaluation: wall-time increase", f"{on / off - 1:+.1%}", "", on - off))
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.bench_eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +71,8 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--in-loop", action="store_true", help="also measure the in-loop evaluation's share of the "
+                   "default training run (two runs of it)")
     args = p.parse_args(argv)
     from data_pipeline.formats.tokenizer import SAMPLE_TOKENIZER_DIR, load_tokenizer
 
@@ -86,6 +116,8 @@ def main(argv=None) -> None:
     _, seconds = _timed(lambda: [dbbench.evaluate_dbbench(items, gold, show_progress=False) for _ in range(20)])
     rows.append(("dbbench, scripted gold agent (SQLite only)", f"{20 * len(items) / seconds:.0f} episodes/s",
                  20 * len(items), seconds))
+    if args.in_loop:
+        rows += in_loop_share(10 if args.smoke else None, ["eval.every_steps=5"] if args.smoke else [])
     print(f"\nModel: {name}; {os.cpu_count()} CPUs visible; max new tokens {args.max_new_tokens}\n")
     print("| measurement | rate | items | seconds |\n|---|---:|---:|---:|")
     for what, rate, n, seconds in rows:

@@ -66,20 +66,21 @@ def write_dataset(root: str, *, train: int = 240, validation: int = 24,
 
 
 def tiny_config(data_dir: str, run_dir: str, *overrides: str):
-    """A tiny 8-device (fsdp) run: every step logged, checkpoints every 2 steps, no export unless asked."""
+    """A tiny 8-device (fsdp) run: every step logged, checkpoints every 2 steps, no export or in-loop
+    evaluation unless asked."""
     return load_config(None, [*tiny_model_overrides(), f"data.path={data_dir}", f"run_dir={run_dir}",
                               f"data.global_batch={BATCH}", f"data.max_seq_len={SEQ}", "steps=6",
                               "optimizer.learning_rate=1e-2", "checkpoint.every_steps=2", "checkpoint.keep=2",
                               "logging.every_steps=1", "logging.eval_every_steps=3", "logging.eval_batches=2",
                               "logging.progress_bar=false", "logging.peak_flops_per_device=1e9",
-                              "export.enabled=false", *overrides])
+                              "export.enabled=false", "eval.every_steps=-1", *overrides])
 
 
 def tiny_config_args(data_dir, run_dir) -> list[str]:
     """`tiny_config` as command-line overrides."""
     cfg = to_dict(tiny_config(data_dir, run_dir))
     args = []
-    for section in ("model", "data", "optimizer", "checkpoint", "logging", "export"):
+    for section in ("model", "data", "optimizer", "checkpoint", "logging", "export", "eval"):
         args += [f"{section}.{k}={'null' if v is None else v}" for k, v in cfg[section].items()]
     return args + [f"run_dir={run_dir}", f"steps={cfg['steps']}"]
 
