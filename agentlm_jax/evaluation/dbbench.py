@@ -284,8 +284,19 @@ class Database:
         for name, fn in (("md5", _md5), ("concat_ws", _concat_ws), ("concat", _concat)):
             self.conn.create_function(name, -1 if name != "md5" else 1, fn, deterministic=True)
         self.conn.create_collation(COLLATION, _mysql_collation)
+        self.load_error: str | None = None  # why the item's table could not be created (there is none then)
         cols = ", ".join(f"{quote_name(c)} TEXT COLLATE {COLLATION}" for c in item.columns)
-        self.conn.execute(f"CREATE TABLE {quote_name(item.table)} ({cols})")
+        # A column MySQL refuses leaves no table, as on AgentBench's server: a name that is empty, ends in a space
+        # or is longer than 64 characters (dev item 5 has one named ''), two of the same name (standard items 13,
+        # 14: 'Score' twice; SQLite refuses those too). The episode then runs with no table.
+        refused = next((c for c in item.columns if not c or c != c.rstrip() or len(c) > 64), None)
+        try:
+            if refused is not None:
+                raise sqlite3.OperationalError(f"incorrect column name {refused!r}")
+            self.conn.execute(f"CREATE TABLE {quote_name(item.table)} ({cols})")
+        except sqlite3.Error as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            return
         # AgentBench fills the table with one multi-row INSERT: a row of the wrong length fails it in MySQL and
         # the table stays empty (one of AgentBench's standard items has such a row). So here.
         if item.rows and all(len(row) == len(item.columns) for row in item.rows):
@@ -358,6 +369,7 @@ MARIADB_SQL_MODE = MYSQL8_SQL_MODE.replace("STRICT_TRANS_TABLES,", "")
 COLLATIONS = ("utf8mb4_0900_ai_ci", "utf8mb4_uca1400_nopad_ai_ci", "utf8mb4_unicode_520_ci", "utf8mb4_unicode_ci")
 STATEMENT_SECONDS = 60  # a model's statement is stopped after this long (AgentBench's newer client waits 30 s)
 DATABASE_PREFIX = "agentlm_dbbench_"
+MULTI_STATEMENT_ERROR = "Commands out of sync; you can't run this command now"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,7 +438,7 @@ class MySQLBackend:
         self.connect_timeout = connect_timeout
         self._names = itertools.count()
         try:
-            self.admin = self._connect(init=False)
+            self.admin = self._connect(session=False)
         except self.pymysql.MySQLError as e:
             raise SetupError(f"--db {url.public()}: cannot connect ({_mysql_error(e)}): start a server there "
                              "(docs/evaluation.md, 'dbbench on MySQL') or fix the URL") from None
@@ -441,21 +453,22 @@ class MySQLBackend:
         self.init_command = (f"SET SESSION sql_mode = '{self.sql_mode}', group_concat_max_len = "
                              f"{GROUP_CONCAT_MAX_LEN}, {timeout}")
         try:  # the session settings, once, so that a server refusing them says so here
-            self._connect(init=True).close()
+            self._connect(session=True).close()
         except self.pymysql.MySQLError as e:
             self.close()
             raise SetupError(f"--db {url.public()}: the server refuses the session settings ({_mysql_error(e)})") \
                 from None
 
-    def _connect(self, *, init: bool, database: str | None = None):
+    def _connect(self, *, session: bool, database: str | None = None):
+        """The admin connection (autocommit), or a session as AgentBench's: MySQL 8's settings, no autocommit."""
         # TLS when the server offers it (pymysql's default), but not over loopback, where it is no use and where
         # its context (50 ms to build) would be most of a statement's time.
         loopback = self.url.host in ("127.0.0.1", "localhost", "::1")
         return self.pymysql.connect(
             host=self.url.host, port=self.url.port, user=self.url.user, password=self.url.password,
-            database=database, charset="utf8mb4", autocommit=True, connect_timeout=self.connect_timeout,
+            database=database, charset="utf8mb4", autocommit=not session, connect_timeout=self.connect_timeout,
             client_flag=self.pymysql.constants.CLIENT.MULTI_STATEMENTS, ssl_disabled=True if loopback else None,
-            init_command=self.init_command if init else None)
+            init_command=self.init_command if session else None)
 
     def _has_collation(self, name: str) -> bool:
         try:
@@ -465,8 +478,9 @@ class MySQLBackend:
         return True
 
     def session(self, database: str):
-        """A fresh session in `database` (AgentBench reconnects before every statement it runs)."""
-        return self._connect(init=True, database=database)
+        """A fresh session in `database`, not in autocommit mode (AgentBench reconnects before every statement it
+        runs, and commits after it)."""
+        return self._connect(session=True, database=database)
 
     def new_database_name(self) -> str:
         return f"{DATABASE_PREFIX}{os.getpid()}_{next(self._names)}"
@@ -523,10 +537,15 @@ class MySQLDatabase:
             self.load_error = _mysql_error(e)
 
     def _run(self, sql: str) -> str:
-        """`sql` as AgentBench's client runs it: the first result's rows as a Python list of tuples (`[]` for a
-        statement without rows), or the error's message; a fresh session in the episode's database."""
+        """`sql` as AgentBench's client (mysql-connector 8.0.33, C extension) runs it, in a fresh session in the
+        episode's database, in a transaction committed after the statement: the rows as a Python list of tuples
+        (`[]` for a statement without rows; binary values as bytearray), or the error's message. Several
+        statements in one turn: the client's "Commands out of sync" (MULTI_STATEMENT_ERROR) and nothing done,
+        as that client, which commits after reading one result, reports it and drops the session."""
         pymysql = self.backend.pymysql
         self.last_error = None
+        if not sql.strip():  # that client sends nothing
+            return "[]"
         try:
             conn = self.backend.session(self.name)
         except pymysql.MySQLError as e:
@@ -534,9 +553,16 @@ class MySQLDatabase:
         try:
             with conn.cursor() as cur:
                 cur.execute(sql)  # no arguments: pymysql leaves the text as it is (no %-formatting)
-                rows = list(cur.fetchall())
-                while cur.nextset():  # the other statements of a multi-statement turn; an error among them counts
-                    pass
+                rows = [tuple(bytearray(v) if isinstance(v, bytes) else v for v in row) for row in cur.fetchall()]
+                try:
+                    more = cur.nextset()
+                except pymysql.MySQLError:  # an error in a later statement
+                    more = True
+                if more:
+                    conn.rollback()
+                    self.last_error = MULTI_STATEMENT_ERROR
+                    return MULTI_STATEMENT_ERROR
+            conn.commit()
             return str(rows)
         except (pymysql.MySQLError, ValueError, OverflowError, UnicodeError) as e:
             self.last_error = _mysql_error(e)

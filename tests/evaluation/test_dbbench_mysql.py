@@ -186,9 +186,12 @@ def test_the_model_sees_the_servers_raw_response(mysql):
         assert long.endswith("[TRUNCATED]") and len(long) == dbbench.RESPONSE_LIMIT + len("[TRUNCATED]")
         # a fresh session for every statement, as AgentBench reconnects before each one
         assert db.execute("SET @x = 1") == "[]" and db.execute("SELECT @x") == "[(None,)]"
-        # two statements in one turn run (the first one's rows are shown)
-        assert db.execute(f"SELECT 7; DELETE FROM {table} WHERE Variety = 'x'") == "[(7,)]"
-        assert db.execute(f"SELECT COUNT(*) FROM {table} WHERE Variety = 'x'") == "[(0,)]"
+        # several statements in one turn: AgentBench's client says "Commands out of sync" and none takes effect
+        assert db.execute(f"SELECT 7; DELETE FROM {table} WHERE Variety = 'x'") == dbbench.MULTI_STATEMENT_ERROR
+        assert db.execute(f"DELETE FROM {table}; SELEC 2") == dbbench.MULTI_STATEMENT_ERROR
+        assert db.execute(f"SELECT COUNT(*) FROM {table} WHERE Variety = 'x'") == "[(1,)]"
+        assert db.execute("SELECT 1;") == "[(1,)]" and db.execute("") == "[]"
+        assert db.execute("SELECT X'41', NULL") == "[(bytearray(b'A'), None)]"  # that client's binary values
     finally:
         db.close()
 
@@ -223,6 +226,27 @@ def test_a_row_of_the_wrong_length_leaves_the_table_empty(mysql):
         assert db.execute("SELECT COUNT(*) FROM t") == "[(0,)]" and db.table_hash() == "[(None,)]"
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("where", ["sqlite", "mariadb"])
+def test_a_table_the_server_refuses_is_no_table(where, request):
+    """Dev item 5 has a column named '', standard items 13 and 14 two named 'Score': MySQL creates no table (as
+    on AgentBench's server, checked with its own client); the episode runs, every statement an error."""
+    backend = dbbench.SQLiteBackend() if where == "sqlite" else request.getfixturevalue("mysql")
+    items = shared_items("dev")[5:6] + shared_items("standard")[13:15]
+    assert [(it.index, it.type) for it in items] == [(5, "counting"), (13, "other"), (14, "other")]
+    for item in items:
+        db = backend.open(item)
+        try:
+            assert db.load_error and ("1166 (42000): Incorrect column name ''" in db.load_error or
+                                      "1060 (42S21): Duplicate column name 'Score'" in db.load_error or
+                                      "incorrect column name ''" in db.load_error or
+                                      "duplicate column name: Score" in db.load_error), db.load_error
+            assert "able" in db.execute(f"SELECT COUNT(*) FROM {dbbench.quote_name(item.table)}")  # no such table
+        finally:
+            db.close()
+    result = evaluate_dbbench(items, _gold, show_progress=False, backend=backend)  # answered without SQL
+    assert result["status"] == {"completed": 3} and result["SELECT_accuracy"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------------- --db
