@@ -79,6 +79,9 @@ QUESTION_TYPES = ("other", "counting", "comparison", "ranking", "aggregation-SUM
                   "aggregation-MAX", "aggregation-AVG")
 GROUP_CONCAT_MAX_LEN = 1024
 RESPONSE_LIMIT = 800  # characters of a database response shown to the model (AgentBench truncates there too)
+# What AgentBench's client (mysql-connector, committing after reading one result) says to a turn of several
+# statements, none of which then takes effect.
+MULTI_STATEMENT_ERROR = "Commands out of sync; you can't run this command now"
 SAMPLE_ITEMS = "sample_data/dbbench.jsonl"
 
 _ACTION = re.compile(r"Action: (.*?)\n")
@@ -311,6 +314,9 @@ class Database:
         try:
             cursor = self.conn.execute(mysql_to_sqlite(sql))
             text = str(cursor.fetchall())
+        except sqlite3.ProgrammingError as e:  # several statements: nothing runs, as with AgentBench's client
+            text = self.last_error = (MULTI_STATEMENT_ERROR if "one statement at a time" in str(e)
+                                      else f"{type(e).__name__}: {e}")
         except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as e:
             text = self.last_error = f"{type(e).__name__}: {e}"
         return _truncate(text)
@@ -369,7 +375,6 @@ MARIADB_SQL_MODE = MYSQL8_SQL_MODE.replace("STRICT_TRANS_TABLES,", "")
 COLLATIONS = ("utf8mb4_0900_ai_ci", "utf8mb4_uca1400_nopad_ai_ci", "utf8mb4_unicode_520_ci", "utf8mb4_unicode_ci")
 STATEMENT_SECONDS = 60  # a model's statement is stopped after this long (AgentBench's newer client waits 30 s)
 DATABASE_PREFIX = "agentlm_dbbench_"
-MULTI_STATEMENT_ERROR = "Commands out of sync; you can't run this command now"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -229,6 +229,21 @@ def test_a_row_of_the_wrong_length_leaves_the_table_empty(mysql):
 
 
 @pytest.mark.parametrize("where", ["sqlite", "mariadb"])
+def test_several_statements_in_one_turn_do_nothing(where, request):
+    backend = dbbench.SQLiteBackend() if where == "sqlite" else request.getfixturevalue("mysql")
+    items, _ = load_items()
+    item = next(it for it in items if it.type == "counting")
+    table = dbbench.quote_name(item.table)
+    db = backend.open(item)
+    try:
+        before = db.execute(f"SELECT COUNT(*) FROM {table}")
+        assert db.execute(f"DELETE FROM {table}; SELECT 1") == dbbench.MULTI_STATEMENT_ERROR == db.last_error
+        assert db.execute(f"SELECT COUNT(*) FROM {table};") == before != "[(0,)]"
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("where", ["sqlite", "mariadb"])
 def test_a_table_the_server_refuses_is_no_table(where, request):
     """Dev item 5 has a column named '', standard items 13 and 14 two named 'Score': MySQL creates no table (as
     on AgentBench's server, checked with its own client); the episode runs, every statement an error."""
