@@ -17,6 +17,9 @@ BENCHMARKS = {  # module: (full arguments, smoke arguments)
     "bench.bench_input": ([], ["--size", "smoke"]),
     "bench.bench_model": ([], ["--size", "smoke"]),
     "bench.bench_train": ([], ["--smoke"]),
+    "bench.bench_templates": ([], ["--sizes", "200", "--repeat", "1"]),
+    "bench.bench_lora": ([], ["--smoke"]),
+    "bench.bench_eval": (["--in-loop"], ["--smoke"]),
 }
 
 

@@ -115,6 +115,11 @@ def write_config(run_dir: str, text: str) -> None:
         f.write(text)
 
 
+def run_tokenizer_dir(run_dir: str) -> str:
+    """RUN/tokenizer: where a run keeps its copy of the dataset's tokenizer (checkpoints and exports name it)."""
+    return posixpath.join(run_dir.rstrip("/"), TOKENIZER_SUBDIR)
+
+
 def copy_tokenizer(source_dir: str, run_dir: str) -> str:
     """RUN/tokenizer: the dataset's tokenizer files (replacing an older copy); returns its path."""
     src_fs, src = fsspec.core.url_to_fs(source_dir)
@@ -126,7 +131,7 @@ def copy_tokenizer(source_dir: str, run_dir: str) -> str:
                 data = f.read()
             with dst_fs.open(posixpath.join(dst, posixpath.basename(path)), "wb") as f:
                 f.write(data)
-    return posixpath.join(run_dir.rstrip("/"), TOKENIZER_SUBDIR)
+    return run_tokenizer_dir(run_dir)
 
 
 # --------------------------------------------------------------------------------------------- the lock
@@ -177,8 +182,9 @@ class RunLock:
                         self.run_dir, holder.get("pid"), holder.get("host"), age)
         self._renew(fs, path)
         time.sleep(0.5)  # two trainers starting at once: the later write wins, the other sees it and stops
-        if _read_json(lambda: fs.cat_file(path).decode()).get("id") != self.owner["id"]:
-            raise self._in_use(_read_json(lambda: fs.cat_file(path).decode()))
+        holder = _read_json(lambda: fs.cat_file(path).decode())
+        if holder.get("id") != self.owner["id"]:
+            raise self._in_use(holder)
         self._thread = threading.Thread(target=self._heartbeat, args=(fs, path), daemon=True, name="run-lease")
         self._thread.start()
 

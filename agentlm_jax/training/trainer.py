@@ -45,9 +45,8 @@ from agentlm_jax.training.checkpointing import CONFIG, Checkpointer
 from agentlm_jax.training.loss import mean
 from agentlm_jax.training.metrics import MetricsWriter, Throughput, flops_per_token, peak_flops
 from agentlm_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from agentlm_jax.training.run_dir import TOKENIZER_SUBDIR as RUN_TOKENIZER_SUBDIR
 from agentlm_jax.training.run_dir import Every, RunLock, WorkerLog, check_resume, copy_tokenizer, data_identity, \
-    write_config
+    run_tokenizer_dir, write_config
 from agentlm_jax.training.state import TrainState, abstract_params, abstract_train_state, base_shardings, \
     init_train_state, train_state_shardings
 from agentlm_jax.training.step import TrainStep, check_batch_layout
@@ -190,7 +189,7 @@ class Trainer:
         self.evaluator = self._in_loop_evaluator()
         self.run_info = {"config": to_dict(cfg), "tasks": self.tasks, "data_dir": self.data_dir,
                          "data_identity": self.identity,
-                         "tokenizer_path": f"{cfg.run_dir.rstrip('/')}/{RUN_TOKENIZER_SUBDIR}"}
+                         "tokenizer_path": run_tokenizer_dir(cfg.run_dir)}
 
     def _check_lora_inputs(self) -> None:
         """What a LoRA run reads besides the base: a PEFT adapter to continue from must match lora.*."""
