@@ -445,8 +445,9 @@ class MySQLBackend:
         try:
             self.admin = self._connect(session=False)
         except self.pymysql.MySQLError as e:
-            raise SetupError(f"--db {url.public()}: cannot connect ({_mysql_error(e)}): start a server there "
-                             "(docs/evaluation.md, 'dbbench on MySQL') or fix the URL") from None
+            todo = ("check the user and password (the URL's, else MYSQL_PWD)" if e.args and e.args[0] == 1045
+                    else "start a server there (docs/evaluation.md, `--db mysql://`) or fix the URL")
+            raise SetupError(f"--db {url.public()}: cannot connect ({_mysql_error(e)}): {todo}") from None
         with self.admin.cursor() as cur:
             cur.execute("SELECT VERSION()")
             (self.version,) = cur.fetchone()
