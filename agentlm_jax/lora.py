@@ -202,6 +202,16 @@ def check_adapter_config(config: dict[str, Any], lora: LoraConfig, where: str) -
         raise ConfigError(f"{where}: the PEFT adapter does not match this run's LoRA: " + "; ".join(problems))
 
 
+def note_dropout(config: dict[str, Any], lora: LoraConfig, where: str) -> float:
+    """The adapter's `lora_dropout` (0 when absent). Dropout changes how training continues, not what the
+    tensors mean, so another value is not refused: it is logged (a warning) with the setting that matches it."""
+    rate = float(config.get("lora_dropout") or 0.0)
+    if rate != float(lora.dropout):
+        log.warning("%s: the adapter was trained with lora_dropout=%s, this run continues with lora.dropout=%s (set "
+                    "lora.dropout=%s to keep it)", where, rate, lora.dropout, rate)
+    return rate
+
+
 def import_peft(adapter_dir: str, cfg: ModelConfig, lora: LoraConfig, *, mesh: Mesh | None = None,
                 rules: Rules = DEFAULT_RULES) -> nnx.State:
     """A PEFT adapter directory's A and B as our adapters (nnx.State, in `param_dtype`, each on its sharding)."""
@@ -210,7 +220,9 @@ def import_peft(adapter_dir: str, cfg: ModelConfig, lora: LoraConfig, *, mesh: M
     from agentlm_jax.sharding import state_shardings
 
     where = f"lora.init_adapter={adapter_dir}"
-    check_adapter_config(read_adapter_config(adapter_dir), lora, where)
+    config = read_adapter_config(adapter_dir)
+    check_adapter_config(config, lora, where)
+    note_dropout(config, lora, where)
     fs, root = files.fs_and_path(adapter_dir)
     path = posixpath.join(root, ADAPTER_WEIGHTS)
     if not fs.exists(path):

@@ -348,7 +348,7 @@ class LoraConfig:
     enabled: bool = False
     rank: int = 16  # r
     alpha: float = 32.0  # the adapters' output is scaled by alpha / rank
-    dropout: float = 0.0  # PEFT's lora_dropout; only 0 for now (the train step has no random state)
+    dropout: float = 0.0  # PEFT's lora_dropout: dropout on each adapter's input, in training only (0 ≤ p < 1)
     targets: tuple[str, ...] = LORA_TARGETS  # any of LORA_TARGETS (q, k, v, o: attention; gate, up, down: MLP)
     base_dtype: str = "bfloat16"  # storage dtype of the frozen base weights (one of DTYPES)
     init_adapter: str | None = None  # a PEFT adapter directory to continue training from; None: A random, B = 0
@@ -459,8 +459,7 @@ def lora_problems(lo: LoraConfig) -> list[tuple[bool, str]]:
     return [
         (lo.rank > 0, f"lora.rank must be > 0, got {lo.rank}"),
         (lo.alpha > 0, f"lora.alpha must be > 0, got {lo.alpha}"),
-        (lo.dropout == 0, f"lora.dropout={lo.dropout}: adapter dropout is not implemented yet (the train step has "
-                          f"no random state); set lora.dropout=0"),
+        (0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout} (PEFT's lora_dropout, e.g. 0.05)"),
         (not unknown, f"lora.targets: unknown target(s) {unknown}; the valid ones are {list(LORA_TARGETS)} "
                       f"(e.g. lora.targets=[q,k,v,o,gate,up,down])"),
         (bool(lo.targets) and len(set(lo.targets)) == len(lo.targets),

@@ -42,14 +42,16 @@ class Attention(nnx.Module):
         lora_lib.attention_adapters(self, cfg, lora, rngs)  # q_proj_lora, ... (none without LoRA)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
-                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+                 cache: LayerCache | None = None, lora_key: jax.Array | None = None
+                 ) -> tuple[jax.Array, LayerCache | None]:
+        """`lora_key`: the layer's LoRA dropout key (training only; model/lora.py)."""
         dt = self.dtype
         q = ops.project("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
         k = ops.project("BSD,DKH->BSKH", x, self.k_proj[...].astype(dt))
         v = ops.project("BSD,DKH->BSKH", x, self.v_proj[...].astype(dt))
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
-        q, k, v = (lora_lib.add_delta(self, t, x, y) for t, y in (("q", q), ("k", k), ("v", v)))
+        q, k, v = (lora_lib.add_delta(self, t, x, y, lora_key) for t, y in (("q", q), ("k", k), ("v", v)))
         q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rotary(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
@@ -65,5 +67,6 @@ class Attention(nnx.Module):
                                 kv_segment_ids=cache.segment_ids, q_start=cache.start, impl=self.implementation,
                                 block_size=self.block_size)
         out = constrain(out, ("batch", "seq", "act_heads", None))
-        out = lora_lib.add_delta(self, "o", out, ops.project("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt)))
+        out = lora_lib.add_delta(self, "o", out, ops.project("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt)),
+                                 lora_key)
         return constrain(out, ("batch", "seq", "act_embed")), cache

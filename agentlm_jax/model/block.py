@@ -24,8 +24,10 @@ class DecoderBlock(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs, lora=lora)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
-                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-        h, cache = self.attn(self.attn_norm(x), cos, sin, segment_ids, cache)
+                 cache: LayerCache | None = None, lora_key: jax.Array | None = None
+                 ) -> tuple[jax.Array, LayerCache | None]:
+        """`lora_key`: this layer's LoRA dropout key (training only; model/lora.py), None: no dropout."""
+        h, cache = self.attn(self.attn_norm(x), cos, sin, segment_ids, cache, lora_key=lora_key)
         x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(self.mlp_norm(x), lora_key=lora_key)
         return constrain(x, ("batch", "seq", "act_embed")), cache

@@ -12,6 +12,7 @@ from agentlm_jax.config import DEFAULT_RULES, ModelConfig, Rules
 from agentlm_jax.config.schema import LoraConfig
 from agentlm_jax.model.kv_cache import KVCache, LayerCache
 from agentlm_jax.model.layers import Embedder, LMHead, RMSNorm, rotary_angles
+from agentlm_jax.model.lora import layer_keys as lora_layer_keys
 from agentlm_jax.ops import PROJECTION
 from agentlm_jax.sharding import state_shardings
 
@@ -55,9 +56,11 @@ class Llama(nnx.Module):
         """Float32 logits [B,T,V] of final-norm hidden states [B,T,D]: the output head, or the tied embedding."""
         return self.embedder.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
 
-    def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """The final-norm output [B,T,D] in the compute dtype (what the output head multiplies)."""
-        h, _ = self._forward(tokens, positions, segment_ids, None)
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
+                      lora_key: jax.Array | None = None) -> jax.Array:
+        """The final-norm output [B,T,D] in the compute dtype (what the output head multiplies). `lora_key`: the
+        LoRA dropout key of a training step (model/lora.py: one key per layer is folded from it); None: none."""
+        h, _ = self._forward(tokens, positions, segment_ids, None, lora_key)
         return h
 
     def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache, *,
@@ -68,7 +71,7 @@ class Llama(nnx.Module):
         return self.logits(h[:, -1:] if last_only else h), cache
 
     # ------------------------------------------------------------------------------------------- internals
-    def _forward(self, tokens, positions, segment_ids, cache: KVCache | None):
+    def _forward(self, tokens, positions, segment_ids, cache: KVCache | None, lora_key: jax.Array | None = None):
         cfg = self.config
         x = self.embedder(tokens)
         cos, sin = rotary_angles(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -78,30 +81,32 @@ class Llama(nnx.Module):
             kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                           (0, start))
         layer_kv = None if cache is None else (cache.k, cache.v)
-        x, layer_kv = self._apply_blocks(x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start)
+        keys = None if lora_key is None else lora_layer_keys(lora_key, cfg.num_layers)
+        x, layer_kv = self._apply_blocks(x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start, keys)
         if cache is not None:
             cache = KVCache(k=layer_kv[0], v=layer_kv[1], segment_ids=kv_segment_ids,
                             length=start + tokens.shape[1])
         return self.final_norm(x), cache
 
-    def _apply_blocks(self, x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start):
+    def _apply_blocks(self, x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start, keys=None):
         cfg = self.config
 
-        def run_block(block, x, kv):
+        def run_block(block, x, kv, key):
             cache = None if kv is None else LayerCache(kv[0], kv[1], kv_segment_ids, start)
-            x, cache = block(x, cos, sin, segment_ids, cache)
+            x, cache = block(x, cos, sin, segment_ids, cache, lora_key=key)
             return x, (None if cache is None else (cache.k, cache.v))
 
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICY[cfg.remat], prevent_cse=not cfg.scan_layers)
 
         if cfg.scan_layers:
-            scan = nnx.scan(run_block, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+            scan = nnx.scan(run_block, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                             transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-            return scan(self.layers, x, layer_kv)
+            return scan(self.layers, x, layer_kv, keys)
         new_kv = []
         for i, block in enumerate(self.layers):
-            x, kv = run_block(block, x, None if layer_kv is None else (layer_kv[0][i], layer_kv[1][i]))
+            x, kv = run_block(block, x, None if layer_kv is None else (layer_kv[0][i], layer_kv[1][i]),
+                              None if keys is None else keys[i])
             new_kv.append(kv)
         if layer_kv is None:
             return x, None

@@ -12,6 +12,13 @@ rank: `BTD,DR->BTR`, then `BTR,RNH->BTNH`.
 
 In the parameter tree an adapter sits beside its kernel: `layers/attn/q_proj_lora/{a,b}` next to
 `layers/attn/q_proj`. `split` gives (frozen base, adapters); the train step differentiates the adapters only.
+
+Dropout (`lora.dropout` p > 0, PEFT's `lora_dropout`): the adapter's input is dropped before A,
+`(alpha / r) · (dropout(x) · A) · B` with dropout(x) = x · mask / (1 - p), only when the forward pass is given a
+key (the train step's; generation, evaluation and export pass none). The key is a pure function of the run's
+seed, the optimizer step, the micro-batch, the layer and the target (`step_key`, `layer_keys`, `target_key`), so
+a resumed run draws the same masks as an uninterrupted one, and the masks do not depend on the mesh (JAX's
+threefry random bits are a function of the key and the element's index, whatever the sharding).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ ADAPTER_SUFFIX = "_lora"  # q_proj → q_proj_lora
 TARGET_KERNELS = {"q": ("attn", "q_proj"), "k": ("attn", "k_proj"), "v": ("attn", "v_proj"),
                   "o": ("attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
                   "down": ("mlp", "down_proj")}
+TARGET_INDEX = {t: i for i, t in enumerate(TARGET_KERNELS)}  # a target's dropout key: fold_in(layer key, index)
 
 
 def enabled(lora: LoraConfig | None) -> bool:
@@ -57,10 +65,14 @@ class LoRA(nnx.Module):
                                eager_sharding=False)
         self.down, self.up = down, up
         self.scaling = float(lora.scaling)
+        self.dropout = float(lora.dropout)
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """The delta of input x; with a `key` (training) and dropout > 0, of dropout(x)."""
         dt = self.dtype
+        if key is not None and self.dropout > 0:
+            x = dropout(x, self.dropout, key)
         h = ops.project(self.down, x, self.a[...].astype(dt))
         return ops.project(self.up, h, self.b[...].astype(dt)) * jnp.asarray(self.scaling, dt)
 
@@ -103,10 +115,42 @@ def adapter_name(target: str) -> str:
     return TARGET_KERNELS[target][1] + ADAPTER_SUFFIX
 
 
-def add_delta(module: nnx.Module, target: str, x: jax.Array, y: jax.Array) -> jax.Array:
-    """y + the adapter's delta of x, when `module` has an adapter for `target`; y itself otherwise."""
+def add_delta(module: nnx.Module, target: str, x: jax.Array, y: jax.Array,
+              layer_key: jax.Array | None = None) -> jax.Array:
+    """y + the adapter's delta of x, when `module` has an adapter for `target`; y itself otherwise.
+    `layer_key`: the layer's dropout key in training (None: no dropout)."""
     adapter = getattr(module, adapter_name(target), None)
-    return y if adapter is None else y + adapter(x)
+    if adapter is None:
+        return y
+    return y + adapter(x, None if layer_key is None else target_key(layer_key, target))
+
+
+# ------------------------------------------------------------------------------------------------ dropout
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout, as torch.nn.Dropout in training: each element kept with probability 1 - rate and
+    scaled by 1 / (1 - rate), zero otherwise."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+def uses_dropout(lora: LoraConfig | None) -> bool:
+    return enabled(lora) and lora.dropout > 0
+
+
+def step_key(seed: int, step: jax.Array | int, micro_batch: jax.Array | int = 0) -> jax.Array:
+    """The dropout key of one optimizer step's micro-batch: a function of the seed and the step alone (not of
+    any state), so a resumed run is bit-exact with an uninterrupted one."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro_batch)
+
+
+def layer_keys(key: jax.Array, num_layers: int) -> jax.Array:
+    """[L] keys, one per layer (fold_in(key, i)): the same for scanned and unscanned layers."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_layers, dtype=jnp.uint32))
+
+
+def target_key(layer_key: jax.Array, target: str) -> jax.Array:
+    """One target's key in a layer: every adapter draws its own mask, as PEFT's per-module lora_dropout."""
+    return jax.random.fold_in(layer_key, TARGET_INDEX[target])
 
 
 # ------------------------------------------------------------------------------ trainable / frozen split

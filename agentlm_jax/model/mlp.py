@@ -24,11 +24,13 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, init, (F, D), ("mlp", "embed"), pdt)
         lora_lib.mlp_adapters(self, cfg, lora, rngs)  # gate_proj_lora, ... (none without LoRA)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
+        """`lora_key`: the layer's LoRA dropout key (training only; model/lora.py)."""
         dt = self.dtype
-        gate = lora_lib.add_delta(self, "gate", x, ops.project("BTD,DF->BTF", x, self.gate_proj[...].astype(dt)))
-        up = lora_lib.add_delta(self, "up", x, ops.project("BTD,DF->BTF", x, self.up_proj[...].astype(dt)))
+        gate = lora_lib.add_delta(self, "gate", x, ops.project("BTD,DF->BTF", x, self.gate_proj[...].astype(dt)),
+                                  lora_key)
+        up = lora_lib.add_delta(self, "up", x, ops.project("BTD,DF->BTF", x, self.up_proj[...].astype(dt)), lora_key)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
         out = lora_lib.add_delta(self, "down", hidden,
-                                 ops.project("BTF,FD->BTD", hidden, self.down_proj[...].astype(dt)))
+                                 ops.project("BTF,FD->BTD", hidden, self.down_proj[...].astype(dt)), lora_key)
         return constrain(out, ("batch", "seq", "act_embed"))

@@ -14,6 +14,9 @@ batch, as the paper's Megatron-LM trainer averages). Then the global gradient no
 LoRA (`lora` enabled): `state.params` are the adapters; the frozen base weights are the step's second argument
 (`step_fn.base`, set once by the caller), not donated and never differentiated (`jax.grad` is taken with
 respect to the adapters alone, the base closed over), so no gradient, moment or update exists for them.
+With `lora.dropout` > 0 the train step (never the eval step) drops the adapters' inputs with the key
+`lora.step_key(seed, state.step, micro-batch)`: no random state is carried, a resume draws the same masks, and
+the masks do not depend on the mesh. With dropout 0 no key exists and the step is the same computation.
 """
 
 from __future__ import annotations
@@ -67,12 +70,15 @@ class TrainStep:
     def __init__(self, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                  schedule: optax.Schedule, *, mesh: Mesh, rules: Rules, state_shardings: TrainState,
                  data: DataConfig = DataConfig(), loss: LossConfig = LossConfig(), num_tasks: int = 0,
-                 lora: LoraConfig | None = None, base_shardings: dict | None = None):
+                 lora: LoraConfig | None = None, base_shardings: dict | None = None, seed: int = 0):
         """With LoRA, `base_shardings` are the frozen base's (training.state.base_shardings) and `self.base`
-        must be set to the base parameters (pure dict) before the first call."""
+        must be set to the base parameters (pure dict) before the first call. `seed`: the run's seed, from
+        which (with the step number) the LoRA dropout masks are drawn."""
         self.model_cfg, self.optimizer, self.schedule = model_cfg, optimizer, schedule
         self.lora = lora if lora_lib.enabled(lora) else None
         self.base: dict | None = None
+        self.seed = int(seed)
+        self.dropout = lora_lib.uses_dropout(self.lora)
         self.mesh, self.rules = mesh, tuple(rules)
         self.micro_batches = data.micro_batches
         self.loss_impl = ops.resolve_loss_impl(loss.impl, loss.chunk_size, data.max_seq_len, mesh, self.rules)
@@ -116,45 +122,56 @@ class TrainStep:
         return self._train.lower(state, *self._base_args(base), {k: batch[k] for k in BATCH_KEYS})
 
     # ----------------------------------------------------------------------------------------- traced code
-    def token_nll(self, params: dict, batch: Batch, base: dict | None = None) -> jax.Array:
+    def token_nll(self, params: dict, batch: Batch, base: dict | None = None,
+                  dropout_key: jax.Array | None = None) -> jax.Array:
         """nll [B,T] of the loss positions' targets (0 elsewhere with the chunked losses, which compute only the
-        loss positions; loss_sums masks in any case). With LoRA, `params` are the adapters over `base`."""
+        loss positions; loss_sums masks in any case). With LoRA, `params` are the adapters over `base`;
+        `dropout_key` (training only): the LoRA dropout key of this micro-batch."""
         with activation_sharding(self.mesh, self.rules):
             if base is not None:
                 params = lora_lib.merge_trees(base, params)
             model = nnx.merge(self.graphdef, params)
-            hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+            hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
+                                         lora_key=dropout_key)
             return ops.token_nll(hidden, head_kernel(params, self.model_cfg), batch["targets"], impl=self.loss_impl,
                                  chunk_size=self.loss_chunk_size, mesh=self.mesh, rules=self.rules,
                                  mask=batch["loss_mask"])
 
-    def _loss_share(self, params: dict, batch: Batch, count: jax.Array,
-                    base: dict | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def _loss_share(self, params: dict, batch: Batch, count: jax.Array, base: dict | None = None,
+                    dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Σ nll·mask of this (micro-)batch / `count`, the global batch's loss-token count; the loss sums."""
-        sums = loss_lib.loss_sums(self.token_nll(params, batch, base), batch)
+        sums = loss_lib.loss_sums(self.token_nll(params, batch, base, dropout_key), batch)
         return sums["loss_sum"] / jnp.maximum(count, 1.0), sums
 
-    def _grads_and_sums(self, params: dict, batch: Batch, base: dict | None = None) -> tuple[dict, dict[str, jax.Array]]:
+    def _grads_and_sums(self, params: dict, batch: Batch, base: dict | None = None,
+                        step: jax.Array | None = None) -> tuple[dict, dict[str, jax.Array]]:
         """The gradient of the token-level mean loss over the global batch (the micro-batches' gradients of
         Σ nll·mask / global count, summed: the count is known before any forward pass, so the gradients come
-        out divided, with no extra pass over them) and the loss sums."""
+        out divided, with no extra pass over them) and the loss sums. `step` (with LoRA dropout): the optimizer
+        step whose dropout masks to draw (micro-batch m: lora.step_key(seed, step, m)); None: no dropout."""
         count = jnp.sum(batch["loss_mask"] > 0, dtype=jnp.float32)
+
+        def key(m):
+            return None if step is None or not self.dropout else lora_lib.step_key(self.seed, step, m)
+
         # argument 0 only: with LoRA the base (closed over here) gets no gradient at all
-        grad_fn = jax.grad(lambda p, b, c: self._loss_share(p, b, c, base), has_aux=True)
+        grad_fn = jax.grad(lambda p, b, c, k: self._loss_share(p, b, c, base, k), has_aux=True)
         if self.micro_batches == 1:
-            return grad_fn(params, batch, count)
+            return grad_fn(params, batch, count, key(0))
         param_shardings = self.state_shardings.params
 
-        def accumulate(carry, micro):
-            grads, sums = grad_fn(params, micro, count)
+        def accumulate(carry, xs):
+            micro, m = xs
+            grads, sums = grad_fn(params, micro, count, key(m))
             grads = jax.lax.with_sharding_constraint(grads, param_shardings)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
         micro = split_micro_batches(batch, self.micro_batches, self.mesh, self.rules)
-        _, sums_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), count)
+        _, sums_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), count, key(0))
         zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape)
         zero_grads = jax.tree.map(jnp.zeros_like, params)
-        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), micro)
+        indices = jnp.arange(self.micro_batches, dtype=jnp.uint32) if self.dropout and step is not None else None
+        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (micro, indices))
         return grads, sums
 
     def _lora_train_step(self, state: TrainState, base: dict, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -165,7 +182,7 @@ class TrainStep:
 
     def _train_step(self, state: TrainState, batch: Batch,
                     base: dict | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-        grads, sums = self._grads_and_sums(state.params, batch, base)
+        grads, sums = self._grads_and_sums(state.params, batch, base, state.step if self.dropout else None)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {

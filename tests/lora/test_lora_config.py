@@ -20,7 +20,7 @@ def test_defaults_are_off_and_target_every_projection():
     ("lora.targets=[]", "at least one projection"),
     ("lora.rank=0", "lora.rank must be > 0"),
     ("lora.base_dtype=int8", "lora.base_dtype must be one of"),
-    ("lora.dropout=0.1", "set lora.dropout=0"),
+    ("lora.dropout=1.0", r"lora.dropout must be in \[0, 1\)"),
 ])
 def test_bad_values_name_the_key_and_what_to_use(override, message):
     with pytest.raises(ConfigError, match=message):
