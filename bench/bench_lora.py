@@ -31,7 +31,8 @@ import time
 import numpy as np
 
 from bench.bench_train import (HUGEPAGES, SMOKE_OVERRIDES, XLA_CPU_FLAGS, Result, cpu_model, load, median_result,
-                               peak_rss_mb, read_batches, rss_mb, tokens_per_batch, worker_env, write_batches)
+                               peak_rss_mb, read_batches, rss_mb, time_torch_steps, to_torch_batches,
+                               tokens_per_batch, worker_env, write_batches)
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 KINDS = ("jax-full", "jax-lora", "torch-lora")
@@ -100,10 +101,6 @@ def torch_lora_worker(cfg, batches, steps: int) -> Result:
     o = cfg.optimizer
     optimizer = torch.optim.AdamW(trainable, lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
                                   weight_decay=o.weight_decay)
-    torch_batches = [{"input_ids": torch.as_tensor(b["tokens"], dtype=torch.long),
-                      "position_ids": torch.as_tensor(b["positions"], dtype=torch.long),
-                      "labels": torch.as_tensor(np.where(b["loss_mask"] > 0, b["targets"], -100), dtype=torch.long)}
-                     for b in batches]
 
     def train_step(b):
         logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
@@ -116,18 +113,8 @@ def torch_lora_worker(cfg, batches, steps: int) -> Result:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    start = time.perf_counter()
-    train_step(torch_batches[0])
-    first = time.perf_counter() - start
-    before = rss_mb()
-    start = time.perf_counter()
-    for i in range(steps):
-        loss = train_step(torch_batches[(i + 1) % len(torch_batches)])
-    seconds = time.perf_counter() - start
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"non-finite loss {loss.item()}")
-    return Result(f"PyTorch + transformers + peft LoRA (rank {lora.rank}), eager",
-                  steps * tokens_per_batch(batches) / seconds, first, peak_rss_mb(), peak_rss_mb() - before)
+    return time_torch_steps(train_step, to_torch_batches(batches), steps,
+                            f"PyTorch + transformers + peft LoRA (rank {lora.rank}), eager")
 
 
 def worker_main(kind: str, spec: dict) -> None:

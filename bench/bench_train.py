@@ -156,10 +156,6 @@ def torch_worker(cfg, batches, steps: int, compile_model: bool) -> Result:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=o.learning_rate,
                                   betas=(o.b1, o.b2), eps=o.eps)
     forward = torch.compile(model) if compile_model else model
-    torch_batches = [{"input_ids": torch.as_tensor(b["tokens"], dtype=torch.long),
-                      "position_ids": torch.as_tensor(b["positions"], dtype=torch.long),
-                      "labels": torch.as_tensor(np.where(b["loss_mask"] > 0, b["targets"], -100), dtype=torch.long)}
-                     for b in batches]
 
     def train_step(b):
         logits = forward(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
@@ -173,18 +169,37 @@ def torch_worker(cfg, batches, steps: int, compile_model: bool) -> Result:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    name = "PyTorch + transformers, " + ("torch.compile" if compile_model else "eager")
+    return time_torch_steps(train_step, to_torch_batches(batches), steps, name)
+
+
+def to_torch_batches(batches) -> list[dict]:
+    """Our packed batches as transformers' inputs: token and position ids, labels -100 where no loss."""
+    import torch
+
+    return [{"input_ids": torch.as_tensor(b["tokens"], dtype=torch.long),
+             "position_ids": torch.as_tensor(b["positions"], dtype=torch.long),
+             "labels": torch.as_tensor(np.where(b["loss_mask"] > 0, b["targets"], -100), dtype=torch.long)}
+            for b in batches]
+
+
+def time_torch_steps(train_step, batches, steps: int, name: str) -> Result:
+    """One warm-up step (its time: first_step_s), then `steps` timed steps cycling through the (torch) `batches`:
+    tokens/s, peak RSS and its growth over the timed steps; a non-finite last loss is an error."""
+    import torch
+
     start = time.perf_counter()
-    train_step(torch_batches[0])
+    train_step(batches[0])
     first = time.perf_counter() - start
     before = rss_mb()
     start = time.perf_counter()
     for i in range(steps):
-        loss = train_step(torch_batches[(i + 1) % len(torch_batches)])
+        loss = train_step(batches[(i + 1) % len(batches)])
     seconds = time.perf_counter() - start
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite loss {loss.item()}")
-    name = "PyTorch + transformers, " + ("torch.compile" if compile_model else "eager")
-    return Result(name, steps * tokens_per_batch(batches) / seconds, first, peak_rss_mb(), peak_rss_mb() - before)
+    tokens = int(np.prod(batches[0]["input_ids"].shape))
+    return Result(name, steps * tokens / seconds, first, peak_rss_mb(), peak_rss_mb() - before)
 
 
 def cpu_model() -> str:
