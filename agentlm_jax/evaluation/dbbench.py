@@ -368,8 +368,8 @@ MYSQL8_SQL_MODE = ("ONLY_FULL_GROUP_BY,STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZE
                    "NO_ENGINE_SUBSTITUTION")
 # On MariaDB, without strict mode: strict MariaDB fails an UPDATE whose WHERE compares a TEXT column holding a
 # non-number with a number (`WHERE No = 16` over a row 'Replay': error 1292, Truncated incorrect DECIMAL value),
-# where MySQL 8 runs it (it raises that error for VARCHAR, not TEXT columns); AgentBench's answer_md5 of standard
-# items 278 and 295 are the tables after such an UPDATE.
+# and AgentBench's answer_md5 of standard items 278 and 295 are the tables after such an UPDATE (MySQL 8.0 is
+# reported to raise that error for VARCHAR, not TEXT columns).
 MARIADB_SQL_MODE = MYSQL8_SQL_MODE.replace("STRICT_TRANS_TABLES,", "")
 # MySQL 8's default collation, else the closest MariaDB has (UCA, accent- and case-insensitive, NO PAD).
 COLLATIONS = ("utf8mb4_0900_ai_ci", "utf8mb4_uca1400_nopad_ai_ci", "utf8mb4_unicode_520_ci", "utf8mb4_unicode_ci")
