@@ -33,6 +33,7 @@ none fits, `no_loss_after_truncation` when the kept pairs have no trained answer
 from __future__ import annotations
 
 import bisect
+import collections.abc
 import dataclasses
 import hashlib
 import json
@@ -123,6 +124,28 @@ class Reference:
     assistant_mask: list[int] | None = None
 
 
+class EncodingOffsets(collections.abc.Sequence):
+    """The (start, end) character offsets of a `tokenizers.Encoding`'s tokens, read one by one from the encoding
+    (`Encoding.offsets` would build the whole list of tuples): the same values, for the few tokens the contract
+    check looks at (bisect over the offsets, the special tokens, the spans' ends)."""
+    __slots__ = ("_encoding", "_len")
+
+    def __init__(self, encoding):
+        self._encoding, self._len = encoding, len(encoding)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._len))]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        return self._encoding.token_to_chars(i)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rejection:
     """A conversation the template cannot encode as the contract requires (a rejected record)."""
@@ -156,14 +179,34 @@ class TemplateEncoder:
         self._compiled, self._special_tokens_map = None, dict(tokenizer.special_tokens_map)
         self._special_ids = {i: t.content for i, t in backend.get_added_tokens_decoder().items() if t.special}
         self._special_id_array = np.array(sorted(self._special_ids), np.int64)
-        self._special_at_end = (re.compile(f"(?:{'|'.join(map(re.escape, specials))})+$") if specials
-                                else None)
+        self._special_set = frozenset(specials)
+        self._special_lengths = sorted({len(t) for t in specials})
 
     # ------------------------------------------------------------------ text checks
     def special_token_text(self, text: str | None) -> str | None:
         """The first special-token text in `text`, or None (such records are rejected: `special_token_text`)."""
         found = self._specials.search(text) if text and self._specials else None
         return found[0] if found else None
+
+    def _special_run_start(self, text: str) -> int | None:
+        """Where the run of special-token texts that ends `text` starts: the smallest i such that text[i:] (or
+        text[i:-1], when `text` ends with a newline) is one or more special-token texts; None if there is none.
+        The same as `re.search("(?:SPECIAL|...)+$", text).start()`, found from the end of the text (a regular
+        expression search tries every start in the text)."""
+        ends = [len(text)] + ([len(text) - 1] if text.endswith("\n") else [])
+        best, seen, todo = None, set(ends), list(ends)
+        while todo:
+            end = todo.pop()
+            for n in self._special_lengths:
+                if n > end:
+                    break
+                if text[end - n:end] in self._special_set:
+                    start = end - n
+                    best = start if best is None or start < best else best
+                    if start not in seen:
+                        seen.add(start)
+                        todo.append(start)
+        return best
 
     def _last_special_end(self, text: str) -> int | None:
         """The end of the last special-token text in `text` (None if there is none)."""
@@ -205,14 +248,24 @@ class TemplateEncoder:
     def _references(self, messages: list[list[dict]], tools: tuple) -> list[Reference]:
         """transformers' own `apply_chat_template(tokenize=True)` of each conversation, in one batched call:
         the ids the contract compares with, their character offsets (into the rendering: the training ids are
-        these ids, so the text is tokenized once), and for {% generation %} templates the assistant masks."""
+        these ids, so the text is tokenized once), and for {% generation %} templates the assistant masks.
+        The offsets are read from the tokenizer's encodings where they are needed (EncodingOffsets), not
+        converted whole into Python tuples (`return_offsets_mapping`: a tuple per token, ~15 % of the encoding
+        time on long chats), and no attention mask is made (it is all ones)."""
         out = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True,
                                                  tools=list(tools) or None, return_dict=True,
                                                  return_assistant_tokens_mask=self.uses_generation,
-                                                 tokenizer_kwargs={"return_offsets_mapping": True})
+                                                 tokenizer_kwargs={"return_attention_mask": False})
         masks = out["assistant_masks"] if self.uses_generation else [None] * len(messages)
-        return [Reference(list(ids), offsets, None if mask is None else list(mask))
-                for ids, offsets, mask in zip(out["input_ids"], out["offset_mapping"], masks)]
+        if out.encodings is None:  # (no encodings to read the offsets from: have them converted)
+            out["offset_mapping"] = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.text, tokenize=True, tools=list(tools) or None, return_dict=True,
+                tokenizer_kwargs={"return_offsets_mapping": True})["offset_mapping"]
+            offsets = out["offset_mapping"]
+        else:
+            offsets = [EncodingOffsets(encoding) for encoding in out.encodings]
+        return [Reference(list(ids), offs, None if mask is None else list(mask))
+                for ids, offs, mask in zip(out["input_ids"], offsets, masks)]
 
     # ------------------------------------------------------------------ encoding
     def encode_batch(self, conversations: Sequence[tuple]) -> list[Encoded | str | Rejection]:
@@ -348,11 +401,11 @@ class TemplateEncoder:
             if first < last and (offsets[first][0] < begin or offsets[last - 1][1] > end):
                 return self._mismatch(f"a token straddles the boundary of the answer in message {message}")
             region = text[begin:end]
-            tail = self._special_at_end.search(region) if self._special_at_end else None
+            tail = self._special_run_start(region)
             if tail is None:
                 return self._mismatch(f"the answer span of message {message} does not end with an end-of-turn "
                                       f"(special) token: {region[-40:]!r}")
-            answer = region[:tail.start()]
+            answer = region[:tail]
             if pair.tool_calls:  # (the template's own call syntax: content and every call's name, nothing else known)
                 missing = [c.name for c in pair.tool_calls if c.name not in answer]
                 if pair.assistant.strip() not in answer or missing:
@@ -369,7 +422,7 @@ class TemplateEncoder:
 
     def _special_tokens_at(self, ids: list[int]) -> list[tuple[int, str]]:
         """(position, text) of each special token in `ids`."""
-        at = np.flatnonzero(np.isin(np.asarray(ids), self._special_id_array))
+        at = np.flatnonzero(np.isin(np.asarray(ids), self._special_id_array, kind="table"))
         return [(int(i), self._special_ids[ids[i]]) for i in at]
 
     def _mismatch(self, what: str) -> Rejection:

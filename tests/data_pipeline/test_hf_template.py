@@ -328,3 +328,87 @@ def test_a_huge_trailing_pair_is_dropped_without_tokenizing_it(tok, tok_dir, mon
     assert (enc.pairs_kept, enc.pairs_dropped) == (3, 1)
     assert enc.ids == tok.apply_chat_template(messages_of(pairs[:3], "sys"), tokenize=True, return_dict=False)
     assert max(longest) <= 513 * encoder.max_chars_per_token < 600_000
+
+
+def test_encoding_offsets_read_the_tokenizers_offsets(tok):
+    """EncodingOffsets (the contract check's offsets, read from the encoding one token at a time) is the same
+    sequence as the encoding's own offsets list, with Python's indexing rules."""
+    encoding = tok("Hello <|im_end|> wörld 漢字\n  x", add_special_tokens=False).encodings[0]
+    offsets = ht.EncodingOffsets(encoding)
+    assert len(offsets) == len(encoding.offsets) > 5
+    assert list(offsets) == encoding.offsets and offsets[-1] == encoding.offsets[-1]
+    assert offsets[1:4] == encoding.offsets[1:4] and offsets[::-2] == encoding.offsets[::-2]
+    for bad in (len(offsets), -len(offsets) - 1):
+        with pytest.raises(IndexError):
+            offsets[bad]
+
+
+@pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
+def test_reference_offsets_are_apply_chat_templates_offset_mapping(tok, encoder, conv):
+    pairs, system = CONVERSATIONS[conv]
+    messages = encoder.messages(pairs, system)
+    reference = encoder._references([messages], ())[0]
+    want = tok.apply_chat_template([messages], tokenize=True, return_dict=True,
+                                   tokenizer_kwargs={"return_offsets_mapping": True})
+    assert reference.ids == want["input_ids"][0]
+    assert [tuple(o) for o in reference.offsets] == [tuple(o) for o in want["offset_mapping"][0]]
+
+
+def test_references_without_encodings_have_the_offsets_converted(tok, encoder, monkeypatch):
+    """A tokenizer output without its encodings (nothing to read offsets from): the offsets are then asked
+    for as `return_offsets_mapping`, and the encoding is the same."""
+    pairs, system = CONVERSATIONS[1]
+    want = encoder.encode(pairs, system)
+    real = type(tok).apply_chat_template
+
+    def without_encodings(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if kwargs.get("tokenize") and not kwargs.get("tokenizer_kwargs", {}).get("return_offsets_mapping"):
+            out._encodings = None
+        return out
+
+    monkeypatch.setattr(type(tok), "apply_chat_template", without_encodings)
+    reference = encoder._references([encoder.messages(pairs, system)], ())[0]
+    assert not isinstance(reference.offsets, ht.EncodingOffsets)
+    assert encoder.encode(pairs, system) == want
+
+
+def test_the_special_run_at_the_end_is_found_as_the_regular_expression_finds_it(encoder):
+    """`_special_run_start` (the end-of-turn tokens that close an answer span) against the regular expression it
+    replaces, on texts made of special tokens (some suffixes of others), newlines and plain characters."""
+    import re
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    specials = sorted(encoder._special_set, key=len, reverse=True)
+    pattern = re.compile(f"(?:{'|'.join(map(re.escape, specials))})+$")
+    pieces = st.sampled_from(specials + ["\n", "x", " ", "<", "|>", "end_id|>", specials[0][:-1], specials[-1][1:]])
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(pieces, max_size=8))
+    def check(parts):
+        text = "".join(parts)
+        found = pattern.search(text)
+        assert encoder._special_run_start(text) == (found.start() if found else None), text
+
+    check()
+
+    class Overlapping:  # special tokens that are suffixes and concatenations of one another
+        _special_set = frozenset(["<a>", "a>", "<b><a>", "b>", "\n<c>"])
+        _special_lengths = sorted({len(t) for t in _special_set})
+
+    overlapping = re.compile("(?:" + "|".join(map(re.escape, sorted(Overlapping._special_set))) + ")+$")
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(st.sampled_from(["<a>", "a>", "<b>", "b>", "<", ">", "\n", "<c>", "x"]), max_size=10))
+    def check_overlapping(parts):
+        text = "".join(parts)
+        found = overlapping.search(text)
+        assert ht.TemplateEncoder._special_run_start(Overlapping, text) == (found.start() if found else None), text
+
+    check_overlapping()
+    eot = specials[0]
+    assert encoder._special_run_start(f"answer{eot}\n") == len("answer")
+    assert encoder._special_run_start(f"answer{eot}\n\n") is None
+    assert encoder._special_run_start("") is None
