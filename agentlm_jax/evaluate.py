@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Sequence
 
 from agentlm_jax import cli, distributed
@@ -157,6 +156,7 @@ def run(args: argparse.Namespace) -> dict:
             raise MissingInputError(f"{flag} {path}: does not exist")
     from agentlm_jax.evaluation import actions, dbbench, general, report
     from agentlm_jax.evaluation.lm import LM
+    from agentlm_jax.evaluation.suites import SuiteInputs, run_suites
 
     # Inputs first (cheap, and a bad file is reported before the model loads).
     db_items = db_source = mmlu = gsm8k = db_backend = None
@@ -199,28 +199,17 @@ def run(args: argparse.Namespace) -> dict:
             "max_new_tokens": args.max_new_tokens, "model_config": {k: getattr(cfg, k) for k in (
                 "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings")},
             "data": data_dir, "split": args.split, "max_items": args.max_items}
-    suites, timing = {}, {}
-    if "actions" in args.suite:
-        start = time.perf_counter()
-        suites["actions"] = actions.evaluate_actions(
-            records, lambda p, b, on_batch=None: lm.complete(p, max_new_tokens=b, on_batch=on_batch), lm.decode,
-            max_items=args.max_items, max_new_tokens=args.max_new_tokens, max_length=lm.max_length, where=where,
-            show_progress=main)
-        timing["actions"] = _rate(time.perf_counter() - start, suites["actions"]["overall"]["scored_turns"], "turns")
-    if "dbbench" in args.suite:
-        start = time.perf_counter()
-        suites["dbbench"] = dbbench.evaluate_dbbench(db_items, dbbench.model_respond(lm, max_new_tokens=args.max_new_tokens),
-                                                     max_rounds=args.max_rounds, show_progress=main, backend=db_backend)
+    inputs = SuiteInputs(records=records, where=where or "", db_items=db_items, db_source=db_source,
+                         db_backend=db_backend, mmlu=mmlu, gsm8k=gsm8k)
+    if db_backend is not None:
         meta.update(dbbench_source=db_source, dbbench_items=len(db_items), dbbench_backend=db_backend.describe())
-        db_backend.close()
-        timing["dbbench"] = _rate(time.perf_counter() - start, len(db_items), "episodes")
-    if "general" in args.suite:
-        start = time.perf_counter()
-        suites["general"] = {
-            "mmlu": {**general.evaluate_mmlu(lm, mmlu[0]), "source": mmlu[1]},
-            "gsm8k": {**general.evaluate_gsm8k(lm, gsm8k[0], max_new_tokens=args.gsm8k_max_new_tokens),
-                      "source": gsm8k[1]}}
-        timing["general"] = _rate(time.perf_counter() - start, len(mmlu[0]) + len(gsm8k[0]), "items")
+    try:
+        suites, timing = run_suites(lm, args.suite, inputs, max_items=args.max_items,
+                                    max_new_tokens=args.max_new_tokens, max_rounds=args.max_rounds,
+                                    gsm8k_max_new_tokens=args.gsm8k_max_new_tokens, show_progress=main)
+    finally:
+        if db_backend is not None:
+            db_backend.close()
     meta["timing"] = timing
     results = {"meta": meta, "suites": suites}
     if main:
@@ -228,10 +217,6 @@ def run(args: argparse.Namespace) -> dict:
         print(report.markdown(results))
         log.info("wrote %s and %s", json_path, md_path)
     return results
-
-
-def _rate(seconds: float, count: int, unit: str) -> dict:
-    return {"seconds": round(seconds, 2), unit: count, f"{unit}_per_s": round(count / seconds, 3) if seconds else None}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -59,7 +59,10 @@ def markdown(results: dict) -> str:
                   "", comparability("actions", None, meta) + ".", ""]
     db = results["suites"].get("dbbench")
     if db:
-        lines += [f"## dbbench (interactive episodes, {meta.get('dbbench_source')})", "",
+        backend = meta.get("dbbench_backend") or {"backend": "sqlite", "where": "in memory"}
+        where = (f"MySQL {backend.get('version', '')} at {backend.get('server')}" if backend["backend"] == "mysql"
+                 else "SQLite in memory")
+        lines += [f"## dbbench (interactive episodes, {meta.get('dbbench_source')}, on {where})", "",
                   "| metric | ours % | paper AgentLM-7B % |", "|---|---:|---:|",
                   f"| overall (mean of SELECT, INSERT, UPDATE) | {_pct(db['overall_cat_accuracy'])} | "
                   f"{PAPER_AGENTLM_7B['db']} |"]

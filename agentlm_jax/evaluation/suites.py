@@ -18,6 +18,7 @@ class SuiteInputs:
     where: str = ""  # actions: a prefix naming the split in error messages
     db_items: Sequence | None = None  # dbbench: dbbench.Item objects
     db_source: str | None = None
+    db_backend: object | None = None  # dbbench: a dbbench.open_backend(...) backend; None: SQLite in memory
     mmlu: tuple[list[dict], str] | None = None  # general: (items, source) of general.load_mmlu
     gsm8k: tuple[list[dict], str] | None = None  # general: (items, source) of general.load_gsm8k
 
@@ -40,7 +41,7 @@ def run_suites(lm, suites: Sequence[str], inputs: SuiteInputs, *, max_items: int
         start = time.perf_counter()
         results["dbbench"] = dbbench.evaluate_dbbench(
             inputs.db_items, dbbench.model_respond(lm, max_new_tokens=max_new_tokens), max_rounds=max_rounds,
-            show_progress=show_progress)
+            show_progress=show_progress, backend=inputs.db_backend)
         timing["dbbench"] = rate(time.perf_counter() - start, len(inputs.db_items), "episodes")
     if "general" in suites:
         start = time.perf_counter()

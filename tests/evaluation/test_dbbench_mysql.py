@@ -334,4 +334,6 @@ def test_evaluate_over_mariadb_records_the_backend(tiny_hf_dir, mariadb_url, mys
     backend = saved["meta"]["dbbench_backend"]
     assert backend["backend"] == "mysql" and backend["server"] == mariadb_url.replace(":not-this-password", "")
     assert "MariaDB" in backend["version"] and "not-this-password" not in text
+    md = (out / "eval.md").read_text()
+    assert f"on MySQL {backend['version']} at {backend['server']})" in md and "not-this-password" not in md
     assert _leftover_databases(mysql) == []

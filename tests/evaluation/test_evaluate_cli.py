@@ -23,6 +23,7 @@ def test_every_suite_writes_eval_json_and_markdown(tiny_hf_dir, sample_data, tmp
     assert saved["meta"]["timing"]["actions"]["turns"] == saved["suites"]["actions"]["overall"]["scored_turns"]
     assert results["suites"]["actions"]["overall"] == saved["suites"]["actions"]["overall"]
     md = (out / "eval.md").read_text()
+    assert "on SQLite in memory)" in md
     assert "| os | 1 |" in md and "84.0 (not comparable)" in md  # ALFWorld's published 7B number, labelled
     assert "not comparable: the model is not a Llama-2-7B fine-tune; 2 items" in md
 
