@@ -160,7 +160,7 @@ class Trainer:
         self.shardings = train_state_shardings(cfg.model, self.optimizer, self.mesh, self.rules, lora=self.lora)
         self.step_fn = TrainStep(cfg.model, self.optimizer, self.schedule, mesh=self.mesh, rules=self.rules,
                                  state_shardings=self.shardings, data=cfg.data, loss=cfg.loss,
-                                 num_tasks=len(self.tasks), lora=self.lora,
+                                 num_tasks=len(self.tasks), lora=self.lora, seed=cfg.seed,
                                  base_shardings=base_shardings(cfg.model, self.lora, self.mesh, self.rules)
                                  if self.lora else None)
         self.lock = RunLock(cfg.run_dir).acquire() if self.is_main else None
