@@ -18,7 +18,7 @@ from flax import nnx
 
 from agentlm_jax.config import SamplingConfig
 from agentlm_jax.errors import ConfigError
-from agentlm_jax.inference.generate import Generator, left_pad, round_up
+from agentlm_jax.inference.generate import Generator, left_pad, pow2_buckets, round_up
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ class LM:
         self.config = model.config
         stop_ids = sorted({*self.config.stop_token_ids, tokenizer.eos_token_id} - {None})
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.config.pad_token_id
-        self.generator = Generator(model, stop_token_ids=stop_ids, pad_token_id=pad, length_multiple=length_multiple)
+        # Power-of-two prompt buckets and full batches: a few compiled programs for any mix of prompts.
+        self.generator = Generator(model, stop_token_ids=stop_ids, pad_token_id=pad, length_multiple=length_multiple,
+                                   prompt_buckets=pow2_buckets(length_multiple, self.config.max_position_embeddings))
         self.pad_id, self.length_multiple = pad, length_multiple
         self._forward = None
 
@@ -87,7 +89,9 @@ class LM:
             new = max(budgets[i] for i in chunk)
             # Never past the model's positions (the batch's prompts are of similar lengths: sorted).
             new = max(1, min(new, self.max_length - max(len(prompts[i]) for i in chunk)))
-            result = self.generator([prompts[i] for i in chunk], max_new_tokens=new, sampling=GREEDY)
+            rows = [prompts[i] for i in chunk]
+            rows += [rows[0]] * (self.batch_size - len(rows))  # a full batch: the same program as the others
+            result = self.generator(rows, max_new_tokens=new, sampling=GREEDY)
             for i, ids in zip(chunk, result.tokens):
                 ids = ids[:budgets[i]]
                 out[i] = ids[:-1] if ids and ids[-1] in stops else ids

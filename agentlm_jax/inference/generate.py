@@ -7,7 +7,10 @@
 Prompts of a batch are left-padded to a common length (padding has segment id 0 and is never attended to;
 positions start at 0 at each prompt's first real token), so every row decodes into the same cache slot at
 each step. Shapes are bucketed (prompt length and cache capacity rounded up to `length_multiple`), so new
-prompts or a different `max_new_tokens` within a bucket reuse the compiled program.
+prompts or a different `max_new_tokens` within a bucket reuse the compiled program. With `prompt_buckets`
+(e.g. powers of two), the prompt length is rounded up to the next bucket instead and the capacity is that
+plus `max_new_tokens` rounded up to `length_multiple`: a handful of programs for prompts of any length, as
+the evaluation suites need (every compile of a large model costs a minute on a TPU).
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def pow2_buckets(smallest: int, largest: int) -> tuple[int, ...]:
+    """smallest, 2·smallest, 4·smallest, ... up to the first one >= largest."""
+    out = [smallest]
+    while out[-1] < largest:
+        out.append(out[-1] * 2)
+    return tuple(out)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, ...]:
     """tokens, positions, segment_ids [B, length] int32 with each prompt right-aligned after padding."""
     B = len(prompts)
@@ -60,13 +71,22 @@ class Generator:
     """Batched KV-cache decoding for a Llama; reuse one instance to reuse its compiled programs."""
 
     def __init__(self, model: Llama, *, stop_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
-                 length_multiple: int = 64):
+                 length_multiple: int = 64, prompt_buckets: Sequence[int] | None = None):
         self.config: ModelConfig = model.config
         self.graphdef, self.state = nnx.split(model)
         self.stop_ids = np.asarray(stop_token_ids if stop_token_ids is not None else self.config.stop_token_ids,
                                    np.int32)
         self.pad_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
         self.length_multiple = length_multiple
+        self.prompt_buckets = tuple(sorted(prompt_buckets)) if prompt_buckets else ()
+
+    def shape(self, longest_prompt: int, max_new_tokens: int) -> tuple[int, int]:
+        """(padded prompt length, cache capacity) of a batch: what a compiled program is specialised to."""
+        bucket = next((b for b in self.prompt_buckets if b >= longest_prompt), None)
+        if bucket is None:
+            prompt_len = round_up(longest_prompt, self.length_multiple)
+            return prompt_len, round_up(prompt_len + max_new_tokens, self.length_multiple)
+        return bucket, bucket + round_up(max_new_tokens, self.length_multiple)
 
     def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> Generation:
@@ -74,8 +94,7 @@ class Generator:
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        prompt_len = round_up(max(len(p) for p in prompts), self.length_multiple)
-        capacity = round_up(prompt_len + max_new_tokens, self.length_multiple)
+        prompt_len, capacity = self.shape(max(len(p) for p in prompts), max_new_tokens)
         longest = max(len(p) for p in prompts) + max_new_tokens
         if longest > self.config.max_position_embeddings:
             log.warning("prompt + new tokens = %d positions > max_position_embeddings = %d: quality will suffer",

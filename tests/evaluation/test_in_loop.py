@@ -3,11 +3,13 @@ always decodes with the model's current weights; eval.max_items bounds the turns
 
 from __future__ import annotations
 
+import numpy as np
 from flax import nnx
 
 from agentlm_jax.config import EvalConfig
 from agentlm_jax.evaluation.actions import read_split, select_turns
 from agentlm_jax.evaluation.in_loop import InLoopEvaluator
+from agentlm_jax.evaluation.lm import GREEDY as LM_GREEDY
 from agentlm_jax.evaluation.lm import LM
 from agentlm_jax.model.llama import init_model
 from tests.evaluation.conftest import TINY_EVAL
@@ -59,3 +61,23 @@ def test_dbbench_and_general_suites_report_flat_metrics(tokenizer, tiny_model):
     assert metrics["eval/dbbench/episodes"] == 2 and 0 <= metrics["eval/dbbench/success"] <= 1
     assert 0 <= metrics["eval/general/mmlu/accuracy"] <= 1 and 0 <= metrics["eval/general/gsm8k/accuracy"] <= 1
     assert not any(k.startswith("eval/actions") for k in metrics)  # no records: actions is not run
+
+
+def test_prompts_of_any_length_compile_a_few_programs_and_decode_as_unbucketed(tokenizer):
+    from agentlm_jax.inference import generate
+
+    model = init_model(TINY_EVAL, seed=4)
+    lm = LM(model, tokenizer, batch_size=4)
+    assert lm.generator.shape(70, 48) == (128, 192) and lm.generator.shape(600, 100) == (1024, 1152)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 1000, size=n).tolist() for n in (5, 40, 70, 100, 130, 200, 250, 300, 390, 500, 510)]
+    before = generate._generate._cache_size()
+    outs = lm.complete(prompts, max_new_tokens=[8, 9, 10, 11, 12, 13, 14, 15, 16, 7, 6])
+    # 11 prompts in batches of 4 (sorted by length, longest 100, 300, 510): buckets 128, 512, 512, the last
+    # batch filled up to 4 rows; multiples of 64 alone would give 3 programs (128, 320, 512), 4 with a batch of 3.
+    assert generate._generate._cache_size() - before == 2
+    plain = generate.Generator(model, stop_token_ids=sorted(lm.generator.stop_ids.tolist()), pad_token_id=lm.pad_id)
+    stops = set(lm.generator.stop_ids.tolist())
+    for p, o, n in zip(prompts, outs, [8, 9, 10, 11, 12, 13, 14, 15, 16, 7, 6]):
+        alone = plain([p], max_new_tokens=n, sampling=LM_GREEDY).tokens[0]
+        assert o == (alone[:-1] if alone and alone[-1] in stops else alone)  # LM drops the stop token
