@@ -38,6 +38,19 @@ def run_reporting_errors(fn: Callable[[], T]) -> T:
         sys.exit(f"error: {e}")
 
 
+def checked_text(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse `type`: the text itself, once `check(text)` accepts it; its ValueError or ConfigError
+    becomes the usage error (exit status 2, the usage line)."""
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except (ValueError, ConfigError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return parse
+
+
 def add_mesh_args(p: argparse.ArgumentParser, *, fsdp: int) -> None:
     p.add_argument("--fsdp", type=int, default=fsdp, help="devices to shard the parameters over "
                    "(-1 = all the others; default %(default)s)")

@@ -57,11 +57,7 @@ def db_arg(text: str) -> str:
     """--db: sqlite or mysql://USER[:PASSWORD]@HOST[:PORT], checked here (a bad one is a usage error)."""
     from agentlm_jax.evaluation.dbbench import parse_db
 
-    try:
-        parse_db(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    return cli.checked_text(parse_db)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,13 +34,7 @@ from agentlm_jax.model_source import check_source, check_tokenizer, default_toke
 log = logging.getLogger("agentlm_jax.export")
 
 
-def shard_size_arg(text: str) -> str:
-    """argparse type of --max-shard-size: the text, once `parse_size` accepts it."""
-    try:
-        parse_size(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+shard_size_arg = cli.checked_text(parse_size)  # --max-shard-size
 
 
 def build_parser() -> argparse.ArgumentParser:
