@@ -179,6 +179,8 @@ class TemplateEncoder:
         self._compiled, self._special_tokens_map = None, dict(tokenizer.special_tokens_map)
         self._special_ids = {i: t.content for i, t in backend.get_added_tokens_decoder().items() if t.special}
         self._special_id_array = np.array(sorted(self._special_ids), np.int64)
+        self._is_special_id = np.zeros(max(self._special_ids, default=-1) + 1, bool)  # id → is it special
+        self._is_special_id[self._special_id_array] = True
         self._special_set = frozenset(specials)
         self._special_lengths = sorted({len(t) for t in specials})
 
@@ -422,7 +424,14 @@ class TemplateEncoder:
 
     def _special_tokens_at(self, ids: list[int]) -> list[tuple[int, str]]:
         """(position, text) of each special token in `ids`."""
-        at = np.flatnonzero(np.isin(np.asarray(ids), self._special_id_array, kind="table"))
+        array = np.asarray(ids, np.int64)
+        if not len(array):
+            return []
+        if array.min() < 0:  # (ids are never negative; the lookup table cannot index them)
+            at = np.flatnonzero(np.isin(array, self._special_id_array))
+        else:  # ids above the last special id are not special
+            at = np.flatnonzero(self._is_special_id[np.minimum(array, len(self._is_special_id) - 1)]
+                                & (array < len(self._is_special_id)))
         return [(int(i), self._special_ids[ids[i]]) for i in at]
 
     def _mismatch(self, what: str) -> Rejection:

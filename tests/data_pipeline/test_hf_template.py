@@ -412,3 +412,15 @@ def test_the_special_run_at_the_end_is_found_as_the_regular_expression_finds_it(
     assert encoder._special_run_start(f"answer{eot}\n") == len("answer")
     assert encoder._special_run_start(f"answer{eot}\n\n") is None
     assert encoder._special_run_start("") is None
+
+
+def test_special_token_positions_by_lookup_table(encoder):
+    """`_special_tokens_at` (a lookup table indexed by id) finds exactly the special ids, also for ids past the
+    last special id, beyond the vocabulary and negative ones."""
+    rng = np.random.default_rng(0)
+    top = max(encoder._special_ids)
+    for n in range(300):
+        ids = rng.integers(-3 if n % 5 == 0 else 0, top + 900, int(rng.integers(0, 60))).tolist()
+        want = [(i, encoder._special_ids[t]) for i, t in enumerate(ids) if t in encoder._special_ids]
+        assert encoder._special_tokens_at(ids) == want
+    assert encoder._special_tokens_at([]) == []
