@@ -18,7 +18,7 @@ from flax import nnx
 
 from agentlm_jax.config import SamplingConfig
 from agentlm_jax.errors import ConfigError
-from agentlm_jax.inference.generate import Generator, left_pad, pow2_buckets, round_up
+from agentlm_jax.inference.generate import Generator, left_pad, geometric_buckets, round_up
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ class LM:
         self.config = model.config
         stop_ids = sorted({*self.config.stop_token_ids, tokenizer.eos_token_id} - {None})
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.config.pad_token_id
-        # Power-of-two prompt buckets and full batches: a few compiled programs for any mix of prompts.
+        # Geometric prompt buckets and full batches: a few compiled programs for any mix of prompts.
         self.generator = Generator(model, stop_token_ids=stop_ids, pad_token_id=pad, length_multiple=length_multiple,
-                                   prompt_buckets=pow2_buckets(length_multiple, self.config.max_position_embeddings))
+                                   prompt_buckets=geometric_buckets(length_multiple, self.config.max_position_embeddings))
         self.pad_id, self.length_multiple = pad, length_multiple
         self._forward = None
 

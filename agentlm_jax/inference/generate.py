@@ -8,7 +8,7 @@ Prompts of a batch are left-padded to a common length (padding has segment id 0 
 positions start at 0 at each prompt's first real token), so every row decodes into the same cache slot at
 each step. Shapes are bucketed (prompt length and cache capacity rounded up to `length_multiple`), so new
 prompts or a different `max_new_tokens` within a bucket reuse the compiled program. With `prompt_buckets`
-(e.g. powers of two), the prompt length is rounded up to the next bucket instead and the capacity is that
+(e.g. `geometric_buckets`), the prompt length is rounded up to the next bucket instead and the capacity is that
 plus `max_new_tokens` rounded up to `length_multiple`: a handful of programs for prompts of any length, as
 the evaluation suites need (every compile of a large model costs a minute on a TPU).
 """
@@ -38,11 +38,15 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def pow2_buckets(smallest: int, largest: int) -> tuple[int, ...]:
-    """smallest, 2·smallest, 4·smallest, ... up to the first one >= largest."""
-    out = [smallest]
+def geometric_buckets(smallest: int, largest: int) -> tuple[int, ...]:
+    """smallest, 1.5·smallest, 2·smallest, 3·smallest, 4·smallest, 6·smallest, ... up to the first one >= largest:
+    two buckets per doubling, so a prompt is padded by at most half its length (about a fifth on average)."""
+    out, power = [smallest], smallest
     while out[-1] < largest:
-        out.append(out[-1] * 2)
+        out.append(power * 3 // 2)
+        power *= 2
+        if out[-1] < largest:
+            out.append(power)
     return tuple(out)
 
 

@@ -68,14 +68,18 @@ def test_prompts_of_any_length_compile_a_few_programs_and_decode_as_unbucketed(t
 
     model = init_model(TINY_EVAL, seed=4)
     lm = LM(model, tokenizer, batch_size=4)
-    assert lm.generator.shape(70, 48) == (128, 192) and lm.generator.shape(600, 100) == (1024, 1152)
+    assert lm.generator.shape(70, 48) == (96, 160) and lm.generator.shape(600, 100) == (768, 896)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 1000, size=n).tolist() for n in (5, 40, 70, 100, 130, 200, 250, 300, 390, 500, 510)]
     before = generate._generate._cache_size()
     outs = lm.complete(prompts, max_new_tokens=[8, 9, 10, 11, 12, 13, 14, 15, 16, 7, 6])
-    # 11 prompts in batches of 4 (sorted by length, longest 100, 300, 510): buckets 128, 512, 512, the last
-    # batch filled up to 4 rows; multiples of 64 alone would give 3 programs (128, 320, 512), 4 with a batch of 3.
-    assert generate._generate._cache_size() - before == 2
+    # 11 prompts in batches of 4 (sorted by length, longest 100, 300, 510): buckets 128, 384, 512, the last
+    # batch filled up to 4 rows
+    assert generate._generate._cache_size() - before == 3
+    # other lengths in the same buckets (and another partial batch): nothing new to compile
+    lm.complete([rng.integers(3, 1000, size=n).tolist() for n in (99, 110, 120, 127, 290, 330, 383, 501, 512)],
+                max_new_tokens=20)
+    assert generate._generate._cache_size() - before == 3
     plain = generate.Generator(model, stop_token_ids=sorted(lm.generator.stop_ids.tolist()), pad_token_id=lm.pad_id)
     stops = set(lm.generator.stop_ids.tolist())
     for p, o, n in zip(prompts, outs, [8, 9, 10, 11, 12, 13, 14, 15, 16, 7, 6]):
