@@ -103,3 +103,22 @@ def test_an_interrupted_lora_run_resumes_to_the_identical_result(reference, data
     # and other LoRA settings are refused before anything is loaded
     with pytest.raises(ConfigError, match="lora.rank"):
         Trainer(lora_config(data_dir, run_dir, bases[0], "steps=8", "lora.rank=8"))
+
+
+def test_an_interrupted_run_with_dropout_resumes_to_the_identical_result(reference, data_dir, bases, tmp_path,
+                                                                         monkeypatch):
+    """lora.dropout > 0 through the trainer: the masks come from (seed, step), so an interrupted and resumed run
+    equals an uninterrupted one bit for bit, and differs from the run without dropout."""
+    drop = ("lora.dropout=0.2",)
+    whole = str(tmp_path / "whole")
+    assert Trainer(lora_config(data_dir, whole, bases[0], *drop)).run().status == "finished"
+    run_dir = str(tmp_path / "run")
+    monkeypatch.setattr(distributed.PreemptionWatch, "stop_requested", lambda self, s: s == 3)
+    assert Trainer(lora_config(data_dir, run_dir, bases[0], *drop)).run().step == 3
+    monkeypatch.undo()
+    assert Trainer(lora_config(data_dir, run_dir, bases[0], *drop)).run().step == 6
+    losses = lambda d: {r["step"]: r["loss"] for r in metrics(d) if "loss" in r}  # noqa: E731
+    assert losses(run_dir) == losses(whole)
+    for a, b in zip(jax.tree.leaves(checkpoint_params(run_dir)[1:]), jax.tree.leaves(checkpoint_params(whole)[1:])):
+        np.testing.assert_array_equal(a, b)
+    assert losses(reference[0]) != losses(whole), "dropout changed the training"
