@@ -65,7 +65,7 @@ class LM:
         self.config = model.config
         stop_ids = sorted({*self.config.stop_token_ids, tokenizer.eos_token_id} - {None})
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.config.pad_token_id
-        # Geometric prompt buckets and full batches: a few compiled programs for any mix of prompts.
+        # Geometric prompt buckets (and power-of-two batches, below): a few programs for any mix of prompts.
         self.generator = Generator(model, stop_token_ids=stop_ids, pad_token_id=pad, length_multiple=length_multiple,
                                    prompt_buckets=geometric_buckets(length_multiple, self.config.max_position_embeddings))
         self.pad_id, self.length_multiple = pad, length_multiple
@@ -90,7 +90,9 @@ class LM:
             # Never past the model's positions (the batch's prompts are of similar lengths: sorted).
             new = max(1, min(new, self.max_length - max(len(prompts[i]) for i in chunk)))
             rows = [prompts[i] for i in chunk]
-            rows += [rows[0]] * (self.batch_size - len(rows))  # a full batch: the same program as the others
+            # A partial batch is filled up to a power of two: a few programs however many prompts are left (the
+            # dbbench episodes still running shrink round by round), at most twice the rows.
+            rows += [rows[0]] * (min(self.batch_size, 1 << (len(rows) - 1).bit_length()) - len(rows))
             result = self.generator(rows, max_new_tokens=new, sampling=GREEDY)
             for i, ids in zip(chunk, result.tokens):
                 ids = ids[:budgets[i]]

@@ -76,10 +76,12 @@ def test_prompts_of_any_length_compile_a_few_programs_and_decode_as_unbucketed(t
     # 11 prompts in batches of 4 (sorted by length, longest 100, 300, 510): buckets 128, 384, 512, the last
     # batch filled up to 4 rows
     assert generate._generate._cache_size() - before == 3
-    # other lengths in the same buckets (and another partial batch): nothing new to compile
-    lm.complete([rng.integers(3, 1000, size=n).tolist() for n in (99, 110, 120, 127, 290, 330, 383, 501, 512)],
-                max_new_tokens=20)
+    # other lengths in the same buckets (a partial batch of 3 is filled up to 4): nothing new to compile
+    lm.complete([rng.integers(3, 1000, size=n).tolist() for n in (99, 110, 120, 127, 290, 330, 383, 383, 501, 510,
+                                                                  512)], max_new_tokens=20)
     assert generate._generate._cache_size() - before == 3
+    lm.complete([rng.integers(3, 1000, size=n).tolist() for n in (99, 110, 120, 127, 290)], max_new_tokens=20)
+    assert generate._generate._cache_size() - before == 4  # a batch of 1 (not 4 rows) at bucket 384
     plain = generate.Generator(model, stop_token_ids=sorted(lm.generator.stop_ids.tolist()), pad_token_id=lm.pad_id)
     stops = set(lm.generator.stop_ids.tolist())
     for p, o, n in zip(prompts, outs, [8, 9, 10, 11, 12, 13, 14, 15, 16, 7, 6]):
