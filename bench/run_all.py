@@ -1,6 +1,6 @@
 """All benchmarks, one after the other, each in its own process (`make bench`): the tables in the README.
 
-    python -m bench.run_all            # the full set (about 30 minutes on 2 cores)
+    python -m bench.run_all            # the full set (about an hour on 2 cores)
     python -m bench.run_all --smoke    # toy sizes: checks every benchmark runs (a few minutes)
 """
 
