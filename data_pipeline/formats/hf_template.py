@@ -236,34 +236,61 @@ class TemplateEncoder:
                     tools: Sequence = ()) -> list[str]:
         """What `apply_chat_template(tokenize=False)` renders: transformers' compiled template, rendered with the
         arguments its `render_jinja_template` passes, without the per-call copying of the inputs into plain JSON
-        types (ours are plain JSON already: parsed records, no None values). A rendering that differed would
-        fail the checks of `_encode_whole` against apply_chat_template's own tokens."""
+        types (ours are plain JSON already: parsed records, no None values). Each rendering is what
+        `Template.render` does (a context of the template's globals and the arguments, then its root render
+        function), with the globals merged once per call instead of once per conversation. A rendering that
+        differed from transformers' would fail the checks of `_encode_whole` (the last prefix is transformers'
+        own rendering)."""
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         if self._compiled is None:
             self._compiled = _compile_jinja_template(self.text)
-        tools = list(tools) or None
-        return [self._compiled.render(messages=messages, tools=tools, documents=None,
-                                      add_generation_prompt=add_generation_prompt, **self._special_tokens_map)
-                for messages in conversations]
+        template = self._compiled
+        arguments = dict(template.globals) | {"tools": list(tools) or None, "documents": None,
+                                              "add_generation_prompt": add_generation_prompt,
+                                              **self._special_tokens_map}
+        out = []
+        for messages in conversations:
+            context = template.new_context(arguments | {"messages": messages}, shared=True)
+            try:
+                out.append(template.environment.concat(template.root_render_func(context)))
+            except Exception:
+                template.environment.handle_exception()  # (re-raises, as Template.render does)
+        return out
 
-    def _references(self, messages: list[list[dict]], tools: tuple) -> list[Reference]:
-        """transformers' own `apply_chat_template(tokenize=True)` of each conversation, in one batched call:
-        the ids the contract compares with, their character offsets (into the rendering: the training ids are
-        these ids, so the text is tokenized once), and for {% generation %} templates the assistant masks.
-        The offsets are read from the tokenizer's encodings where they are needed (EncodingOffsets), not
-        converted whole into Python tuples (`return_offsets_mapping`: a tuple per token, ~15 % of the encoding
-        time on long chats), and no attention mask is made (it is all ones)."""
-        out = self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=True,
-                                                 tools=list(tools) or None, return_dict=True,
-                                                 return_assistant_tokens_mask=self.uses_generation,
-                                                 tokenizer_kwargs={"return_attention_mask": False})
+    def _contract_texts(self, messages: list[list[dict]], tools: tuple) -> list[str]:
+        """The whole rendering of each conversation that the training ids tokenize. For prefix templates it is
+        transformers' own `apply_chat_template(tokenize=False)`: the text `apply_chat_template(tokenize=True)`
+        tokenizes (`_references`), and the last of the prefix renderings the spans are proven on. For
+        {% generation %} templates, our rendering (`apply_chat_template(tokenize=True)` gives the ids and masks)."""
+        if self.uses_generation:
+            return self.render_many(messages, tools=tools)
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.text, tokenize=False,
+                                                  tools=list(tools) or None)
+
+    def _references(self, messages: list[list[dict]], tools: tuple, texts: list[str]) -> list[Reference]:
+        """transformers' `apply_chat_template(tokenize=True)` of each conversation (`texts`: their
+        `_contract_texts`), batched: the ids the contract compares with, their character offsets (into the
+        rendering: the training ids are these ids, so the text is tokenized once), and for {% generation %}
+        templates the assistant masks. For prefix templates the rendering is not done again: `texts` are
+        transformers' renderings, tokenized as `apply_chat_template(tokenize=True)` tokenizes its rendering
+        (`tokenizer(text, add_special_tokens=False)`, transformers' code; `tests/data_pipeline/test_hf_template.py`
+        holds it to the real call). The offsets are read from the tokenizer's encodings where they are needed
+        (EncodingOffsets), not converted whole into Python tuples (`return_offsets_mapping`: a tuple per token,
+        ~15 % of the encoding time on long chats), and no attention mask is made (it is all ones)."""
+        def tokenized(**tokenizer_kwargs):
+            if self.uses_generation:
+                return self.tokenizer.apply_chat_template(
+                    messages, chat_template=self.text, tokenize=True, tools=list(tools) or None, return_dict=True,
+                    # (the masks are made from the encodings' offsets: not asked for when there are none)
+                    return_assistant_tokens_mask="return_offsets_mapping" not in tokenizer_kwargs,
+                    tokenizer_kwargs=tokenizer_kwargs)
+            return self.tokenizer(texts, add_special_tokens=False, **tokenizer_kwargs)
+
+        out = tokenized(return_attention_mask=False)
         masks = out["assistant_masks"] if self.uses_generation else [None] * len(messages)
         if out.encodings is None:  # (no encodings to read the offsets from: have them converted)
-            out["offset_mapping"] = self.tokenizer.apply_chat_template(
-                messages, chat_template=self.text, tokenize=True, tools=list(tools) or None, return_dict=True,
-                tokenizer_kwargs={"return_offsets_mapping": True})["offset_mapping"]
-            offsets = out["offset_mapping"]
+            offsets = tokenized(return_offsets_mapping=True)["offset_mapping"]
         else:
             offsets = [EncodingOffsets(encoding) for encoding in out.encodings]
         return [Reference(list(ids), offs, None if mask is None else list(mask))
@@ -296,7 +323,7 @@ class TemplateEncoder:
             by_tools.setdefault(json.dumps(tools, sort_keys=True), []).append(i)
         texts: list = [None] * len(items)
         for group in by_tools.values():
-            for i, text in zip(group, self.render_many([messages[i] for i in group], tools=items[group[0]][2])):
+            for i, text in zip(group, self._contract_texts([messages[i] for i in group], items[group[0]][2])):
                 texts[i] = text
         limit = None if self.max_seq_len is None or self.max_chars_per_token is None else \
             (self.max_seq_len + 1) * self.max_chars_per_token
@@ -305,13 +332,15 @@ class TemplateEncoder:
             group = [i for i in group if i in short]
             if not group:
                 continue
-            for i, reference in zip(group, self._references([messages[i] for i in group], items[group[0]][2])):
+            references = self._references([messages[i] for i in group], items[group[0]][2],
+                                          [texts[i] for i in group])
+            for i, reference in zip(group, references):
                 if self.max_seq_len is None or len(reference.ids) <= self.max_seq_len:
                     pairs, system, tools = items[i]
                     out[i] = self._encode_whole(pairs, system, tools, texts[i], reference)
 
     def encode(self, pairs: list[Pair], system: str | None, tools: tuple = ()) -> Encoded | str | Rejection:
-        text = self.render(self.messages(pairs, system), tools=tools)
+        text = self._contract_texts([self.messages(pairs, system)], tools)[0]
         limit = None  # characters that certainly hold more than max_seq_len tokens (chat_template.py's bound)
         if self.max_seq_len is not None and self.max_chars_per_token is not None:
             limit = (self.max_seq_len + 1) * self.max_chars_per_token
@@ -361,9 +390,9 @@ class TemplateEncoder:
         """`text` (the whole rendering) and `reference` (`_references`) when already computed."""
         messages = self.messages(pairs, system)
         assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]  # message indices
-        text = text if text is not None else self.render(messages, tools=tools)
+        text = text if text is not None else self._contract_texts([messages], tools)[0]
         if reference is None:
-            reference = self._references([messages], tools)[0]
+            reference = self._references([messages], tools, [text])[0]
         ids, offsets = reference.ids, reference.offsets
         if len(ids) != len(offsets) or (len(ids) and offsets[-1][1] > len(text)) or any(
                 text[offsets[i][0]:offsets[i][1]] != content for i, content in self._special_tokens_at(ids)):

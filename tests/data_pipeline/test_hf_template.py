@@ -268,19 +268,18 @@ def test_build_fails_on_a_not_prefix_stable_template(tmp_path):
 
 
 def test_the_contract_check_can_fail(tmp_path, monkeypatch):
-    """An id that differs from apply_chat_template's, a template that raises, special-token text."""
+    """An id that differs from what the rendering says, a template that raises, special-token text."""
     tok_dir = fx.make_tokenizer_dir(tmp_path, fx.template_text("chatml.jinja"), "chatml.jinja")
     tok = fx.load(tok_dir)
     encoder = ht.TemplateEncoder(tok, ht.resolve_template("hf", tok_dir))
-    real = type(tok).apply_chat_template
+    real = type(tok).__call__  # (what apply_chat_template(tokenize=True) tokenizes its rendering with)
 
     def another_last_token(self, *args, **kwargs):  # (its ids no longer what the rendering says)
         out = real(self, *args, **kwargs)
-        if kwargs.get("tokenize"):
-            out["input_ids"] = [ids[:-1] + [self.convert_tokens_to_ids("<|im_start|>")] for ids in out["input_ids"]]
+        out["input_ids"] = [ids[:-1] + [self.convert_tokens_to_ids("<|im_start|>")] for ids in out["input_ids"]]
         return out
 
-    monkeypatch.setattr(type(tok), "apply_chat_template", another_last_token)
+    monkeypatch.setattr(type(tok), "__call__", another_last_token)
     for out in encoder.encode([Pair("q", "a")], None), encoder.encode_batch([([Pair("q", "a")], None)])[0]:
         assert isinstance(out, ht.Rejection) and out.reason == ht.TEMPLATE_MISMATCH
         assert "do not match the rendering" in out.detail
@@ -347,11 +346,55 @@ def test_encoding_offsets_read_the_tokenizers_offsets(tok):
 def test_reference_offsets_are_apply_chat_templates_offset_mapping(tok, encoder, conv):
     pairs, system = CONVERSATIONS[conv]
     messages = encoder.messages(pairs, system)
-    reference = encoder._references([messages], ())[0]
+    text = encoder._contract_texts([messages], ())[0]
+    reference = encoder._references([messages], (), [text])[0]
     want = tok.apply_chat_template([messages], tokenize=True, return_dict=True,
                                    tokenizer_kwargs={"return_offsets_mapping": True})
+    assert text == tok.apply_chat_template(messages, tokenize=False)
     assert reference.ids == want["input_ids"][0]
     assert [tuple(o) for o in reference.offsets] == [tuple(o) for o in want["offset_mapping"][0]]
+
+
+def test_the_contract_is_apply_chat_template_with_tools(tok, encoder):
+    """The rendering and ids of conversations with tools and tool calls (prefix templates tokenize
+    apply_chat_template(tokenize=False)'s rendering themselves) are apply_chat_template(tokenize=True)'s."""
+    from data_pipeline.formats.chat_template import ToolCall, ToolResult
+
+    tools = ({"type": "function", "function": {"name": "get_weather", "description": "the weather",
+                                               "parameters": {"type": "object", "properties": {}}}},)
+    pairs = [Pair("weather in Paris?", "", tool_calls=(ToolCall("get_weather", {"city": "Paris"}, "c1"),)),
+             Pair("", "It is sunny.", tool_results=(ToolResult('{"sky": "sunny"}', "c1", "get_weather"),))]
+    conversations = [encoder.messages(pairs, "sys"), encoder.messages(pairs[:1], None)]
+    texts = encoder._contract_texts(conversations, tools)
+    references = encoder._references(conversations, tools, texts)
+    assert texts == tok.apply_chat_template(conversations, tools=list(tools), tokenize=False)
+    assert [r.ids for r in references] == tok.apply_chat_template(conversations, tools=list(tools), tokenize=True,
+                                                                  return_dict=False)
+
+
+def test_renderings_are_the_compiled_templates_own(tok, encoder):
+    """render_many builds the template's context itself: the same text as `Template.render` with the same
+    arguments, for each conversation alone (top-level `set`s and namespaces do not carry over), and the same
+    error where the template raises."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    text = ("{%- set ns = namespace(n=0) %}{%- set head = bos_token ~ '##' %}{{- head }}"
+            "{%- for m in messages %}{%- set ns.n = ns.n + 1 %}{{- ns.n ~ m['role'] ~ ':' ~ m['content'] ~ '\n' }}"
+            "{%- endfor %}{{- (tools | tojson) if tools else '' }}{{- 'GEN' if add_generation_prompt else '' }}"
+            "{%- if messages[0]['content'] == 'boom' %}{{- raise_exception('no boom') }}{%- endif %}")
+    compiled = _compile_jinja_template(text)
+    encoder = ht.TemplateEncoder(tok, ht.TemplateSpec("t", "", text))
+    conversations = [messages_of(pairs, system) for pairs, system in CONVERSATIONS]
+    tools = [{"name": "f"}]
+    for generation_prompt in (False, True):
+        want = [compiled.render(messages=m, tools=tools, documents=None, add_generation_prompt=generation_prompt,
+                                **tok.special_tokens_map) for m in conversations]
+        assert encoder.render_many(conversations, generation_prompt, tools) == want
+        assert all(w.split("##", 1)[1].startswith("1") for w in want)  # (each count starts again at 1)
+    with pytest.raises(Exception) as want:
+        compiled.render(messages=[{"role": "user", "content": "boom"}], **tok.special_tokens_map)
+    with pytest.raises(type(want.value), match="no boom"):
+        encoder.render([{"role": "user", "content": "boom"}])
 
 
 def test_references_without_encodings_have_the_offsets_converted(tok, encoder, monkeypatch):
@@ -359,16 +402,20 @@ def test_references_without_encodings_have_the_offsets_converted(tok, encoder, m
     for as `return_offsets_mapping`, and the encoding is the same."""
     pairs, system = CONVERSATIONS[1]
     want = encoder.encode(pairs, system)
-    real = type(tok).apply_chat_template
+    # (ids and masks come from apply_chat_template for {% generation %} templates, from the tokenizer otherwise)
+    name = "apply_chat_template" if encoder.uses_generation else "__call__"
+    real = getattr(type(tok), name)
 
     def without_encodings(self, *args, **kwargs):
         out = real(self, *args, **kwargs)
-        if kwargs.get("tokenize") and not kwargs.get("tokenizer_kwargs", {}).get("return_offsets_mapping"):
+        asked = kwargs.get("tokenizer_kwargs", {}) if encoder.uses_generation else kwargs
+        if not asked.get("return_offsets_mapping"):
             out._encodings = None
         return out
 
-    monkeypatch.setattr(type(tok), "apply_chat_template", without_encodings)
-    reference = encoder._references([encoder.messages(pairs, system)], ())[0]
+    monkeypatch.setattr(type(tok), name, without_encodings)
+    messages = encoder.messages(pairs, system)
+    reference = encoder._references([messages], (), encoder._contract_texts([messages], ()))[0]
     assert not isinstance(reference.offsets, ht.EncodingOffsets)
     assert encoder.encode(pairs, system) == want
 
