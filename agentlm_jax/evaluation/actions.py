@@ -90,15 +90,17 @@ def select_turns(records: Iterable, *, max_items: int | None, tasks: Sequence[st
 
 
 def score_turns(turns_by_task: dict[str, list[Turn]], completions: dict[tuple[str, int], list[int]],
-                decode: Callable[[Sequence[int]], str], *, keep_examples: int = 3) -> dict:
-    """Per task: turns, scored turns, correct, accuracy, unparsed_rate; and a few examples."""
+                decode: Callable[[Sequence[int]], str], *, keep_examples: int = 3,
+                gold_action: Callable[[Turn], str | None] | None = None) -> dict:
+    """Per task: turns, scored turns, correct, accuracy, unparsed_rate; and a few examples. `gold_action`: the
+    gold turn's action (default: extracted from its decoded text)."""
     tasks = {}
     for task, turns in sorted(turns_by_task.items()):
         extract = extractor_for(task)
         scored = correct = unparsed = 0
         examples = []
         for t in turns:
-            gold = extract(decode(t.gold))
+            gold = gold_action(t) if gold_action else extract(decode(t.gold))
             if gold is None:
                 continue
             text = decode(completions[(t.record_id, t.index)])
@@ -125,8 +127,16 @@ def evaluate_actions(records: Iterable, complete: CompleteFn, decode: Callable[[
     the gold action and a little more); turns whose prompt leaves no room under `max_length` are skipped
     and counted (`too_long`). Only turns whose gold text holds an action are generated. `max_turns`: at most
     that many of those per task (as select_turns)."""
+    gold_actions: dict[tuple[str, int], str | None] = {}
+
+    def gold_action(t: Turn) -> str | None:  # each gold turn decoded once
+        key = (t.record_id, t.index)
+        if key not in gold_actions:
+            gold_actions[key] = extractor_for(t.task)(decode(t.gold))
+        return gold_actions[key]
+
     def scorable(t: Turn) -> bool:
-        return extractor_for(t.task)(decode(t.gold)) is not None
+        return gold_action(t) is not None
 
     by_task, skipped = select_turns(records, max_items=max_items, tasks=tasks, where=where, max_turns=max_turns,
                                     scorable=scorable)
@@ -145,7 +155,7 @@ def evaluate_actions(records: Iterable, complete: CompleteFn, decode: Callable[[
         if flat:
             outs = complete([t.prompt for t in flat], budgets, on_batch=bar.update)
     completions = {(t.record_id, t.index): o for t, o in zip(flat, outs)}
-    tasks_out = score_turns(by_task, completions, decode)
+    tasks_out = score_turns(by_task, completions, decode, gold_action=gold_action)
     scored = sum(v["scored_turns"] for v in tasks_out.values())
     correct = sum(v["correct"] for v in tasks_out.values())
     return {"tasks": tasks_out, "skipped_records": skipped, "too_long_turns": too_long,

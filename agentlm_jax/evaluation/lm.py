@@ -18,7 +18,7 @@ from flax import nnx
 
 from agentlm_jax.config import SamplingConfig
 from agentlm_jax.errors import ConfigError
-from agentlm_jax.inference.generate import Generator, left_pad, geometric_buckets, round_up
+from agentlm_jax.inference.generate import Generator, geometric_buckets, left_pad, nest_prefixes, round_up
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,12 @@ class LM:
     def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
                  on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
         """Greedy continuations (new ids, the stop token removed) of every prompt, `batch_size` at a time; the
-        prompts are grouped by length (less padding), the answers come back in the prompts' order."""
+        answers come back in the prompts' order. Prompts that are prefixes of a longer one (the turns of one
+        conversation) go into a batch with it and share its prefill (`Generator(share_prefixes=True)`); the
+        groups are ordered by length (less padding)."""
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        _, source_of = nest_prefixes(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[source_of[i]]), source_of[i], len(prompts[i])))
         out: list[list[int] | None] = [None] * len(prompts)
         stops = set(self.generator.stop_ids.tolist())
         for start in range(0, len(order), self.batch_size):
@@ -93,7 +96,7 @@ class LM:
             # A partial batch is filled up to a power of two: a few programs however many prompts are left (the
             # dbbench episodes still running shrink round by round), at most twice the rows.
             rows += [rows[0]] * (min(self.batch_size, 1 << (len(rows) - 1).bit_length()) - len(rows))
-            result = self.generator(rows, max_new_tokens=new, sampling=GREEDY)
+            result = self.generator(rows, max_new_tokens=new, sampling=GREEDY, share_prefixes=True)
             for i, ids in zip(chunk, result.tokens):
                 ids = ids[:budgets[i]]
                 out[i] = ids[:-1] if ids and ids[-1] in stops else ids

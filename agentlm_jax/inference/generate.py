@@ -11,6 +11,11 @@ prompts or a different `max_new_tokens` within a bucket reuse the compiled progr
 (e.g. `geometric_buckets`), the prompt length is rounded up to the next bucket instead and the capacity is that
 plus `max_new_tokens` rounded up to `length_multiple`: a handful of programs for prompts of any length, as
 the evaluation suites need (every compile of a large model costs a minute on a TPU).
+
+With `share_prefixes=True`, prompts that are prefixes of another prompt of the batch (the turns of one
+conversation, as the `actions` evaluation asks for them) are not prefilled on their own: each longest prompt
+(a *source*) is prefilled once, and every row starts from a copy of its source's cache cut to its own length
+(shifted so that all rows still decode into the same slot; the source's later tokens are masked out).
 """
 
 from __future__ import annotations
@@ -64,6 +69,24 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
     return tokens, positions, segment_ids
 
 
+def nest_prefixes(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """(sources, source_of): the indices of the prompts that are no other prompt's proper prefix (a prompt
+    repeated counts once: its first index), and for every prompt the index of a source it is a prefix of.
+    In lexicographic order a prompt's extensions follow it directly, so one pass from the end finds them."""
+    order = sorted(range(len(prompts)), key=lambda i: (list(prompts[i]), i))
+    source_of = [0] * len(prompts)
+    for j in range(len(order) - 1, -1, -1):
+        i = order[j]
+        if j + 1 < len(order):
+            nxt = prompts[order[j + 1]]
+            n = len(prompts[i])
+            if len(nxt) >= n and list(nxt[:n]) == list(prompts[i]):
+                source_of[i] = source_of[order[j + 1]]
+                continue
+        source_of[i] = i
+    return sorted(set(source_of)), source_of
+
+
 @dataclasses.dataclass
 class Generation:
     tokens: list[list[int]]  # new tokens per prompt, ending with the stop token if one was produced
@@ -93,7 +116,10 @@ class Generator:
         return bucket, bucket + round_up(max_new_tokens, self.length_multiple)
 
     def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> Generation:
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                 share_prefixes: bool = False) -> Generation:
+        """New tokens for every prompt. `share_prefixes`: prefill only the prompts that are no other prompt's
+        prefix (see the module's docstring); the result is the same."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
@@ -103,10 +129,21 @@ class Generator:
         if longest > self.config.max_position_embeddings:
             log.warning("prompt + new tokens = %d positions > max_position_embeddings = %d: quality will suffer",
                         longest, self.config.max_position_embeddings)
-        tokens, positions, segment_ids = left_pad(prompts, prompt_len, self.pad_id)
-        out, steps = _generate(self.graphdef, self.state, tokens, positions, segment_ids,
-                               jnp.int32(max_new_tokens), self.stop_ids, jax.random.key(seed),
-                               sampling=sampling, capacity=capacity, pad_id=self.pad_id)
+        sources, source_of = nest_prefixes(prompts) if share_prefixes else (range(len(prompts)), None)
+        common = dict(sampling=sampling, capacity=capacity, pad_id=self.pad_id)
+        if len(sources) == len(prompts):
+            tokens, positions, segment_ids = left_pad(prompts, prompt_len, self.pad_id)
+            out, steps = _generate(self.graphdef, self.state, tokens, positions, segment_ids,
+                                   jnp.int32(max_new_tokens), self.stop_ids, jax.random.key(seed), **common)
+        else:
+            row_source = np.asarray([sources.index(source_of[i]) for i in range(len(prompts))], np.int32)
+            # A power of two of sources (the last one repeated): a few programs whatever the nesting.
+            sources += [sources[-1]] * ((1 << (len(sources) - 1).bit_length()) - len(sources))
+            tokens, positions, segment_ids = left_pad([prompts[i] for i in sources], prompt_len, self.pad_id)
+            row_length = np.asarray([len(p) for p in prompts], np.int32)
+            out, steps = _generate_shared(self.graphdef, self.state, tokens, positions, segment_ids, row_source,
+                                          row_length, jnp.int32(max_new_tokens), self.stop_ids,
+                                          jax.random.key(seed), **common)
         out, steps = distributed.to_host(out), int(distributed.to_host(steps))
         result, finished = [], []
         for row in out[:, :steps]:
@@ -123,10 +160,41 @@ def _generate(graphdef, state, tokens, positions, segment_ids, max_new_tokens, s
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
     cache = KVCache.create(model.config, B, capacity)
-    logits, cache = model.decode(tokens, positions, segment_ids, cache, last_only=True)
+    logits, cache = model.decode(tokens, positions, segment_ids, cache, last_only=True, fresh=True)
+    return _decode(graphdef, state, cache, logits[:, -1], positions[:, -1] + 1, max_new_tokens, stop_ids, rng,
+                   sampling=sampling, pad_id=pad_id, out_len=capacity - P)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "capacity", "pad_id"))
+def _generate_shared(graphdef, state, tokens, positions, segment_ids, row_source, row_length, max_new_tokens,
+                     stop_ids, rng, *, sampling: SamplingConfig, capacity: int, pad_id: int):
+    """`_generate` for R rows that are prefixes of G sources: row r is the first row_length[r] tokens of source
+    row_source[r]. The sources [G, P] are prefilled once; each row's cache is its source's, shifted right by
+    the source tokens it does not have, so that its prompt ends at slot P as a left-padded prompt would."""
+    model = nnx.merge(graphdef, state)
+    G, P = tokens.shape
+    h, cache = model.decode_states(tokens, positions, segment_ids, KVCache.create(model.config, G, capacity),
+                                   fresh=True)
+    shift = segment_ids.sum(axis=1)[row_source] - row_length  # [R] source tokens after the row's prompt
+    logits = model.logits(h[row_source, P - 1 - shift][:, None])  # at each row's last prompt token
+    slots = jnp.arange(capacity)
+    from_slot = jnp.clip(slots[None, :] - shift[:, None], 0, capacity - 1)  # [R,S]
+    rows = (row_source[:, None], from_slot)
+    in_prompt = (slots[None, :] >= P - row_length[:, None]) & (slots[None, :] < P)
+    cache = KVCache(k=cache.k[:, rows[0], rows[1]], v=cache.v[:, rows[0], rows[1]],
+                    segment_ids=in_prompt.astype(jnp.int32), length=cache.length)
+    return _decode(graphdef, state, cache, logits[:, -1], row_length, max_new_tokens, stop_ids, rng,
+                   sampling=sampling, pad_id=pad_id, out_len=capacity - P)
+
+
+def _decode(graphdef, state, cache: KVCache, logits, position, max_new_tokens, stop_ids, rng, *,
+            sampling: SamplingConfig, pad_id: int, out_len: int):
+    """Sample from the prefill's last logits [B,V], then one token per step in a while loop until every row has
+    stopped or `max_new_tokens`; row b's next token is at position[b]. Returns (new tokens [B, out_len], steps)."""
+    B = logits.shape[0]
     rng, step_rng = jax.random.split(rng)
-    first = sample(logits[:, -1], step_rng, sampling)
-    out = jnp.full((B, capacity - P), pad_id, jnp.int32).at[:, 0].set(first)
+    first = sample(logits, step_rng, sampling)
+    out = jnp.full((B, out_len), pad_id, jnp.int32).at[:, 0].set(first)
     one_segment = jnp.ones((B, 1), jnp.int32)
 
     def keep_going(carry):
@@ -142,6 +210,6 @@ def _generate(graphdef, state, tokens, positions, segment_ids, max_new_tokens, s
         out = jax.lax.dynamic_update_index_in_dim(out, token, step, axis=1)
         return step + 1, cache, token, position + 1, done | jnp.isin(token, stop_ids), out, rng, state
 
-    carry = (jnp.int32(1), cache, first, positions[:, -1] + 1, jnp.isin(first, stop_ids), out, rng, state)
+    carry = (jnp.int32(1), cache, first, position, jnp.isin(first, stop_ids), out, rng, state)
     step, _, _, _, _, out, _, _ = jax.lax.while_loop(keep_going, decode_one, carry)
     return out, step

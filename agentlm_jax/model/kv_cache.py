@@ -17,12 +17,17 @@ from agentlm_jax.config import ModelConfig
 
 
 class LayerCache(NamedTuple):
-    """One layer's view of the cache while it runs (inside the scan over layers)."""
+    """The cache as one layer sees it while it runs: the whole of every layer's keys and values, and which
+    layer it is. The layer writes its new slots in place and reads its own slice; passing it one layer's
+    slice instead (scan inputs and outputs) would copy the whole cache several times per decoded token."""
 
-    k: jax.Array  # [B,S,K,H]
-    v: jax.Array  # [B,S,K,H]
+    k: jax.Array  # [L,B,S,K,H]
+    v: jax.Array  # [L,B,S,K,H]
     segment_ids: jax.Array  # [B,S] int32, already holding the segment ids of the tokens being added
     start: jax.Array  # [] int32, the slot of the first token being added
+    layer: jax.Array | int  # [] int32, this layer's index into k and v
+    fresh: bool = False  # the cache is empty and the tokens start at slot 0 (a prefill): they attend only to
+    # each other, with the self-attention kernel of training, instead of over the whole (mostly empty) cache
 
 
 class KVCache(NamedTuple):

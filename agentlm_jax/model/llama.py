@@ -64,14 +64,23 @@ class Llama(nnx.Module):
         return h
 
     def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache, *,
-               last_only: bool = False) -> tuple[jax.Array, KVCache]:
+               last_only: bool = False, fresh: bool = False) -> tuple[jax.Array, KVCache]:
         """Float32 logits [B,T,V] for T new tokens that follow the `cache.length` cached ones; updated cache.
-        `last_only`: logits of the last position only ([B,1,V]; all that sampling needs after a prefill)."""
-        h, cache = self._forward(tokens, positions, segment_ids, cache)
+        `last_only`: logits of the last position only ([B,1,V]; all that sampling needs after a prefill).
+        `fresh`: the cache is empty (a prefill): the tokens attend to each other only, by the training
+        kernel, not over the whole cache's capacity."""
+        h, cache = self.decode_states(tokens, positions, segment_ids, cache, fresh=fresh)
         return self.logits(h[:, -1:] if last_only else h), cache
 
+    def decode_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache, *,
+                      fresh: bool = False) -> tuple[jax.Array, KVCache]:
+        """`decode`'s final-norm hidden states [B,T,D] instead of its logits (for a caller that needs the logits
+        of a few positions only: `logits(h[rows, slots])`); updated cache."""
+        return self._forward(tokens, positions, segment_ids, cache, fresh=fresh)
+
     # ------------------------------------------------------------------------------------------- internals
-    def _forward(self, tokens, positions, segment_ids, cache: KVCache | None, lora_key: jax.Array | None = None):
+    def _forward(self, tokens, positions, segment_ids, cache: KVCache | None, lora_key: jax.Array | None = None,
+                 fresh: bool = False):
         cfg = self.config
         x = self.embedder(tokens)
         cos, sin = rotary_angles(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -82,35 +91,44 @@ class Llama(nnx.Module):
                                                           (0, start))
         layer_kv = None if cache is None else (cache.k, cache.v)
         keys = None if lora_key is None else lora_layer_keys(lora_key, cfg.num_layers)
-        x, layer_kv = self._apply_blocks(x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start, keys)
+        x, layer_kv = self._apply_blocks(x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start, keys, fresh)
         if cache is not None:
             cache = KVCache(k=layer_kv[0], v=layer_kv[1], segment_ids=kv_segment_ids,
                             length=start + tokens.shape[1])
         return self.final_norm(x), cache
 
-    def _apply_blocks(self, x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start, keys=None):
+    def _apply_blocks(self, x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start, keys=None, fresh=False):
         cfg = self.config
+        if layer_kv is not None:  # decoding: the whole cache rides in the carry, each layer updates its slots
+            def run_cached(block, carry, layer):
+                x, k, v = carry
+                x, cache = block(x, cos, sin, segment_ids, LayerCache(k, v, kv_segment_ids, start, layer, fresh))
+                return x, cache.k, cache.v
 
-        def run_block(block, x, kv, key):
-            cache = None if kv is None else LayerCache(kv[0], kv[1], kv_segment_ids, start)
-            x, cache = block(x, cos, sin, segment_ids, cache, lora_key=key)
-            return x, (None if cache is None else (cache.k, cache.v))
+            if cfg.scan_layers:
+                scan = nnx.scan(run_cached, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
+                                transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+                x, k, v = scan(self.layers, (x, *layer_kv), jnp.arange(cfg.num_layers, dtype=jnp.int32))
+            else:
+                carry = (x, *layer_kv)
+                for i, block in enumerate(self.layers):
+                    carry = run_cached(block, carry, i)
+                x, k, v = carry
+            return x, (k, v)
+
+        def run_block(block, x, key):
+            return block(x, cos, sin, segment_ids, lora_key=key)[0]
 
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICY[cfg.remat], prevent_cse=not cfg.scan_layers)
 
         if cfg.scan_layers:
-            scan = nnx.scan(run_block, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+            scan = nnx.scan(run_block, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
                             transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-            return scan(self.layers, x, layer_kv, keys)
-        new_kv = []
+            return scan(self.layers, x, keys), None
         for i, block in enumerate(self.layers):
-            x, kv = run_block(block, x, None if layer_kv is None else (layer_kv[0][i], layer_kv[1][i]),
-                              None if keys is None else keys[i])
-            new_kv.append(kv)
-        if layer_kv is None:
-            return x, None
-        return x, (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
+            x = run_block(block, x, None if keys is None else keys[i])
+        return x, None
 
 
 def head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:

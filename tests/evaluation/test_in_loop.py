@@ -74,19 +74,46 @@ def test_prompts_of_any_length_compile_a_few_programs_and_decode_as_unbucketed(t
     assert lm.generator.shape(70, 48) == (96, 160) and lm.generator.shape(600, 100) == (768, 896)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 1000, size=n).tolist() for n in (5, 40, 70, 100, 130, 200, 250, 300, 390, 500, 510)]
-    before = generate._generate._cache_size()
+    def programs():  # a partial batch's filler rows repeat a prompt, so it takes the shared-prefill program
+        return generate._generate._cache_size() + generate._generate_shared._cache_size()
+
+    before = programs()
     outs = lm.complete(prompts, max_new_tokens=[8, 9, 10, 11, 12, 13, 14, 15, 16, 7, 6])
     # 11 prompts in batches of 4 (sorted by length, longest 100, 300, 510): buckets 128, 384, 512, the last
     # batch filled up to 4 rows
-    assert generate._generate._cache_size() - before == 3
+    assert programs() - before == 3
     # other lengths in the same buckets (a partial batch of 3 is filled up to 4): nothing new to compile
     lm.complete([rng.integers(3, 1000, size=n).tolist() for n in (99, 110, 120, 127, 290, 330, 383, 383, 501, 510,
                                                                   512)], max_new_tokens=20)
-    assert generate._generate._cache_size() - before == 3
+    assert programs() - before == 3
     lm.complete([rng.integers(3, 1000, size=n).tolist() for n in (99, 110, 120, 127, 290)], max_new_tokens=20)
-    assert generate._generate._cache_size() - before == 4  # a batch of 1 (not 4 rows) at bucket 384
+    assert programs() - before == 4  # a batch of 1 (not 4 rows) at bucket 384
     plain = generate.Generator(model, stop_token_ids=sorted(lm.generator.stop_ids.tolist()), pad_token_id=lm.pad_id)
     stops = set(lm.generator.stop_ids.tolist())
     for p, o, n in zip(prompts, outs, [8, 9, 10, 11, 12, 13, 14, 15, 16, 7, 6]):
         alone = plain([p], max_new_tokens=n, sampling=LM_GREEDY).tokens[0]
         assert o == (alone[:-1] if alone and alone[-1] in stops else alone)  # LM drops the stop token
+
+
+def test_turns_of_one_conversation_share_a_prefill_and_decode_as_alone(tokenizer):
+    """LM.complete puts the prompts that are prefixes of a longer one (a record's turns) in its batch, prefilled
+    once (`_generate_shared`); every answer is what the prompt generates alone, in the prompts' order."""
+    from agentlm_jax.inference import generate
+
+    import dataclasses
+
+    model = init_model(dataclasses.replace(TINY_EVAL, intermediate_size=80), seed=5)  # this test's shapes only
+    lm = LM(model, tokenizer, batch_size=4)
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(3, 1000, size=300).tolist(), rng.integers(3, 1000, size=120).tolist()
+    prompts = [a[:50], b[:30], a[:200], b, a[:120], a]  # two conversations' turns, interleaved
+    budgets = [5, 6, 7, 8, 9, 10]
+    before = generate._generate_shared._cache_size()
+    outs = lm.complete(prompts, max_new_tokens=budgets)
+    # by source length, 4 rows a batch: [b[:30], b, a[:50], a[:120]] (sources b and a[:120]), [a[:200], a] (a)
+    assert generate._generate_shared._cache_size() - before == 2
+    plain = generate.Generator(model, stop_token_ids=sorted(lm.generator.stop_ids.tolist()), pad_token_id=lm.pad_id)
+    stops = set(lm.generator.stop_ids.tolist())
+    for p, o, n in zip(prompts, outs, budgets):
+        alone = plain([p], max_new_tokens=n, sampling=LM_GREEDY).tokens[0]
+        assert o == (alone[:-1] if alone and alone[-1] in stops else alone)

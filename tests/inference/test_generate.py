@@ -1,5 +1,6 @@
-"""KV-cache generation: greedy tokens equal `transformers` generate; cached decoding equals recomputation;
-one compilation for any number of steps; sampling filters keep exactly the tokens they should."""
+"""KV-cache generation: greedy tokens equal `transformers` generate (prompts sharing a prefill too); cached
+decoding equals recomputation; one compilation for any number of steps; sampling filters keep exactly the tokens
+they should."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from agentlm_jax.inference.generate import Generator, left_pad
+from agentlm_jax.inference.generate import Generator, left_pad, nest_prefixes
 from agentlm_jax.hf import load_hf_model
 from agentlm_jax.model.kv_cache import KVCache
 from agentlm_jax.config import SamplingConfig
@@ -69,6 +70,17 @@ def test_cached_decoding_equals_full_recomputation(models):
     np.testing.assert_allclose(got[real], expected[real], atol=1e-5)
     assert int(cache.length) == P + 4
 
+    # a prefill into an empty cache (`fresh`: the self-attention kernel over the prompt only) fills the same cache
+    fresh = nnx.jit(lambda m, t, p, s, c: m.decode(t, p, s, c, fresh=True))
+    empty = KVCache.create(cfg, len(prompts), 32)
+    logits_fresh, cache_fresh = fresh(model, tokens[:, :P], positions[:, :P], segment_ids[:, :P], empty)
+    logits_full, cache_full = decode(model, tokens[:, :P], positions[:, :P], segment_ids[:, :P], empty)
+    np.testing.assert_allclose(np.asarray(logits_fresh)[real[:, :P]], np.asarray(logits_full)[real[:, :P]], atol=1e-5)
+    filled = np.asarray(cache_full.segment_ids).astype(bool)
+    for a, b in ((cache_fresh.k, cache_full.k), (cache_fresh.v, cache_full.v)):
+        assert np.abs(np.asarray(a)[:, filled]).max() > 0
+        np.testing.assert_allclose(np.asarray(a)[:, filled], np.asarray(b)[:, filled], atol=1e-5)
+
     # and end to end: greedy generation = argmax of a full recomputation at every step
     generated = Generator(model, stop_token_ids=[])(prompts, max_new_tokens=6).tokens
     rows = [list(p) for p in prompts]
@@ -77,6 +89,31 @@ def test_cached_decoding_equals_full_recomputation(models):
         nxt = np.asarray(forward(model, t, pos, seg))[:, -1].argmax(-1)
         rows = [r + [int(n)] for r, n in zip(rows, nxt)]
     assert generated == [r[len(p):] for r, p in zip(rows, prompts)]
+
+
+def test_nest_prefixes_finds_each_prompts_longest_extension():
+    prompts = [[1, 2, 3], [1, 2], [4], [1, 2, 3, 4], [1, 2], [4, 5], [2], [1, 2, 3, 4]]
+    sources, source_of = nest_prefixes(prompts)
+    assert sources == [3, 5, 6]  # a repeated prompt is one source (its first index)
+    assert source_of == [3, 3, 5, 3, 3, 5, 6, 3]
+
+
+def test_prompts_sharing_a_prefill_generate_what_transformers_generates(hf_checkpoints, models):
+    """The turns of one conversation (prompts that are prefixes of a longer one) are prefilled once, as their
+    longest prompt; each row decodes from its own cut of that cache. The tokens are transformers' greedy ones."""
+    cfg, torch_model, _ = hf_checkpoints["gqa"]
+    rng = np.random.default_rng(7)
+    a, b = rng.integers(3, cfg.vocab_size, 30).tolist(), rng.integers(3, cfg.vocab_size, 17).tolist()
+    prompts = [a[:9], b, a, a[:21], b[:4], [5, 6], a[:21]]
+    assert len(nest_prefixes(prompts)[0]) == 3  # a, b, [5, 6]: the shared path runs
+    free_run = Generator(models["gqa"], stop_token_ids=[])(prompts, max_new_tokens=10).tokens
+    stop_id = next(t for t in free_run[0][3:] if t not in free_run[0][:3])  # row 0 stops early, others may not
+    expected = transformers_greedy(torch_model, prompts, 10, stop_id)
+    generator = Generator(models["gqa"], stop_token_ids=[stop_id])
+    shared = generator(prompts, max_new_tokens=10, share_prefixes=True)
+    assert shared.tokens == expected
+    assert shared.finished[0] and not all(shared.finished)
+    assert generator(prompts, max_new_tokens=10).tokens == expected  # and the plain path, same generator
 
 
 def test_decoding_compiles_once(models):
