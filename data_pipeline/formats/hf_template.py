@@ -16,6 +16,9 @@ only when there is a system prompt). The loss spans of the assistant turns are f
               (`template_not_prefix_stable`, naming the template and the message). The span of turn k is
               F_k minus P_k, up to and including its last special token (the end-of-turn token: `<|eot_id|>`,
               `<|im_end|>`); what a template writes after it (ChatML's "\\n") is not in the loss.
+              The whole rendering (the last F) is transformers' `apply_chat_template(tokenize=False)`, tokenized
+              as `apply_chat_template(tokenize=True)` tokenizes it: 2T renderings for T turns; the others are
+              rendered with transformers' compiled template.
 
 The contract, checked on every conversation (else `template_mismatch`, naming the template and the message):
 the ids are `apply_chat_template(messages, tokenize=True)`, tokens do not straddle a span's boundaries, and
@@ -137,6 +140,8 @@ class EncodingOffsets(collections.abc.Sequence):
         return self._len
 
     def __getitem__(self, i):
+        if type(i) is int and 0 <= i < self._len:  # (the check's lookups: first, without the cases below)
+            return self._encoding.token_to_chars(i)
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self._len))]
         if i < 0:
@@ -238,17 +243,17 @@ class TemplateEncoder:
         arguments its `render_jinja_template` passes, without the per-call copying of the inputs into plain JSON
         types (ours are plain JSON already: parsed records, no None values). Each rendering is what
         `Template.render` does (a context of the template's globals and the arguments, then its root render
-        function), with the globals merged once per call instead of once per conversation. A rendering that
+        function), with the template's globals merged once instead of once per conversation. A rendering that
         differed from transformers' would fail the checks of `_encode_whole` (the last prefix is transformers'
         own rendering)."""
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
-        if self._compiled is None:
-            self._compiled = _compile_jinja_template(self.text)
-        template = self._compiled
-        arguments = dict(template.globals) | {"tools": list(tools) or None, "documents": None,
-                                              "add_generation_prompt": add_generation_prompt,
-                                              **self._special_tokens_map}
+        if self._compiled is None:  # (with its globals, merged as Template.render merges them: they are fixed)
+            compiled = _compile_jinja_template(self.text)
+            self._compiled = compiled, dict(compiled.globals)
+        template, template_globals = self._compiled
+        arguments = template_globals | {"tools": list(tools) or None, "documents": None,
+                                        "add_generation_prompt": add_generation_prompt, **self._special_tokens_map}
         out = []
         for messages in conversations:
             context = template.new_context(arguments | {"messages": messages}, shared=True)
@@ -337,7 +342,7 @@ class TemplateEncoder:
             for i, reference in zip(group, references):
                 if self.max_seq_len is None or len(reference.ids) <= self.max_seq_len:
                     pairs, system, tools = items[i]
-                    out[i] = self._encode_whole(pairs, system, tools, texts[i], reference)
+                    out[i] = self._encode_whole(pairs, system, tools, texts[i], reference, messages[i])
 
     def encode(self, pairs: list[Pair], system: str | None, tools: tuple = ()) -> Encoded | str | Rejection:
         text = self._contract_texts([self.messages(pairs, system)], tools)[0]
@@ -386,16 +391,17 @@ class TemplateEncoder:
         return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
     def _encode_whole(self, pairs: list[Pair], system: str | None, tools: tuple = (),
-                      text: str | None = None, reference: "Reference | None" = None) -> Encoded | Rejection:
-        """`text` (the whole rendering) and `reference` (`_references`) when already computed."""
-        messages = self.messages(pairs, system)
+                      text: str | None = None, reference: "Reference | None" = None,
+                      messages: list[dict] | None = None) -> Encoded | Rejection:
+        """`text` (the whole rendering), `reference` (`_references`) and `messages` when already computed."""
+        messages = messages if messages is not None else self.messages(pairs, system)
         assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]  # message indices
         text = text if text is not None else self._contract_texts([messages], tools)[0]
         if reference is None:
             reference = self._references([messages], tools, [text])[0]
         ids, offsets = reference.ids, reference.offsets
         if len(ids) != len(offsets) or (len(ids) and offsets[-1][1] > len(text)) or any(
-                text[offsets[i][0]:offsets[i][1]] != content for i, content in self._special_tokens_at(ids)):
+                text[slice(*offsets[i])] != content for i, content in self._special_tokens_at(ids)):
             return self._mismatch("the tokens of apply_chat_template(messages, tokenize=True) do not match the "
                                   "rendering (its special tokens are not where the rendered text has them)")
         if self.uses_generation:
