@@ -43,7 +43,8 @@ class InLoopEvaluator:
         start = time.perf_counter()
         graphdef, state = nnx.split(model)
         if self.lm is None or self.lm.generator.graphdef != graphdef:
-            self.lm = LM(model, self.tokenizer, batch_size=self.cfg.batch_size, data_template=self.data_template)
+            self.lm = LM(model, self.tokenizer, batch_size=self.cfg.batch_size, data_template=self.data_template,
+                         one_shape=True)
         else:  # the weights as trained so far: same graph, so the same compiled programs
             self.lm.model, self.lm.generator.state = model, state
         suites = [s for s in self.cfg.suites if s != "actions" or self.inputs.records]

@@ -41,9 +41,12 @@ def data_template_of(manifest: dict, where: str = "manifest.json") -> dict:
 
 class LM:
     def __init__(self, model, tokenizer, *, batch_size: int = 8, chat_template: str = "auto",
-                 system_prompt: str | None = None, length_multiple: int = 64, data_template: dict | None = None):
+                 system_prompt: str | None = None, length_multiple: int = 64, data_template: dict | None = None,
+                 one_shape: bool = False):
         """`chat_template`: auto | llama2 | hf. `data_template`: what a dataset's manifest says it was built
-        with (`data_template_of`); with `auto` it wins over the tokenizer's own template."""
+        with (`data_template_of`); with `auto` it wins over the tokenizer's own template. `one_shape`: every
+        batch of a `complete` call is padded to the shape of the largest, so a call runs one compiled program
+        (the in-loop evaluation asks for the same turns each time: it compiles once per run, not per batch)."""
         from data_pipeline.formats.chat_template import DEFAULT_SYSTEM_PROMPT
 
         if chat_template not in CHAT_TEMPLATES:
@@ -68,7 +71,7 @@ class LM:
         # Geometric prompt buckets (and power-of-two batches, below): a few programs for any mix of prompts.
         self.generator = Generator(model, stop_token_ids=stop_ids, pad_token_id=pad, length_multiple=length_multiple,
                                    prompt_buckets=geometric_buckets(length_multiple, self.config.max_position_embeddings))
-        self.pad_id, self.length_multiple = pad, length_multiple
+        self.pad_id, self.length_multiple, self.one_shape = pad, length_multiple, one_shape
         self._forward = None
 
     @property
@@ -87,6 +90,7 @@ class LM:
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[source_of[i]]), source_of[i], len(prompts[i])))
         out: list[list[int] | None] = [None] * len(prompts)
         stops = set(self.generator.stop_ids.tolist())
+        batches = []
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             new = max(budgets[i] for i in chunk)
@@ -95,8 +99,14 @@ class LM:
             rows = [prompts[i] for i in chunk]
             # A partial batch is filled up to a power of two: a few programs however many prompts are left (the
             # dbbench episodes still running shrink round by round), at most twice the rows.
-            rows += [rows[0]] * (min(self.batch_size, 1 << (len(rows) - 1).bit_length()) - len(rows))
-            result = self.generator(rows, max_new_tokens=new, sampling=GREEDY, share_prefixes=True)
+            fill = self.batch_size if self.one_shape else min(self.batch_size, 1 << (len(rows) - 1).bit_length())
+            batches.append((chunk, rows + [rows[0]] * (fill - len(rows)), new))
+        pad_to = None
+        if self.one_shape and batches:
+            shapes = [self.generator.batch_shape(rows, new, share_prefixes=True) for _, rows, new in batches]
+            pad_to = tuple(max(column) for column in zip(*shapes))
+        for chunk, rows, new in batches:
+            result = self.generator(rows, max_new_tokens=new, sampling=GREEDY, share_prefixes=True, pad_to=pad_to)
             for i, ids in zip(chunk, result.tokens):
                 ids = ids[:budgets[i]]
                 out[i] = ids[:-1] if ids and ids[-1] in stops else ids

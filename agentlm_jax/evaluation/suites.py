@@ -88,3 +88,13 @@ def flat_metrics(results: dict, timing: dict) -> dict[str, float]:
     for suite, t in timing.items():
         put(f"eval/{suite}/seconds", t["seconds"])
     return out
+
+
+def summary_line(flat: dict[str, float]) -> str:
+    """One log line of `flat_metrics`' numbers: the suites' headline numbers, then the accuracy per task."""
+    parts = [f"{name} {flat[key]:.3f}" for key, name in (
+        ("eval/actions/accuracy", "actions"), ("eval/dbbench/success", "dbbench"),
+        ("eval/general/mmlu/accuracy", "mmlu"), ("eval/general/gsm8k/accuracy", "gsm8k")) if key in flat]
+    parts += [f"{k.split('/')[2]} {v:.3f}" for k, v in flat.items()
+              if k.startswith("eval/actions/") and k.endswith("/accuracy") and k.count("/") == 3]
+    return "; ".join(parts) or "nothing scored"

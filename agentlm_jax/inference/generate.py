@@ -115,30 +115,44 @@ class Generator:
             return prompt_len, round_up(prompt_len + max_new_tokens, self.length_multiple)
         return bucket, bucket + round_up(max_new_tokens, self.length_multiple)
 
+    def batch_shape(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                    share_prefixes: bool = False) -> tuple[int, int, int]:
+        """(padded prompt length, cache capacity, prefilled rows) of a batch: with the number of rows, what its
+        compiled program is specialised to. With `share_prefixes`, prefilled rows < rows where prompts nest."""
+        prompt_len, capacity = self.shape(max(len(p) for p in prompts), max_new_tokens)
+        sources = len(nest_prefixes(prompts)[0]) if share_prefixes else len(prompts)
+        if sources < len(prompts):  # a power of two of sources: a few programs whatever the nesting
+            sources = min(len(prompts), 1 << (sources - 1).bit_length())
+        return prompt_len, capacity, sources
+
     def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-                 share_prefixes: bool = False) -> Generation:
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0, share_prefixes: bool = False,
+                 pad_to: tuple[int, int, int] | None = None) -> Generation:
         """New tokens for every prompt. `share_prefixes`: prefill only the prompts that are no other prompt's
-        prefix (see the module's docstring); the result is the same."""
+        prefix (see the module's docstring); the result is the same. `pad_to`: a `batch_shape` to pad this
+        batch's up to (e.g. the largest of several batches, so that they all run one compiled program)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        prompt_len, capacity = self.shape(max(len(p) for p in prompts), max_new_tokens)
+        prompt_len, capacity, prefilled = self.batch_shape(prompts, max_new_tokens, share_prefixes=share_prefixes)
+        if pad_to is not None:
+            prompt_len, capacity, prefilled = (max(a, b) for a, b in zip((prompt_len, capacity, prefilled), pad_to))
+            prefilled = min(prefilled, len(prompts))
+            capacity = max(capacity, prompt_len + round_up(max_new_tokens, self.length_multiple))
         longest = max(len(p) for p in prompts) + max_new_tokens
         if longest > self.config.max_position_embeddings:
             log.warning("prompt + new tokens = %d positions > max_position_embeddings = %d: quality will suffer",
                         longest, self.config.max_position_embeddings)
-        sources, source_of = nest_prefixes(prompts) if share_prefixes else (range(len(prompts)), None)
         common = dict(sampling=sampling, capacity=capacity, pad_id=self.pad_id)
-        if len(sources) == len(prompts):
+        if prefilled == len(prompts):
             tokens, positions, segment_ids = left_pad(prompts, prompt_len, self.pad_id)
             out, steps = _generate(self.graphdef, self.state, tokens, positions, segment_ids,
                                    jnp.int32(max_new_tokens), self.stop_ids, jax.random.key(seed), **common)
         else:
+            sources, source_of = nest_prefixes(prompts)
             row_source = np.asarray([sources.index(source_of[i]) for i in range(len(prompts))], np.int32)
-            # A power of two of sources (the last one repeated): a few programs whatever the nesting.
-            sources += [sources[-1]] * ((1 << (len(sources) - 1).bit_length()) - len(sources))
+            sources += [sources[-1]] * (prefilled - len(sources))  # the last one repeated
             tokens, positions, segment_ids = left_pad([prompts[i] for i in sources], prompt_len, self.pad_id)
             row_length = np.asarray([len(p) for p in prompts], np.int32)
             out, steps = _generate_shared(self.graphdef, self.state, tokens, positions, segment_ids, row_source,
@@ -160,7 +174,7 @@ def _generate(graphdef, state, tokens, positions, segment_ids, max_new_tokens, s
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
     cache = KVCache.create(model.config, B, capacity)
-    logits, cache = model.decode(tokens, positions, segment_ids, cache, last_only=True, fresh=True)
+    logits, cache = model.decode(tokens, positions, segment_ids, cache, last_only=True)
     return _decode(graphdef, state, cache, logits[:, -1], positions[:, -1] + 1, max_new_tokens, stop_ids, rng,
                    sampling=sampling, pad_id=pad_id, out_len=capacity - P)
 
@@ -173,8 +187,7 @@ def _generate_shared(graphdef, state, tokens, positions, segment_ids, row_source
     the source tokens it does not have, so that its prompt ends at slot P as a left-padded prompt would."""
     model = nnx.merge(graphdef, state)
     G, P = tokens.shape
-    h, cache = model.decode_states(tokens, positions, segment_ids, KVCache.create(model.config, G, capacity),
-                                   fresh=True)
+    h, cache = model.decode_states(tokens, positions, segment_ids, KVCache.create(model.config, G, capacity))
     shift = segment_ids.sum(axis=1)[row_source] - row_length  # [R] source tokens after the row's prompt
     logits = model.logits(h[row_source, P - 1 - shift][:, None])  # at each row's last prompt token
     slots = jnp.arange(capacity)

@@ -56,14 +56,13 @@ class Attention(nnx.Module):
         k = constrain(apply_rotary(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
 
-        if cache is None or cache.fresh:
+        if cache is None:
             out = ops.attention(q, k, v, segment_ids, impl=self.implementation, block_size=self.block_size,
                                 splash_block_size=self.splash_block_size)
-        if cache is not None:  # write this step's keys/values into their slots of this layer
+        else:  # write this step's keys/values into their slots of this layer, then attend over its whole cache
             at = (cache.layer, 0, cache.start, 0, 0)
             cache = cache._replace(k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
                                    v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))
-        if cache is not None and not cache.fresh:  # then attend over the layer's whole cache
             layer_k, layer_v = (jax.lax.dynamic_index_in_dim(t, cache.layer, 0, keepdims=False).astype(dt)
                                 for t in (cache.k, cache.v))
             out = ops.attention(q, layer_k, layer_v, segment_ids, kv_segment_ids=cache.segment_ids,

@@ -26,8 +26,6 @@ class LayerCache(NamedTuple):
     segment_ids: jax.Array  # [B,S] int32, already holding the segment ids of the tokens being added
     start: jax.Array  # [] int32, the slot of the first token being added
     layer: jax.Array | int  # [] int32, this layer's index into k and v
-    fresh: bool = False  # the cache is empty and the tokens start at slot 0 (a prefill): they attend only to
-    # each other, with the self-attention kernel of training, instead of over the whole (mostly empty) cache
 
 
 class KVCache(NamedTuple):

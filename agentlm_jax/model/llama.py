@@ -64,23 +64,20 @@ class Llama(nnx.Module):
         return h
 
     def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache, *,
-               last_only: bool = False, fresh: bool = False) -> tuple[jax.Array, KVCache]:
+               last_only: bool = False) -> tuple[jax.Array, KVCache]:
         """Float32 logits [B,T,V] for T new tokens that follow the `cache.length` cached ones; updated cache.
-        `last_only`: logits of the last position only ([B,1,V]; all that sampling needs after a prefill).
-        `fresh`: the cache is empty (a prefill): the tokens attend to each other only, by the training
-        kernel, not over the whole cache's capacity."""
-        h, cache = self.decode_states(tokens, positions, segment_ids, cache, fresh=fresh)
+        `last_only`: logits of the last position only ([B,1,V]; all that sampling needs after a prefill)."""
+        h, cache = self.decode_states(tokens, positions, segment_ids, cache)
         return self.logits(h[:, -1:] if last_only else h), cache
 
-    def decode_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache, *,
-                      fresh: bool = False) -> tuple[jax.Array, KVCache]:
+    def decode_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                      cache: KVCache) -> tuple[jax.Array, KVCache]:
         """`decode`'s final-norm hidden states [B,T,D] instead of its logits (for a caller that needs the logits
         of a few positions only: `logits(h[rows, slots])`); updated cache."""
-        return self._forward(tokens, positions, segment_ids, cache, fresh=fresh)
+        return self._forward(tokens, positions, segment_ids, cache)
 
     # ------------------------------------------------------------------------------------------- internals
-    def _forward(self, tokens, positions, segment_ids, cache: KVCache | None, lora_key: jax.Array | None = None,
-                 fresh: bool = False):
+    def _forward(self, tokens, positions, segment_ids, cache: KVCache | None, lora_key: jax.Array | None = None):
         cfg = self.config
         x = self.embedder(tokens)
         cos, sin = rotary_angles(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -91,18 +88,18 @@ class Llama(nnx.Module):
                                                           (0, start))
         layer_kv = None if cache is None else (cache.k, cache.v)
         keys = None if lora_key is None else lora_layer_keys(lora_key, cfg.num_layers)
-        x, layer_kv = self._apply_blocks(x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start, keys, fresh)
+        x, layer_kv = self._apply_blocks(x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start, keys)
         if cache is not None:
             cache = KVCache(k=layer_kv[0], v=layer_kv[1], segment_ids=kv_segment_ids,
                             length=start + tokens.shape[1])
         return self.final_norm(x), cache
 
-    def _apply_blocks(self, x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start, keys=None, fresh=False):
+    def _apply_blocks(self, x, cos, sin, segment_ids, layer_kv, kv_segment_ids, start, keys=None):
         cfg = self.config
         if layer_kv is not None:  # decoding: the whole cache rides in the carry, each layer updates its slots
             def run_cached(block, carry, layer):
                 x, k, v = carry
-                x, cache = block(x, cos, sin, segment_ids, LayerCache(k, v, kv_segment_ids, start, layer, fresh))
+                x, cache = block(x, cos, sin, segment_ids, LayerCache(k, v, kv_segment_ids, start, layer))
                 return x, cache.k, cache.v
 
             if cfg.scan_layers:

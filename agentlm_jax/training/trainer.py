@@ -533,14 +533,9 @@ class Trainer:
             return
         result.agent_eval = values
         writer.write(step, values)
-        parts = [f"{k.split('/')[2]} {v:.3f}" for k, v in values.items()
-                 if k.startswith("eval/actions/") and k.endswith("/accuracy") and k.count("/") == 3]
-        for key, name in (("eval/actions/accuracy", "actions"), ("eval/dbbench/success", "dbbench"),
-                          ("eval/general/mmlu/accuracy", "mmlu"), ("eval/general/gsm8k/accuracy", "gsm8k")):
-            if key in values:
-                parts.insert(0, f"{name} {values[key]:.3f}")
-        self._info("step %d: in-loop evaluation in %.1f s: %s", step, values["eval/seconds"],
-                   "; ".join(parts) or "nothing scored")
+        from agentlm_jax.evaluation.suites import summary_line
+
+        self._info("step %d: in-loop evaluation in %.1f s: %s", step, values["eval/seconds"], summary_line(values))
 
     def _info(self, msg: str, *args: Any) -> None:
         """An info line from process 0 only (every host runs the same loop); warnings and errors stay on all."""

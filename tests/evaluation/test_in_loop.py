@@ -117,3 +117,40 @@ def test_turns_of_one_conversation_share_a_prefill_and_decode_as_alone(tokenizer
     for p, o, n in zip(prompts, outs, budgets):
         alone = plain([p], max_new_tokens=n, sampling=LM_GREEDY).tokens[0]
         assert o == (alone[:-1] if alone and alone[-1] in stops else alone)
+
+
+def test_summary_line_names_the_headline_numbers_then_the_tasks():
+    from agentlm_jax.evaluation.suites import summary_line
+
+    flat = {"eval/actions/os/accuracy": 0.5, "eval/actions/os/unparsed_rate": 0.25, "eval/actions/accuracy": 0.4,
+            "eval/dbbench/success": 0.125, "eval/actions/db/accuracy": 0.3, "eval/seconds": 2.0}
+    assert summary_line(flat) == "actions 0.400; dbbench 0.125; os 0.500; db 0.300"
+    assert summary_line({"eval/seconds": 1.0}) == "nothing scored"
+
+
+def test_one_shape_runs_every_batch_of_a_call_in_one_program(tokenizer):
+    """LM(one_shape=True), as the in-loop evaluator builds it: batches of different lengths, nestings and sizes
+    are padded to the largest's shape (one compiled program), and every answer is the prompt's alone."""
+    from agentlm_jax.inference import generate
+
+    import dataclasses
+
+    model = init_model(dataclasses.replace(TINY_EVAL, intermediate_size=72), seed=6)  # this test's shapes only
+    lm = LM(model, tokenizer, batch_size=4, one_shape=True)
+    rng = np.random.default_rng(2)
+    a = rng.integers(3, 1000, size=400).tolist()
+    others = [rng.integers(3, 1000, size=n).tolist() for n in (20, 30, 40, 50, 60)]
+    prompts = others + [a[:100], a[:250], a]  # batches: 4 short distinct, then 1 short + 3 nested long
+    budgets = [4, 5, 6, 7, 8, 9, 10, 11]
+
+    def programs():
+        return generate._generate._cache_size() + generate._generate_shared._cache_size()
+
+    before = programs()
+    outs = lm.complete(prompts, max_new_tokens=budgets)
+    assert programs() - before == 1
+    plain = generate.Generator(model, stop_token_ids=sorted(lm.generator.stop_ids.tolist()), pad_token_id=lm.pad_id)
+    stops = set(lm.generator.stop_ids.tolist())
+    for p, o, n in zip(prompts, outs, budgets):
+        alone = plain([p], max_new_tokens=n, sampling=LM_GREEDY).tokens[0]
+        assert o == (alone[:-1] if alone and alone[-1] in stops else alone)
