@@ -46,7 +46,8 @@ class LM:
         """`chat_template`: auto | llama2 | hf. `data_template`: what a dataset's manifest says it was built
         with (`data_template_of`); with `auto` it wins over the tokenizer's own template. `one_shape`: every
         batch of a `complete` call is padded to the shape of the largest, so a call runs one compiled program
-        (the in-loop evaluation asks for the same turns each time: it compiles once per run, not per batch)."""
+        (two where some batches share a prefill and others do not; the in-loop evaluation asks for the same
+        turns each time: it compiles once per run, not per batch)."""
         from data_pipeline.formats.chat_template import DEFAULT_SYSTEM_PROMPT
 
         if chat_template not in CHAT_TEMPLATES:
@@ -83,9 +84,11 @@ class LM:
                  on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
         """Greedy continuations (new ids, the stop token removed) of every prompt, `batch_size` at a time; the
         answers come back in the prompts' order. Prompts that are prefixes of a longer one (the turns of one
-        conversation) go into a batch with it and share its prefill (`Generator(share_prefixes=True)`); the
-        groups are ordered by length (less padding)."""
+        conversation) are put next to it, so that those in its batch share its prefill
+        (`Generator(share_prefixes=True)`); the groups are ordered by length (less padding). No answer runs past
+        the model's positions: each is cut at min(its budget, max_position_embeddings - its prompt), at least 1."""
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        limits = [max(1, min(b, self.max_length - len(p))) for b, p in zip(budgets, prompts)]
         _, source_of = nest_prefixes(prompts)
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[source_of[i]]), source_of[i], len(prompts[i])))
         out: list[list[int] | None] = [None] * len(prompts)
@@ -93,22 +96,29 @@ class LM:
         batches = []
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            new = max(budgets[i] for i in chunk)
-            # Never past the model's positions (the batch's prompts are of similar lengths: sorted).
-            new = max(1, min(new, self.max_length - max(len(prompts[i]) for i in chunk)))
+            # A row may decode past its own limit (a longer row of its batch has less room): those tokens are
+            # dropped; being causal, they change nothing before them.
+            new = max(limits[i] for i in chunk)
             rows = [prompts[i] for i in chunk]
             # A partial batch is filled up to a power of two: a few programs however many prompts are left (the
             # dbbench episodes still running shrink round by round), at most twice the rows.
             fill = self.batch_size if self.one_shape else min(self.batch_size, 1 << (len(rows) - 1).bit_length())
             batches.append((chunk, rows + [rows[0]] * (fill - len(rows)), new))
-        pad_to = None
-        if self.one_shape and batches:
+        pad_to = [None] * len(batches)
+        if self.one_shape and batches:  # one shape for the batches that share a prefill, one for the others
             shapes = [self.generator.batch_shape(rows, new, share_prefixes=True) for _, rows, new in batches]
-            pad_to = tuple(max(column) for column in zip(*shapes))
-        for chunk, rows, new in batches:
-            result = self.generator(rows, max_new_tokens=new, sampling=GREEDY, share_prefixes=True, pad_to=pad_to)
+            for shared in (True, False):
+                kind = [b for b, (_, rows, _) in enumerate(batches) if (shapes[b][2] < len(rows)) == shared]
+                if kind:
+                    prompt_len = max(shapes[b][0] for b in kind)
+                    capacity = prompt_len + round_up(max(batches[b][2] for b in kind), self.length_multiple)
+                    for b in kind:
+                        pad_to[b] = (prompt_len, capacity, max(shapes[b][2] for b in kind))
+        for (chunk, rows, new), shape in zip(batches, pad_to):
+            result = self.generator(rows, max_new_tokens=new, sampling=GREEDY, share_prefixes=True, pad_to=shape,
+                                    warn_past_positions=False)
             for i, ids in zip(chunk, result.tokens):
-                ids = ids[:budgets[i]]
+                ids = ids[:limits[i]]
                 out[i] = ids[:-1] if ids and ids[-1] in stops else ids
             if on_batch:
                 on_batch(len(chunk))

@@ -73,7 +73,7 @@ def nest_prefixes(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int
     """(sources, source_of): the indices of the prompts that are no other prompt's proper prefix (a prompt
     repeated counts once: its first index), and for every prompt the index of a source it is a prefix of.
     In lexicographic order a prompt's extensions follow it directly, so one pass from the end finds them."""
-    order = sorted(range(len(prompts)), key=lambda i: (list(prompts[i]), i))
+    order = sorted(range(len(prompts)), key=lambda i: (list(prompts[i]), -i))  # equal ones: the first comes last
     source_of = [0] * len(prompts)
     for j in range(len(order) - 1, -1, -1):
         i = order[j]
@@ -127,10 +127,11 @@ class Generator:
 
     def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, share_prefixes: bool = False,
-                 pad_to: tuple[int, int, int] | None = None) -> Generation:
+                 pad_to: tuple[int, int, int] | None = None, warn_past_positions: bool = True) -> Generation:
         """New tokens for every prompt. `share_prefixes`: prefill only the prompts that are no other prompt's
         prefix (see the module's docstring); the result is the same. `pad_to`: a `batch_shape` to pad this
-        batch's up to (e.g. the largest of several batches, so that they all run one compiled program)."""
+        batch's up to (e.g. the largest of several batches, so that they all run one compiled program).
+        `warn_past_positions=False`: the caller drops what a row generates past max_position_embeddings."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
@@ -141,7 +142,7 @@ class Generator:
             prefilled = min(prefilled, len(prompts))
             capacity = max(capacity, prompt_len + round_up(max_new_tokens, self.length_multiple))
         longest = max(len(p) for p in prompts) + max_new_tokens
-        if longest > self.config.max_position_embeddings:
+        if longest > self.config.max_position_embeddings and warn_past_positions:
             log.warning("prompt + new tokens = %d positions > max_position_embeddings = %d: quality will suffer",
                         longest, self.config.max_position_embeddings)
         common = dict(sampling=sampling, capacity=capacity, pad_id=self.pad_id)

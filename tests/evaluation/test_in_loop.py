@@ -119,6 +119,24 @@ def test_turns_of_one_conversation_share_a_prefill_and_decode_as_alone(tokenizer
         assert o == (alone[:-1] if alone and alone[-1] in stops else alone)
 
 
+def test_a_turn_keeps_its_budget_beside_a_longer_turn_near_the_position_limit(tokenizer):
+    """The turns of a record share a batch with its longest, which may have almost no room left under
+    max_position_embeddings: the early turns still get their whole budget, the long one only its room."""
+    from agentlm_jax.inference import generate
+
+    model = init_model(TINY_EVAL, seed=7)
+    lm = LM(model, tokenizer, batch_size=4)
+    a = np.random.default_rng(3).integers(3, 1000, size=TINY_EVAL.max_position_embeddings - 6).tolist()
+    outs = lm.complete([a[:40], a], max_new_tokens=[16, 16])
+    plain = generate.Generator(model, stop_token_ids=[], pad_token_id=lm.pad_id)
+    stops = set(lm.generator.stop_ids.tolist())
+    for p, o, n in zip([a[:40], a], outs, [16, 6]):
+        alone = plain([p], max_new_tokens=n, sampling=LM_GREEDY).tokens[0]
+        cut = next((k for k, t in enumerate(alone) if t in stops), None)
+        assert o == (alone if cut is None else alone[:cut])
+    assert len(outs[1]) <= 6
+
+
 def test_summary_line_names_the_headline_numbers_then_the_tasks():
     from agentlm_jax.evaluation.suites import summary_line
 
@@ -128,9 +146,10 @@ def test_summary_line_names_the_headline_numbers_then_the_tasks():
     assert summary_line({"eval/seconds": 1.0}) == "nothing scored"
 
 
-def test_one_shape_runs_every_batch_of_a_call_in_one_program(tokenizer):
-    """LM(one_shape=True), as the in-loop evaluator builds it: batches of different lengths, nestings and sizes
-    are padded to the largest's shape (one compiled program), and every answer is the prompt's alone."""
+def test_one_shape_runs_every_batch_of_a_call_in_one_program_of_each_kind(tokenizer):
+    """LM(one_shape=True), as the in-loop evaluator builds it: batches of different lengths, budgets, nestings and
+    sizes are padded to one shape per kind (those that share a prefill, those that do not), and every answer is
+    the prompt's alone."""
     from agentlm_jax.inference import generate
 
     import dataclasses
@@ -140,15 +159,15 @@ def test_one_shape_runs_every_batch_of_a_call_in_one_program(tokenizer):
     rng = np.random.default_rng(2)
     a = rng.integers(3, 1000, size=400).tolist()
     others = [rng.integers(3, 1000, size=n).tolist() for n in (20, 30, 40, 50, 60)]
-    prompts = others + [a[:100], a[:250], a]  # batches: 4 short distinct, then 1 short + 3 nested long
-    budgets = [4, 5, 6, 7, 8, 9, 10, 11]
+    b = rng.integers(3, 1000, size=150).tolist()
+    # batches of 4 by source length: 4 short distinct and [60, b[:70], b, a[:100]] (3 sources, rounded up to 4:
+    # plain), [a[:250], a] (1 source: shared); budgets on both sides of the 64-token capacity step
+    prompts = others + [b[:70], b, a[:100], a[:250], a]
+    budgets = [4, 5, 6, 7, 80, 9, 100, 11, 12, 90]
 
-    def programs():
-        return generate._generate._cache_size() + generate._generate_shared._cache_size()
-
-    before = programs()
+    before = {f: f._cache_size() for f in (generate._generate, generate._generate_shared)}
     outs = lm.complete(prompts, max_new_tokens=budgets)
-    assert programs() - before == 1
+    assert {f.__name__: f._cache_size() - n for f, n in before.items()} == {"_generate": 1, "_generate_shared": 1}
     plain = generate.Generator(model, stop_token_ids=sorted(lm.generator.stop_ids.tolist()), pad_token_id=lm.pad_id)
     stops = set(lm.generator.stop_ids.tolist())
     for p, o, n in zip(prompts, outs, budgets):

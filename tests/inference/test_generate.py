@@ -70,6 +70,15 @@ def test_cached_decoding_equals_full_recomputation(models):
     np.testing.assert_allclose(got[real], expected[real], atol=1e-5)
     assert int(cache.length) == P + 4
 
+    # and end to end: greedy generation = argmax of a full recomputation at every step
+    generated = Generator(model, stop_token_ids=[])(prompts, max_new_tokens=6).tokens
+    rows = [list(p) for p in prompts]
+    for _ in range(6):  # left-padded to one fixed length: one compilation
+        t, pos, seg = left_pad(rows, max(map(len, prompts)) + 6, pad_id=0)
+        nxt = np.asarray(forward(model, t, pos, seg))[:, -1].argmax(-1)
+        rows = [r + [int(n)] for r, n in zip(rows, nxt)]
+    assert generated == [r[len(p):] for r, p in zip(rows, prompts)]
+
 
 def test_nest_prefixes_finds_each_prompts_longest_extension():
     prompts = [[1, 2, 3], [1, 2], [4], [1, 2, 3, 4], [1, 2], [4, 5], [2], [1, 2, 3, 4]]
