@@ -116,12 +116,14 @@ class Generator:
         return bucket, bucket + round_up(max_new_tokens, self.length_multiple)
 
     def batch_shape(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                    share_prefixes: bool = False) -> tuple[int, int, int]:
+                    share_prefixes: bool = False, exact: bool = False) -> tuple[int, int, int]:
         """(padded prompt length, cache capacity, prefilled rows) of a batch: with the number of rows, what its
-        compiled program is specialised to. With `share_prefixes`, prefilled rows < rows where prompts nest."""
+        compiled program is specialised to. With `share_prefixes`, prefilled rows < rows where prompts nest:
+        rounded up to a power of two (a few programs whatever the nesting) unless `exact` (for a caller that
+        pads every batch to one shape of its own: `pad_to`)."""
         prompt_len, capacity = self.shape(max(len(p) for p in prompts), max_new_tokens)
         sources = len(nest_prefixes(prompts)[0]) if share_prefixes else len(prompts)
-        if sources < len(prompts):  # a power of two of sources: a few programs whatever the nesting
+        if sources < len(prompts) and not exact:
             sources = min(len(prompts), 1 << (sources - 1).bit_length())
         return prompt_len, capacity, sources
 
@@ -129,36 +131,13 @@ class Generator:
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, share_prefixes: bool = False,
                  pad_to: tuple[int, int, int] | None = None, warn_past_positions: bool = True) -> Generation:
         """New tokens for every prompt. `share_prefixes`: prefill only the prompts that are no other prompt's
-        prefix (see the module's docstring); the result is the same. `pad_to`: a `batch_shape` to pad this
-        batch's up to (e.g. the largest of several batches, so that they all run one compiled program).
-        `warn_past_positions=False`: the caller drops what a row generates past max_position_embeddings."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        prompt_len, capacity, prefilled = self.batch_shape(prompts, max_new_tokens, share_prefixes=share_prefixes)
-        if pad_to is not None:
-            prompt_len, capacity, prefilled = (max(a, b) for a, b in zip((prompt_len, capacity, prefilled), pad_to))
-            prefilled = min(prefilled, len(prompts))
-            capacity = max(capacity, prompt_len + round_up(max_new_tokens, self.length_multiple))
-        longest = max(len(p) for p in prompts) + max_new_tokens
-        if longest > self.config.max_position_embeddings and warn_past_positions:
-            log.warning("prompt + new tokens = %d positions > max_position_embeddings = %d: quality will suffer",
-                        longest, self.config.max_position_embeddings)
-        common = dict(sampling=sampling, capacity=capacity, pad_id=self.pad_id)
-        if prefilled == len(prompts):
-            tokens, positions, segment_ids = left_pad(prompts, prompt_len, self.pad_id)
-            out, steps = _generate(self.graphdef, self.state, tokens, positions, segment_ids,
-                                   jnp.int32(max_new_tokens), self.stop_ids, jax.random.key(seed), **common)
-        else:
-            sources, source_of = nest_prefixes(prompts)
-            row_source = np.asarray([sources.index(source_of[i]) for i in range(len(prompts))], np.int32)
-            sources += [sources[-1]] * (prefilled - len(sources))  # the last one repeated
-            tokens, positions, segment_ids = left_pad([prompts[i] for i in sources], prompt_len, self.pad_id)
-            row_length = np.asarray([len(p) for p in prompts], np.int32)
-            out, steps = _generate_shared(self.graphdef, self.state, tokens, positions, segment_ids, row_source,
-                                          row_length, jnp.int32(max_new_tokens), self.stop_ids,
-                                          jax.random.key(seed), **common)
+        prefix (see the module's docstring); the result is the same. `pad_to`: a shape (`batch_shape`) to pad
+        this batch's exact one up to (e.g. the largest of several batches, so that they all run one compiled
+        program). `warn_past_positions=False`: the caller drops what a row generates past
+        max_position_embeddings."""
+        program, args, static = self._program(prompts, max_new_tokens, sampling, seed, share_prefixes, pad_to,
+                                              warn_past_positions, self.state)
+        out, steps = program(*args, **static)
         out, steps = distributed.to_host(out), int(distributed.to_host(steps))
         result, finished = [], []
         for row in out[:, :steps]:
@@ -167,10 +146,48 @@ class Generator:
             finished.append(bool(len(stops)))
         return Generation(result, finished, steps)
 
+    def compile(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, state=None,
+                sampling: SamplingConfig = SamplingConfig(), share_prefixes: bool = False,
+                pad_to: tuple[int, int, int] | None = None) -> None:
+        """Compile, without running, the program that the same call would run, so that the call finds it
+        compiled. `state`: the parameters (default: the generator's own); `jax.ShapeDtypeStruct`s with their
+        shardings do (e.g. from another thread while training donates the arrays)."""
+        program, args, static = self._program(prompts, max_new_tokens, sampling, 0, share_prefixes, pad_to, False,
+                                              self.state if state is None else state)
+        program.lower(*args, **static).compile()
+
+    def _program(self, prompts, max_new_tokens, sampling, seed, share_prefixes, pad_to, warn_past_positions, state):
+        """(jitted function, arguments, static arguments) of a call."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt_len, capacity, prefilled = self.batch_shape(prompts, max_new_tokens, share_prefixes=share_prefixes,
+                                                           exact=pad_to is not None)
+        if pad_to is not None:
+            prompt_len, capacity, prefilled = (max(a, b) for a, b in zip((prompt_len, capacity, prefilled), pad_to))
+            prefilled = min(prefilled, len(prompts))
+            capacity = max(capacity, prompt_len + round_up(max_new_tokens, self.length_multiple))
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if longest > self.config.max_position_embeddings and warn_past_positions:
+            log.warning("prompt + new tokens = %d positions > max_position_embeddings = %d: quality will suffer",
+                        longest, self.config.max_position_embeddings)
+        static = dict(graphdef=self.graphdef, sampling=sampling, capacity=capacity, pad_id=self.pad_id)
+        steps_and_seed = (jnp.int32(max_new_tokens), self.stop_ids, jax.random.key(seed))
+        if prefilled == len(prompts):
+            return _generate, (state, *left_pad(prompts, prompt_len, self.pad_id), *steps_and_seed), static
+        sources, source_of = nest_prefixes(prompts)
+        row_source = np.asarray([sources.index(source_of[i]) for i in range(len(prompts))], np.int32)
+        sources += [sources[-1]] * (prefilled - len(sources))  # the last one repeated
+        tokens, positions, segment_ids = left_pad([prompts[i] for i in sources], prompt_len, self.pad_id)
+        row_length = np.asarray([len(p) for p in prompts], np.int32)
+        return _generate_shared, (state, tokens, positions, segment_ids, row_source, row_length,
+                                  *steps_and_seed), static
+
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "capacity", "pad_id"))
-def _generate(graphdef, state, tokens, positions, segment_ids, max_new_tokens, stop_ids, rng, *,
-              sampling: SamplingConfig, capacity: int, pad_id: int):
+def _generate(state, tokens, positions, segment_ids, max_new_tokens, stop_ids, rng, *,
+              graphdef, sampling: SamplingConfig, capacity: int, pad_id: int):
     """Prefill + while-loop decode. Returns (new tokens [B, capacity - P], number of steps)."""
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
@@ -181,8 +198,8 @@ def _generate(graphdef, state, tokens, positions, segment_ids, max_new_tokens, s
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "capacity", "pad_id"))
-def _generate_shared(graphdef, state, tokens, positions, segment_ids, row_source, row_length, max_new_tokens,
-                     stop_ids, rng, *, sampling: SamplingConfig, capacity: int, pad_id: int):
+def _generate_shared(state, tokens, positions, segment_ids, row_source, row_length, max_new_tokens,
+                     stop_ids, rng, *, graphdef, sampling: SamplingConfig, capacity: int, pad_id: int):
     """`_generate` for R rows that are prefixes of G sources: row r is the first row_length[r] tokens of source
     row_source[r]. The sources [G, P] are prefilled once; each row's cache is its source's, shifted right by
     the source tokens it does not have, so that its prompt ends at slot P as a left-padded prompt would."""
@@ -193,9 +210,9 @@ def _generate_shared(graphdef, state, tokens, positions, segment_ids, row_source
     logits = model.logits(h[row_source, P - 1 - shift][:, None])  # at each row's last prompt token
     slots = jnp.arange(capacity)
     from_slot = jnp.clip(slots[None, :] - shift[:, None], 0, capacity - 1)  # [R,S]
-    rows = (row_source[:, None], from_slot)
+    rows = (slice(None), row_source[:, None, None], jnp.arange(cache.k.shape[2])[None, :, None], from_slot[:, None])
     in_prompt = (slots[None, :] >= P - row_length[:, None]) & (slots[None, :] < P)
-    cache = KVCache(k=cache.k[:, rows[0], rows[1]], v=cache.v[:, rows[0], rows[1]],
+    cache = KVCache(k=cache.k[rows], v=cache.v[rows],  # [L,R,K,S,H]
                     segment_ids=in_prompt.astype(jnp.int32), length=cache.length)
     return _decode(graphdef, state, cache, logits[:, -1], row_length, max_new_tokens, stop_ids, rng,
                    sampling=sampling, pad_id=pad_id, out_len=capacity - P)

@@ -60,13 +60,17 @@ class Attention(nnx.Module):
             out = ops.attention(q, k, v, segment_ids, impl=self.implementation, block_size=self.block_size,
                                 splash_block_size=self.splash_block_size)
         else:  # write this step's keys/values into their slots of this layer, then attend over its whole cache
-            at = (cache.layer, 0, cache.start, 0, 0)
-            cache = cache._replace(k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
-                                   v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))
-            layer_k, layer_v = (jax.lax.dynamic_index_in_dim(t, cache.layer, 0, keepdims=False).astype(dt)
-                                for t in (cache.k, cache.v))
-            out = ops.attention(q, layer_k, layer_v, segment_ids, kv_segment_ids=cache.segment_ids,
-                                q_start=cache.start, impl=self.implementation, block_size=self.block_size)
+            at = (cache.layer, 0, 0, cache.start, 0)
+            cache = cache._replace(**{name: jax.lax.dynamic_update_slice(
+                t, new.transpose(0, 2, 1, 3)[None].astype(t.dtype), at)
+                for name, t, new in (("k", cache.k, k), ("v", cache.v, v))})
+            if isinstance(cache.start, int) and cache.start == 0:  # a prefill into an empty cache: the prompt's
+                # own keys are all it sees (the XLA path then skips each query's later keys)
+                out = ops.attention(q, k, v, segment_ids, kv_segment_ids=segment_ids, impl=self.implementation)
+            else:
+                layer_k, layer_v = (jax.lax.dynamic_index_in_dim(t, cache.layer, 0, keepdims=False).astype(dt)
+                                    for t in (cache.k, cache.v))
+                out = ops.cached_attention(q, layer_k, layer_v, segment_ids, cache.segment_ids, cache.start)
         out = constrain(out, ("batch", "seq", "act_heads", None))
         out = lora_lib.add_delta(self, "o", out, ops.project("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt)),
                                  lora_key)

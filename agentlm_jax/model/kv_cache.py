@@ -21,25 +21,27 @@ class LayerCache(NamedTuple):
     layer it is. The layer writes its new slots in place and reads its own slice; passing it one layer's
     slice instead (scan inputs and outputs) would copy the whole cache several times per decoded token."""
 
-    k: jax.Array  # [L,B,S,K,H]
-    v: jax.Array  # [L,B,S,K,H]
+    k: jax.Array  # [L,B,K,S,H]
+    v: jax.Array  # [L,B,K,S,H]
     segment_ids: jax.Array  # [B,S] int32, already holding the segment ids of the tokens being added
     start: jax.Array  # [] int32, the slot of the first token being added
     layer: jax.Array | int  # [] int32, this layer's index into k and v
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [L,B,S,K,H]
-    v: jax.Array  # [L,B,S,K,H]
+    k: jax.Array  # [L,B,K,S,H]
+    v: jax.Array  # [L,B,K,S,H]
     segment_ids: jax.Array  # [B,S] int32; 0 = empty slot or padding
-    length: jax.Array  # [] int32, slots filled so far
+    # [] int32, slots filled so far; a Python int where known when tracing (an empty cache, and after its
+    # prefill), so that the prefill's attention can skip each query's later slots (ops.attention)
+    length: jax.Array | int
 
     @classmethod
     def create(cls, cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> "KVCache":
-        shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.resolved_head_dim)
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.resolved_head_dim)
         dtype = jnp.dtype(dtype or cfg.dtype)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   segment_ids=jnp.zeros((batch_size, max_length), jnp.int32), length=jnp.zeros((), jnp.int32))
+                   segment_ids=jnp.zeros((batch_size, max_length), jnp.int32), length=0)
 
     @property
     def max_length(self) -> int:

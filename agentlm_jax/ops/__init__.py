@@ -10,12 +10,12 @@ Each op takes the implementation `ops.backend` chooses for the platform being tr
 compute.
 """
 
-from agentlm_jax.ops.attention import attention
+from agentlm_jax.ops.attention import attention, cached_attention
 from agentlm_jax.ops.cross_entropy import resolve_impl as resolve_loss_impl
 from agentlm_jax.ops.cross_entropy import token_nll
 from agentlm_jax.ops.masking import attention_mask
 from agentlm_jax.ops.backend import current_platform, platform
 from agentlm_jax.ops.projection import PROJECTION, project
 
-__all__ = ["PROJECTION", "attention", "attention_mask", "current_platform", "platform", "project",
-           "resolve_loss_impl", "token_nll"]
+__all__ = ["PROJECTION", "attention", "attention_mask", "cached_attention", "current_platform", "platform",
+           "project", "resolve_loss_impl", "token_nll"]
