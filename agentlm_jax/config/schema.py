@@ -323,7 +323,9 @@ class EvalConfig:
     # actions: loss-carrying turns per task (from the validation split); dbbench, general: items (the package's
     # samples unless a path below is given)
     max_items: int = 4
-    max_new_tokens: int = 48  # per generated turn (actions: also at most the gold turn's length + 32)
+    # per generated turn (actions: also at most the gold turn's length + 32); the bundled sample's gold turns
+    # run to 87 tokens, so less would cut a perfect answer before its action
+    max_new_tokens: int = 128
     batch_size: int = 8  # prompts decoded together
     split: str = "validation"  # actions: the split of data.path to read (validation or train)
     db_items: str | None = None  # dbbench: an AgentBench dbbench JSONL; None: the package's sample

@@ -117,16 +117,26 @@ def score_turns(turns_by_task: dict[str, list[Turn]], completions: dict[tuple[st
     return tasks
 
 
-def evaluate_actions(records: Iterable, complete: CompleteFn, decode: Callable[[Sequence[int]], str], *,
-                     max_items: int | None = 50, max_new_tokens: int = 128, extra_tokens: int = 32,
-                     max_length: int | None = None, tasks: Sequence[str] | None = None, where: str = "",
-                     show_progress: bool = True, max_turns: int | None = None) -> dict:
-    """The `actions` suite over `records` (records.Record-like: input_ids, loss_mask, task, id).
+@dataclasses.dataclass
+class Requests:
+    """What the `actions` suite asks the model: the turns to generate (`flat`) with their token budgets, by task
+    (every selected turn, for scoring), and what was left out."""
+    by_task: dict[str, list[Turn]]
+    flat: list[Turn]
+    budgets: list[int]
+    skipped: dict[str, int]
+    too_long: int
+    gold_action: Callable[[Turn], str | None]
 
-    Each turn may generate up to min(`max_new_tokens`, len(gold) + `extra_tokens`) tokens (enough to write
-    the gold action and a little more); turns whose prompt leaves no room under `max_length` are skipped
-    and counted (`too_long`). Only turns whose gold text holds an action are generated. `max_turns`: at most
-    that many of those per task (as select_turns)."""
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [t.prompt for t in self.flat]
+
+
+def requests(records: Iterable, decode: Callable[[Sequence[int]], str], *, max_items: int | None = 50,
+             max_new_tokens: int = 128, extra_tokens: int = 32, max_length: int | None = None,
+             tasks: Sequence[str] | None = None, where: str = "", max_turns: int | None = None) -> Requests:
+    """The turns `evaluate_actions` generates (see there), without generating them: what it compiles for."""
     gold_actions: dict[tuple[str, int], str | None] = {}
 
     def gold_action(t: Turn) -> str | None:  # each gold turn decoded once
@@ -150,15 +160,30 @@ def evaluate_actions(records: Iterable, complete: CompleteFn, decode: Callable[[
     budgets = [max(1, min(max_new_tokens, len(t.gold) + extra_tokens)) for t in flat]
     if max_length is not None:
         budgets = [min(b, max_length - len(t.prompt)) for b, t in zip(budgets, flat)]
+    return Requests(by_task, flat, budgets, skipped, too_long, gold_action)
+
+
+def evaluate_actions(records: Iterable, complete: CompleteFn, decode: Callable[[Sequence[int]], str], *,
+                     max_items: int | None = 50, max_new_tokens: int = 128, extra_tokens: int = 32,
+                     max_length: int | None = None, tasks: Sequence[str] | None = None, where: str = "",
+                     show_progress: bool = True, max_turns: int | None = None) -> dict:
+    """The `actions` suite over `records` (records.Record-like: input_ids, loss_mask, task, id).
+
+    Each turn may generate up to min(`max_new_tokens`, len(gold) + `extra_tokens`) tokens (enough to write
+    the gold action and a little more); turns whose prompt leaves no room under `max_length` are skipped
+    and counted (`too_long`). Only turns whose gold text holds an action are generated. `max_turns`: at most
+    that many of those per task (as select_turns)."""
+    req = requests(records, decode, max_items=max_items, max_new_tokens=max_new_tokens, extra_tokens=extra_tokens,
+                   max_length=max_length, tasks=tasks, where=where, max_turns=max_turns)
     outs: list[list[int]] = []
-    with Progress(total=len(flat), desc="actions", unit="turn", enabled=show_progress) as bar:
-        if flat:
-            outs = complete([t.prompt for t in flat], budgets, on_batch=bar.update)
-    completions = {(t.record_id, t.index): o for t, o in zip(flat, outs)}
-    tasks_out = score_turns(by_task, completions, decode, gold_action=gold_action)
+    with Progress(total=len(req.flat), desc="actions", unit="turn", enabled=show_progress) as bar:
+        if req.flat:
+            outs = complete(req.prompts, req.budgets, on_batch=bar.update)
+    completions = {(t.record_id, t.index): o for t, o in zip(req.flat, outs)}
+    tasks_out = score_turns(req.by_task, completions, decode, gold_action=req.gold_action)
     scored = sum(v["scored_turns"] for v in tasks_out.values())
     correct = sum(v["correct"] for v in tasks_out.values())
-    return {"tasks": tasks_out, "skipped_records": skipped, "too_long_turns": too_long,
+    return {"tasks": tasks_out, "skipped_records": req.skipped, "too_long_turns": req.too_long,
             "overall": {"scored_turns": scored, "correct": correct,
                         "accuracy": correct / scored if scored else None,
                         "macro_accuracy": _mean([v["accuracy"] for v in tasks_out.values()])}}

@@ -8,17 +8,24 @@ TensorBoard and the progress log.
 
 `model` is a `Llama` with the parameters as trained so far (the trainer merges it from its train state:
 `nnx.merge(step_fn.graphdef, params)`). The evaluator keeps one `LM` (one `Generator`) for the whole run and
-swaps the parameters in at each call, so the decode programs compile once, at the first evaluation.
+swaps the parameters in at each call, so the decode programs compile once. The trainer has them compiled
+before the first evaluation is due, in a thread while its first step compiles (`compile_in_background`):
+the first evaluation then costs what the others do, and the compile's time is reported on its own
+(`eval/compile_seconds`, not part of `eval/seconds`).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Sequence
 
 from agentlm_jax.config.schema import EvalConfig
 from agentlm_jax.evaluation.lm import LM
 from agentlm_jax.evaluation.suites import SuiteInputs, flat_metrics, run_suites
+
+log = logging.getLogger(__name__)
 
 
 class InLoopEvaluator:
@@ -36,21 +43,65 @@ class InLoopEvaluator:
             self.inputs.mmlu = general.load_mmlu(cfg.mmlu, limit=cfg.max_items)
             self.inputs.gsm8k = general.load_gsm8k(cfg.gsm8k, limit=cfg.max_items)
         self.lm: LM | None = None
+        self._compiling: threading.Thread | None = None
+        self._compile_seconds: float | None = None  # of the background compile, reported once
 
-    def __call__(self, model, *, show_progress: bool = False) -> dict[str, float]:
+    def compile_in_background(self, model) -> threading.Thread | None:
+        """Start compiling, in a thread, the programs the `actions` suite will run (its turns are known before
+        any model answers; dbbench's and general's programs still compile at the first evaluation), with the
+        parameters' shapes and shardings only (training may donate the arrays meanwhile). The next call waits
+        for it. A failure is logged: that evaluation then compiles as it would have."""
+        if "actions" not in self.cfg.suites or not self.inputs.records:
+            return None
+        import jax
         from flax import nnx
 
-        start = time.perf_counter()
+        from agentlm_jax.evaluation import actions
+
+        lm = self._lm(model)
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding if a.committed
+                                                            else None), nnx.state(model))  # as jit keys them
+        req = actions.requests(self.inputs.records, lm.decode, max_items=None, max_new_tokens=self.cfg.max_new_tokens,
+                               max_length=lm.max_length, where=self.inputs.where, max_turns=self.cfg.max_items)
+
+        def compile_programs():
+            start = time.perf_counter()
+            try:
+                if req.flat:
+                    lm.compile(req.prompts, max_new_tokens=req.budgets, state=state)
+            except Exception as e:  # noqa: BLE001 - the evaluation will compile them itself
+                log.warning("compiling the in-loop evaluation ahead failed (%s: %s); the first evaluation compiles "
+                            "it instead", type(e).__name__, e, exc_info=True)
+            self._compile_seconds = time.perf_counter() - start
+
+        self._compiling = threading.Thread(target=compile_programs, name="eval-compile", daemon=True)
+        self._compiling.start()
+        return self._compiling
+
+    def _lm(self, model) -> LM:
+        """The run's LM, with `model`'s parameters: same graph, so the same compiled programs."""
+        from flax import nnx
+
         graphdef, state = nnx.split(model)
         if self.lm is None or self.lm.generator.graphdef != graphdef:
             self.lm = LM(model, self.tokenizer, batch_size=self.cfg.batch_size, data_template=self.data_template,
                          one_shape=True)
-        else:  # the weights as trained so far: same graph, so the same compiled programs
+        else:
             self.lm.model, self.lm.generator.state = model, state
+        return self.lm
+
+    def __call__(self, model, *, show_progress: bool = False) -> dict[str, float]:
+        start = time.perf_counter()  # a wait for the background compile counts
+        if self._compiling is not None:
+            self._compiling.join()
+            self._compiling = None
+        lm = self._lm(model)
         suites = [s for s in self.cfg.suites if s != "actions" or self.inputs.records]
-        results, timing = run_suites(self.lm, suites, self.inputs, max_items=None, max_turns=self.cfg.max_items,
+        results, timing = run_suites(lm, suites, self.inputs, max_items=None, max_turns=self.cfg.max_items,
                                      max_new_tokens=self.cfg.max_new_tokens, gsm8k_max_new_tokens=self.cfg.max_new_tokens,
                                      show_progress=show_progress)
         out = flat_metrics(results, timing)
         out["eval/seconds"] = time.perf_counter() - start
+        if self._compile_seconds is not None:
+            out["eval/compile_seconds"], self._compile_seconds = self._compile_seconds, None
         return out

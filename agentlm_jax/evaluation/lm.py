@@ -39,6 +39,26 @@ def data_template_of(manifest: dict, where: str = "manifest.json") -> dict:
     return {"template": "hf", "text": entry["text"], "system_prompt": system}
 
 
+def spread_groups(groups: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Groups of rows (a record's turns: one prefill serves those in one batch) into batches of at most
+    `batch_size` rows, as few as first-fit by decreasing size finds, each group going to the batch with the
+    fewest groups that has room, so that when every batch is padded to the most groups (sources) of any, few
+    are padding. A group larger than a batch is cut into batch-sized pieces first."""
+    pieces = [list(g[k:k + batch_size]) for g in groups for k in range(0, len(g), batch_size)]
+    batches: list[list[int]] = [[] for _ in range(-(-sum(map(len, pieces)) // batch_size))]
+    count = [0] * len(batches)
+    for piece in sorted(pieces, key=len, reverse=True):
+        room = [b for b in range(len(batches)) if len(batches[b]) + len(piece) <= batch_size]
+        if not room:
+            batches.append([])
+            count.append(0)
+            room = [len(batches) - 1]
+        b = min(room, key=lambda b: (count[b], len(batches[b])))
+        batches[b] += piece
+        count[b] += 1
+    return [b for b in batches if b]
+
+
 class LM:
     def __init__(self, model, tokenizer, *, batch_size: int = 8, chat_template: str = "auto",
                  system_prompt: str | None = None, length_multiple: int = 64, data_template: dict | None = None,
@@ -85,36 +105,15 @@ class LM:
         """Greedy continuations (new ids, the stop token removed) of every prompt, `batch_size` at a time; the
         answers come back in the prompts' order. Prompts that are prefixes of a longer one (the turns of one
         conversation) are put next to it, so that those in its batch share its prefill
-        (`Generator(share_prefixes=True)`); the groups are ordered by length (less padding). No answer runs past
-        the model's positions: each is cut at min(its budget, max_position_embeddings - its prompt), at least 1."""
+        (`Generator(share_prefixes=True)`); the groups are ordered by length (less padding), or, with
+        `one_shape`, spread evenly over the batches (all padded to one shape: the fewest prefilled rows). No
+        answer runs past the model's positions: each is cut at min(its budget, max_position_embeddings - its
+        prompt), at least 1."""
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         limits = [max(1, min(b, self.max_length - len(p))) for b, p in zip(budgets, prompts)]
-        _, source_of = nest_prefixes(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[source_of[i]]), source_of[i], len(prompts[i])))
         out: list[list[int] | None] = [None] * len(prompts)
         stops = set(self.generator.stop_ids.tolist())
-        batches = []
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            # A row may decode past its own limit (a longer row of its batch has less room): those tokens are
-            # dropped; being causal, they change nothing before them.
-            new = max(limits[i] for i in chunk)
-            rows = [prompts[i] for i in chunk]
-            # A partial batch is filled up to a power of two: a few programs however many prompts are left (the
-            # dbbench episodes still running shrink round by round), at most twice the rows.
-            fill = self.batch_size if self.one_shape else min(self.batch_size, 1 << (len(rows) - 1).bit_length())
-            batches.append((chunk, rows + [rows[0]] * (fill - len(rows)), new))
-        pad_to = [None] * len(batches)
-        if self.one_shape and batches:  # one shape for the batches that share a prefill, one for the others
-            shapes = [self.generator.batch_shape(rows, new, share_prefixes=True) for _, rows, new in batches]
-            for shared in (True, False):
-                kind = [b for b, (_, rows, _) in enumerate(batches) if (shapes[b][2] < len(rows)) == shared]
-                if kind:
-                    prompt_len = max(shapes[b][0] for b in kind)
-                    capacity = prompt_len + round_up(max(batches[b][2] for b in kind), self.length_multiple)
-                    for b in kind:
-                        pad_to[b] = (prompt_len, capacity, max(shapes[b][2] for b in kind))
-        for (chunk, rows, new), shape in zip(batches, pad_to):
+        for chunk, rows, new, shape in self._batches(prompts, limits):
             result = self.generator(rows, max_new_tokens=new, sampling=GREEDY, share_prefixes=True, pad_to=shape,
                                     warn_past_positions=False)
             for i, ids in zip(chunk, result.tokens):
@@ -123,6 +122,54 @@ class LM:
             if on_batch:
                 on_batch(len(chunk))
         return out  # type: ignore[return-value]
+
+    def compile(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int], state=None) -> int:
+        """Compile, without running, the programs `complete` would run for these prompts (`state`: as
+        `Generator.compile`); returns how many distinct programs that was."""
+        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        limits = [max(1, min(b, self.max_length - len(p))) for b, p in zip(budgets, prompts)]
+        seen = set()
+        for _, rows, new, shape in self._batches(prompts, limits):
+            kind = self.generator.batch_shape(rows, new, share_prefixes=True, exact=shape is not None)
+            key = (len(rows), shape or kind, kind[2] < len(rows), round_up(new, self.length_multiple))
+            if key not in seen:
+                seen.add(key)
+                self.generator.compile(rows, max_new_tokens=new, state=state, sampling=GREEDY, share_prefixes=True,
+                                       pad_to=shape)
+        return len(seen)
+
+    def _batches(self, prompts, limits) -> list[tuple[list[int], list, int, tuple[int, int, int] | None]]:
+        """(prompt indices, rows, max new tokens, pad_to) per batch of `complete`."""
+        _, source_of = nest_prefixes(prompts)
+        groups: dict[int, list[int]] = {}  # a source's prompts, by source length, each by length
+        for i in sorted(range(len(prompts)), key=lambda i: (len(prompts[source_of[i]]), source_of[i],
+                                                            len(prompts[i]))):
+            groups.setdefault(source_of[i], []).append(i)
+        if self.one_shape:
+            chunks = spread_groups(list(groups.values()), self.batch_size)
+        else:
+            order = [i for group in groups.values() for i in group]
+            chunks = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        batches = []
+        for chunk in chunks:
+            # A row may decode past its own limit (a longer row of its batch has less room): those tokens are
+            # dropped; being causal, they change nothing before them.
+            rows = [prompts[i] for i in chunk]
+            # A partial batch is filled up to a power of two: a few programs however many prompts are left (the
+            # dbbench episodes still running shrink round by round), at most twice the rows.
+            fill = self.batch_size if self.one_shape else min(self.batch_size, 1 << (len(rows) - 1).bit_length())
+            batches.append([chunk, rows + [rows[0]] * (fill - len(rows)), max(limits[i] for i in chunk), None])
+        if self.one_shape:  # one shape for the batches that share a prefill, one for the others
+            shapes = [self.generator.batch_shape(rows, new, share_prefixes=True, exact=True)
+                      for _, rows, new, _ in batches]
+            for shared in (True, False):
+                kind = [b for b, (_, rows, _, _) in enumerate(batches) if (shapes[b][2] < len(rows)) == shared]
+                if kind:
+                    prompt_len = max(shapes[b][0] for b in kind)
+                    capacity = prompt_len + round_up(max(batches[b][2] for b in kind), self.length_multiple)
+                    for b in kind:
+                        batches[b][3] = (prompt_len, capacity, max(shapes[b][2] for b in kind))
+        return [tuple(b) for b in batches]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -405,6 +405,8 @@ class Trainer:
         sync_due = Every(cfg.logging.sync_every_s)
         save_due = Every(60 * cfg.checkpoint.every_minutes if cfg.checkpoint.every_minutes else None)
         pending: tuple[int, dict] | None = None  # (step, device metrics) dispatched but not yet checked
+        if self.evaluator is not None and start < cfg.steps:  # while the first step compiles
+            self.evaluator.compile_in_background(self.eval_model(state.params))
         try:
             with bar.logging_redirected():
                 for step in range(start + 1, cfg.steps + 1):
@@ -535,7 +537,10 @@ class Trainer:
         writer.write(step, values)
         from agentlm_jax.evaluation.suites import summary_line
 
-        self._info("step %d: in-loop evaluation in %.1f s: %s", step, values["eval/seconds"], summary_line(values))
+        compiled = (f" (its programs compiled ahead in {values['eval/compile_seconds']:.1f} s, beside training)"
+                    if "eval/compile_seconds" in values else "")
+        self._info("step %d: in-loop evaluation in %.1f s%s: %s", step, values["eval/seconds"], compiled,
+                   summary_line(values))
 
     def _info(self, msg: str, *args: Any) -> None:
         """An info line from process 0 only (every host runs the same loop); warnings and errors stay on all."""

@@ -158,12 +158,14 @@ def test_one_shape_runs_every_batch_of_a_call_in_one_program_of_each_kind(tokeni
     lm = LM(model, tokenizer, batch_size=4, one_shape=True)
     rng = np.random.default_rng(2)
     a = rng.integers(3, 1000, size=400).tolist()
-    others = [rng.integers(3, 1000, size=n).tolist() for n in (20, 30, 40, 50, 60)]
-    b = rng.integers(3, 1000, size=150).tolist()
-    # batches of 4 by source length: 4 short distinct and [60, b[:70], b, a[:100]] (3 sources, rounded up to 4:
-    # plain), [a[:250], a] (1 source: shared); budgets on both sides of the 64-token capacity step
-    prompts = others + [b[:70], b, a[:100], a[:250], a]
-    budgets = [4, 5, 6, 7, 80, 9, 100, 11, 12, 90]
+    others = [rng.integers(3, 1000, size=n).tolist() for n in (20, 30, 40, 50, 60, 70, 80, 90)]
+    # spread over 3 batches of 4: [a[:100], a[:250], a, 60] (2 sources: shared), [20, 40, 70, 90] (4 distinct:
+    # plain), [30, 50, 80] (3 distinct, filled up to 4 rows with a repeat: shared); budgets on both sides of the
+    # 64-token capacity step in both kinds
+    prompts = others + [a[:100], a[:250], a]
+    budgets = [4, 5, 6, 7, 80, 9, 100, 11, 12, 90, 13]
+    assert [sorted(len(prompts[i]) for i in b) for b in lm._batches(prompts, budgets) for b in [b[0]]] == \
+        [[60, 100, 250, 400], [20, 40, 70, 90], [30, 50, 80]]
 
     before = {f: f._cache_size() for f in (generate._generate, generate._generate_shared)}
     outs = lm.complete(prompts, max_new_tokens=budgets)
@@ -173,3 +175,59 @@ def test_one_shape_runs_every_batch_of_a_call_in_one_program_of_each_kind(tokeni
     for p, o, n in zip(prompts, outs, budgets):
         alone = plain([p], max_new_tokens=n, sampling=LM_GREEDY).tokens[0]
         assert o == (alone[:-1] if alone and alone[-1] in stops else alone)
+
+
+def test_default_budgets_leave_every_gold_turn_room_for_its_action(sample_data, tokenizer):
+    """With eval.* at its defaults, every turn the bundled sample's evaluation generates may run at least as long
+    as its gold turn: a model that answers as the data does is never cut off before its action."""
+    from agentlm_jax.evaluation import actions
+
+    records, where = read_split(sample_data, "validation")
+    cfg = EvalConfig()
+    req = actions.requests(records, lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
+                           max_items=None, max_new_tokens=cfg.max_new_tokens, max_length=1024,
+                           max_turns=cfg.max_items)
+    assert len(req.flat) >= len(TASKS)
+    assert all(budget >= len(t.gold) for t, budget in zip(req.flat, req.budgets))
+    assert max(len(t.gold) for t in req.flat) > 48  # what the old default (48) cut short
+
+
+def test_spread_groups_balances_sources_over_the_fewest_batches():
+    from agentlm_jax.evaluation.lm import spread_groups
+
+    groups = [[0], [1, 2], [3, 4], [5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]  # 16 rows, 6 records
+    batches = spread_groups(groups, 8)
+    assert sorted(i for b in batches for i in b) == list(range(16))
+    assert len(batches) == 2 and all(len(b) == 8 for b in batches)
+    # each record whole in one batch, three records in each (in order of length: four and two per batch before)
+    assert sorted(sum(g[0] in b for g in groups) for b in batches) == [3, 3]
+    assert all(any(set(g) <= set(b) for b in batches) for g in groups)
+    # a record longer than a batch is cut into batch-sized pieces
+    assert [len(b) for b in spread_groups([list(range(10))], 4)] == [4, 4, 2]
+
+
+def test_programs_compiled_ahead_leave_the_first_evaluation_nothing_to_compile(sample_data, tokenizer):
+    """`compile_in_background` (the trainer calls it before its first step) compiles what the actions suite runs
+    with the parameters' shapes alone: the first evaluation then compiles nothing and scores what an evaluator
+    that compiled nothing ahead scores."""
+    import dataclasses
+
+    import jax
+
+    records, where = read_split(sample_data, "validation")
+    model = init_model(dataclasses.replace(TINY_EVAL, intermediate_size=88), seed=8)  # this test's shapes only
+    cfg = EvalConfig(max_items=2, max_new_tokens=12)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    ahead = InLoopEvaluator(cfg, tokenizer, records, where=where)
+    ahead.compile_in_background(model).join()
+    assert compiles  # it did compile something
+    compiles.clear()
+    first = ahead(model)
+    assert compiles == []
+    assert first["eval/compile_seconds"] > 0 and "eval/compile_seconds" not in ahead(model)
+    plain = InLoopEvaluator(cfg, tokenizer, records, where=where)(init_model(
+        dataclasses.replace(TINY_EVAL, intermediate_size=88), seed=8))
+    assert {k: v for k, v in first.items() if "seconds" not in k} == \
+        {k: v for k, v in plain.items() if "seconds" not in k}
