@@ -3,7 +3,7 @@
     python -m bench.bench_eval                          # configs/tiny.yaml's model shape, random weights
     python -m bench.bench_eval --model runs/tiny/hf     # a trained model
     python -m bench.bench_eval --smoke                  # seconds: a 1-layer model, 2 records per task
-    python -m bench.bench_eval --in-loop                # + the share of the default training run in eval.*
+    python -m bench.bench_eval --in-loop [--repeats 3]  # + the share of the default training run in eval.*
 
 The data is the bundled sample built by data_pipeline (its validation split: one record per agent task,
 ~16 scored turns) and the package's 10 dbbench items. Each measurement runs twice with the same shapes: the
@@ -43,36 +43,51 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def in_loop_share(steps: int | None, overrides: list[str]) -> list[tuple]:
-    """Rows: the default training run with and without in-loop evaluation, each in its own process. The share
-    charged to evaluation is Σ eval/seconds plus what the first step (compiling the train step while the
-    evaluation's programs compile in a thread beside it) took longer than without evaluation."""
-    rows, runs = [], {}
-    for label, extra in (("training, eval.* off", ["eval.every_steps=-1"]), ("training, eval.* defaults", [])):
-        run_dir = tempfile.mkdtemp(prefix="bench-in-loop-")
-        cmd = [sys.executable, "-m", "agentlm_jax.train", f"run_dir={run_dir}", "export.enabled=false",
-               "logging.progress_bar=false", *([f"steps={steps}"] if steps else []), *overrides, *extra]
-        (proc, seconds) = _timed(lambda: subprocess.run(cmd, capture_output=True, text=True))
-        if proc.returncode:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            rows_ = [json.loads(line) for line in f]
-        in_eval = sum(r.get("eval/seconds", 0.0) for r in rows_)
-        ahead = sum(r.get("eval/compile_seconds", 0.0) for r in rows_)
-        first = next(r["first_step_s"] for r in rows_ if "first_step_s" in r)
-        evals = sum("eval/seconds" in r for r in rows_)
-        runs[label] = (seconds, first, in_eval)
-        share = (f"{in_eval / seconds:.1%} of the run in eval ({evals} evaluations, {in_eval:.1f} s; programs "
-                 f"compiled ahead in {ahead:.1f} s)" if evals else "-")
-        rows.append((label, share, rows_[-1]["step"], seconds))
-        rows.append(("  its first step (compilation included)", f"{first:.1f} s", "", first))
-    (off, first_off, _), (on, first_on, in_eval) = runs.values()
-    charged = in_eval + max(0.0, first_on - first_off)
-    rows.append(("in-loop evaluation: eval time + the first step's slowdown", f"{charged / on:.1%} of the run", "",
-                 charged))
-    rows.append(("in-loop evaluation: wall-time increase (noisy: training's own run-to-run spread)",
-                 f"{on / off - 1:+.1%}", "", on - off))
-    return rows
+def _train(steps: int | None, overrides: list[str]) -> dict:
+    run_dir = tempfile.mkdtemp(prefix="bench-in-loop-")
+    cmd = [sys.executable, "-m", "agentlm_jax.train", f"run_dir={run_dir}", "export.enabled=false",
+           "logging.progress_bar=false", *([f"steps={steps}"] if steps else []), *overrides]
+    (proc, seconds) = _timed(lambda: subprocess.run(cmd, capture_output=True, text=True))
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {"wall": seconds, "steps": rows[-1]["step"], "evals": sum("eval/seconds" in r for r in rows),
+            "first": next(r["first_step_s"] for r in rows if "first_step_s" in r),
+            "in_eval": sum(r.get("eval/seconds", 0.0) for r in rows),
+            "ahead": sum(r.get("eval/compile_seconds", 0.0) for r in rows)}
+
+
+def in_loop_share(steps: int | None, overrides: list[str], repeats: int = 1) -> list[tuple]:
+    """Rows: the default training run without and with in-loop evaluation, each in its own process, `repeats`
+    pairs one after the other (medians). Charged to evaluation: Σ eval/seconds, and that plus what the first step
+    (compiling the train step while the evaluation's programs compile in a thread beside it) took longer than
+    without evaluation."""
+    import statistics
+
+    off, on = [], []
+    for _ in range(repeats):
+        off.append(_train(steps, overrides + ["eval.every_steps=-1"]))
+        on.append(_train(steps, overrides))
+    med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+    share = [r["in_eval"] / r["wall"] for r in on]
+    charged = [(r["in_eval"] + max(0.0, r["first"] - o["first"])) / r["wall"] for r, o in zip(on, off)]
+    increase = [r["wall"] / o["wall"] - 1 for r, o in zip(on, off)]
+    pairs = f" (median of {repeats} pairs; each: {', '.join(f'{x:.1%}' for x in share)})" if repeats > 1 else ""
+    return [
+        ("training, eval.* off", "-", on[0]["steps"], med(off, "wall")),
+        ("  its first step (compilation included)", f"{med(off, 'first'):.1f} s", "", med(off, "first")),
+        ("training, eval.* defaults", f"{statistics.median(share):.1%} of the run in eval{pairs}: "
+         f"{on[0]['evals']} evaluations, {med(on, 'in_eval'):.1f} s; programs compiled ahead in "
+         f"{med(on, 'ahead'):.1f} s", on[0]["steps"], med(on, "wall")),
+        ("  its first step (compilation included)", f"{med(on, 'first'):.1f} s", "", med(on, "first")),
+        ("in-loop evaluation: eval time + the first step's slowdown",
+         f"{statistics.median(charged):.1%} of the run ({', '.join(f'{x:.1%}' for x in charged)})", "",
+         statistics.median(c * r["wall"] for c, r in zip(charged, on))),
+        ("in-loop evaluation: wall-time increase (noisy: training's own run-to-run spread)",
+         ", ".join(f"{x:+.1%}" for x in increase), "",
+         statistics.median(r["wall"] - o["wall"] for r, o in zip(on, off))),
+    ]
 
 
 def main(argv=None) -> None:
@@ -83,7 +98,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--in-loop", action="store_true", help="also measure the in-loop evaluation's share of the "
-                   "default training run (two runs of it)")
+                   "default training run (runs it with and without)")
+    p.add_argument("--repeats", type=int, default=1, help="--in-loop: pairs of runs (medians are reported)")
     args = p.parse_args(argv)
     from data_pipeline.formats.tokenizer import SAMPLE_TOKENIZER_DIR, load_tokenizer
 
@@ -128,7 +144,8 @@ def main(argv=None) -> None:
     rows.append(("dbbench, scripted gold agent (SQLite only)", f"{20 * len(items) / seconds:.0f} episodes/s",
                  20 * len(items), seconds))
     if args.in_loop:
-        rows += in_loop_share(10 if args.smoke else None, ["eval.every_steps=5"] if args.smoke else [])
+        rows += in_loop_share(10 if args.smoke else None, ["eval.every_steps=5"] if args.smoke else [],
+                              repeats=args.repeats)
     print(f"\nModel: {name}; {os.cpu_count()} CPUs visible; max new tokens {args.max_new_tokens}\n")
     print("| measurement | rate | items | seconds |\n|---|---:|---:|---:|")
     for what, rate, n, seconds in rows:

@@ -323,8 +323,8 @@ class EvalConfig:
     # actions: loss-carrying turns per task (from the validation split); dbbench, general: items (the package's
     # samples unless a path below is given)
     max_items: int = 4
-    # per generated turn (actions: also at most the gold turn's length + 32); the bundled sample's gold turns
-    # run to 87 tokens, so less would cut a perfect answer before its action
+    # per generated turn of every suite (actions: also at most the gold turn's length + 32); the bundled
+    # sample's gold turns run to 87 tokens, so less would cut a perfect answer before its action
     max_new_tokens: int = 128
     batch_size: int = 8  # prompts decoded together
     split: str = "validation"  # actions: the split of data.path to read (validation or train)

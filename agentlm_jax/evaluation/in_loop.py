@@ -8,15 +8,17 @@ TensorBoard and the progress log.
 
 `model` is a `Llama` with the parameters as trained so far (the trainer merges it from its train state:
 `nnx.merge(step_fn.graphdef, params)`). The evaluator keeps one `LM` (one `Generator`) for the whole run and
-swaps the parameters in at each call, so the decode programs compile once. The trainer has them compiled
-before the first evaluation is due, in a thread while its first step compiles (`compile_in_background`):
-the first evaluation then costs what the others do, and the compile's time is reported on its own
-(`eval/compile_seconds`, not part of `eval/seconds`).
+swaps the parameters in at each call, so the decode programs compile once. The trainer has the `actions`
+programs compiled before the first evaluation is due, in a thread beside its first steps
+(`compile_in_background`): with the default suites the first evaluation then costs what the others do, and
+the compile's time is reported on its own (`eval/compile_seconds`, not part of `eval/seconds`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from typing import Sequence
@@ -49,34 +51,53 @@ class InLoopEvaluator:
     def compile_in_background(self, model) -> threading.Thread | None:
         """Start compiling, in a thread, the programs the `actions` suite will run (its turns are known before
         any model answers; dbbench's and general's programs still compile at the first evaluation), with the
-        parameters' shapes and shardings only (training may donate the arrays meanwhile). The next call waits
-        for it. A failure is logged: that evaluation then compiles as it would have."""
+        parameters' shapes and shardings only (training may donate the arrays meanwhile). The thread runs at the
+        lowest CPU priority (Linux), so it takes the cycles training leaves idle. The next call waits for it.
+        A failure is logged: that evaluation then compiles as it would have."""
         if "actions" not in self.cfg.suites or not self.inputs.records:
             return None
-        import jax
-        from flax import nnx
+        try:
+            import jax
+            from flax import nnx
 
-        from agentlm_jax.evaluation import actions
+            from agentlm_jax.evaluation import actions
 
-        lm = self._lm(model)
-        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding if a.committed
-                                                            else None), nnx.state(model))  # as jit keys them
-        req = actions.requests(self.inputs.records, lm.decode, max_items=None, max_new_tokens=self.cfg.max_new_tokens,
-                               max_length=lm.max_length, where=self.inputs.where, max_turns=self.cfg.max_items)
+            lm = self._lm(model)
+            state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(  # as jit keys them: committed arrays' shardings
+                a.shape, a.dtype, sharding=a.sharding if a.committed else None, weak_type=a.weak_type),
+                nnx.state(model))
+            req = actions.requests(self.inputs.records, lm.decode, max_items=None,
+                                   max_new_tokens=self.cfg.max_new_tokens, max_length=lm.max_length,
+                                   where=self.inputs.where, max_turns=self.cfg.max_items)
+        except Exception as e:  # noqa: BLE001 - the evaluation itself will report what is wrong
+            log.warning("cannot compile the in-loop evaluation ahead (%s: %s); the first evaluation compiles it",
+                        type(e).__name__, e, exc_info=True)
+            return None
 
         def compile_programs():
+            if sys.platform == "linux":  # this thread only (a Linux thread is a task with its own nice value)
+                try:
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+                except OSError:
+                    pass
             start = time.perf_counter()
             try:
                 if req.flat:
                     lm.compile(req.prompts, max_new_tokens=req.budgets, state=state)
+                self._compile_seconds = time.perf_counter() - start
             except Exception as e:  # noqa: BLE001 - the evaluation will compile them itself
                 log.warning("compiling the in-loop evaluation ahead failed (%s: %s); the first evaluation compiles "
                             "it instead", type(e).__name__, e, exc_info=True)
-            self._compile_seconds = time.perf_counter() - start
 
         self._compiling = threading.Thread(target=compile_programs, name="eval-compile", daemon=True)
         self._compiling.start()
         return self._compiling
+
+    def close(self) -> None:
+        """Wait for a compile still running in the background (a run that ends before its first evaluation)."""
+        if self._compiling is not None:
+            self._compiling.join()
+            self._compiling = None
 
     def _lm(self, model) -> LM:
         """The run's LM, with `model`'s parameters: same graph, so the same compiled programs."""
@@ -92,9 +113,7 @@ class InLoopEvaluator:
 
     def __call__(self, model, *, show_progress: bool = False) -> dict[str, float]:
         start = time.perf_counter()  # a wait for the background compile counts
-        if self._compiling is not None:
-            self._compiling.join()
-            self._compiling = None
+        self.close()
         lm = self._lm(model)
         suites = [s for s in self.cfg.suites if s != "actions" or self.inputs.records]
         results, timing = run_suites(lm, suites, self.inputs, max_items=None, max_turns=self.cfg.max_items,

@@ -123,20 +123,14 @@ class LM:
                 on_batch(len(chunk))
         return out  # type: ignore[return-value]
 
-    def compile(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int], state=None) -> int:
+    def compile(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int], state=None) -> None:
         """Compile, without running, the programs `complete` would run for these prompts (`state`: as
-        `Generator.compile`); returns how many distinct programs that was."""
+        `Generator.compile`; a program already compiled is found in JAX's cache)."""
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         limits = [max(1, min(b, self.max_length - len(p))) for b, p in zip(budgets, prompts)]
-        seen = set()
         for _, rows, new, shape in self._batches(prompts, limits):
-            kind = self.generator.batch_shape(rows, new, share_prefixes=True, exact=shape is not None)
-            key = (len(rows), shape or kind, kind[2] < len(rows), round_up(new, self.length_multiple))
-            if key not in seen:
-                seen.add(key)
-                self.generator.compile(rows, max_new_tokens=new, state=state, sampling=GREEDY, share_prefixes=True,
-                                       pad_to=shape)
-        return len(seen)
+            self.generator.compile(rows, max_new_tokens=new, state=state, sampling=GREEDY, share_prefixes=True,
+                                   pad_to=shape)
 
     def _batches(self, prompts, limits) -> list[tuple[list[int], list, int, tuple[int, int, int] | None]]:
         """(prompt indices, rows, max new tokens, pad_to) per batch of `complete`."""

@@ -24,7 +24,7 @@ class LayerCache(NamedTuple):
     k: jax.Array  # [L,B,K,S,H]
     v: jax.Array  # [L,B,K,S,H]
     segment_ids: jax.Array  # [B,S] int32, already holding the segment ids of the tokens being added
-    start: jax.Array  # [] int32, the slot of the first token being added
+    start: jax.Array | int  # [] int32, the slot of the first token being added (an int: known when tracing)
     layer: jax.Array | int  # [] int32, this layer's index into k and v
 
 

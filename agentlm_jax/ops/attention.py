@@ -25,8 +25,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
     Training: self-attention over a packed batch, S = T, `segment_ids` [B,T] for both sides. With a KV cache
     (`kv_segment_ids` [B,S] its slots' segments: the XLA path), the T queries sit at slots q_start, q_start + 1,
     ...; where q_start is a Python int (a prefill from slot 0), the XLA path skips each query chunk's later keys
-    (`_causal_chunks`). Decoding over the model's cache layout is `cached_attention`. The Pallas kernels take whole blocks (splash: of 128 positions or more): a sequence
-    one cannot take (e.g. a 33-token prompt) is computed by XLA's attention instead.
+    (`_causal_chunks`). Decoding over the model's cache layout is `cached_attention`. The Pallas kernels take
+    whole blocks (splash: of 128 positions or more): a sequence one cannot take (e.g. a 33-token prompt) is
+    computed by XLA's attention instead.
     """
     chosen = attention_impl(impl, current_platform(), cached=kv_segment_ids is not None)
     if chosen == "blockwise":
@@ -73,8 +74,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     """Attention output [B,T,N,H] of T new queries [B,T,N,H] at slots q_start, ... over a KV cache k, v [B,K,S,H]
     (the cache's layout: each head's slots contiguous, so both products read the cache where it lies; with
     [B,S,K,H], XLA:CPU copied every layer's keys and values transposed at every decoded token), masked by
-    `masking.attention_mask`. The same arithmetic as `jax.nn.dot_product_attention`'s XLA implementation:
-    float32 scores scaled by 1/sqrt(H), softmax in float32."""
+    `masking.attention_mask`. Float32 scores scaled by 1/sqrt(H) and a float32 softmax, as in
+    `jax.nn.dot_product_attention`'s XLA implementation."""
     B, T, N, H = q.shape
     K, S = k.shape[1], k.shape[2]
     G = N // K

@@ -463,6 +463,8 @@ class Trainer:
             raise
         finally:
             bar.close()
+            if self.evaluator is not None:
+                self.evaluator.close()  # a compile ahead still running
             preemption.close()
             writer.close()
             self.checkpointer.close()

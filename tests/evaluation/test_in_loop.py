@@ -4,6 +4,7 @@ always decodes with the model's current weights; eval.max_items bounds the turns
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from agentlm_jax.config import EvalConfig
@@ -206,28 +207,58 @@ def test_spread_groups_balances_sources_over_the_fewest_batches():
     assert [len(b) for b in spread_groups([list(range(10))], 4)] == [4, 4, 2]
 
 
-def test_programs_compiled_ahead_leave_the_first_evaluation_nothing_to_compile(sample_data, tokenizer):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_programs_compiled_ahead_leave_the_first_evaluation_nothing_to_compile(sample_data, tokenizer, sharded):
     """`compile_in_background` (the trainer calls it before its first step) compiles what the actions suite runs
-    with the parameters' shapes alone: the first evaluation then compiles nothing and scores what an evaluator
-    that compiled nothing ahead scores."""
+    with the parameters' shapes (and shardings, as training's committed ones) alone: the first evaluation then
+    compiles nothing and scores what an evaluator that compiled nothing ahead scores."""
     import dataclasses
 
     import jax
 
+    from agentlm_jax import sharding
+
     records, where = read_split(sample_data, "validation")
-    model = init_model(dataclasses.replace(TINY_EVAL, intermediate_size=88), seed=8)  # this test's shapes only
+    cfg_model = dataclasses.replace(TINY_EVAL, intermediate_size=88 + 8 * sharded)  # this test's shapes only
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2)) if sharded else None
+    model = init_model(cfg_model, seed=8, mesh=mesh)
     cfg = EvalConfig(max_items=2, max_new_tokens=12)
     compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda name, secs, **kw: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
-    ahead = InLoopEvaluator(cfg, tokenizer, records, where=where)
-    ahead.compile_in_background(model).join()
-    assert compiles  # it did compile something
-    compiles.clear()
-    first = ahead(model)
-    assert compiles == []
+
+    def listen(name, secs, **kw):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(secs)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        ahead = InLoopEvaluator(cfg, tokenizer, records, where=where)
+        ahead.compile_in_background(model).join()
+        assert compiles  # it did compile something
+        compiles.clear()
+        first = ahead(model)
+        assert compiles == []
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
     assert first["eval/compile_seconds"] > 0 and "eval/compile_seconds" not in ahead(model)
-    plain = InLoopEvaluator(cfg, tokenizer, records, where=where)(init_model(
-        dataclasses.replace(TINY_EVAL, intermediate_size=88), seed=8))
+    plain = InLoopEvaluator(cfg, tokenizer, records, where=where)(init_model(cfg_model, seed=8, mesh=mesh))
     assert {k: v for k, v in first.items() if "seconds" not in k} == \
         {k: v for k, v in plain.items() if "seconds" not in k}
+
+
+def test_a_compile_ahead_that_cannot_start_or_fails_never_stops_training(sample_data, tokenizer, monkeypatch, caplog):
+    """A bad validation record, or a compile error, is logged; the evaluation then runs (or fails) as it would
+    have without compiling ahead, and no compile time is reported."""
+    from agentlm_jax.evaluation import actions
+
+    records, where = read_split(sample_data, "validation")
+    model = init_model(TINY_EVAL, seed=9)
+    evaluator = InLoopEvaluator(EvalConfig(max_items=1, max_new_tokens=4), tokenizer, records, where=where)
+    monkeypatch.setattr(actions, "requests", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad record")))
+    assert evaluator.compile_in_background(model) is None
+    assert "bad record" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluator._lm(model), "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("oom")))
+    evaluator.compile_in_background(model).join()
+    assert "oom" in caplog.text
+    metrics = evaluator(model)
+    assert "eval/compile_seconds" not in metrics and metrics["eval/actions/scored_turns"] > 0

@@ -37,6 +37,14 @@ def test_causal_chunks_equal_one_dense_call(T, S):
     want = reference(q, k, v, q_seg, kv_seg, 0)
     real = np.asarray(q_seg, bool)  # padding rows see only padding: no output of theirs is ever read
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-6, rtol=1e-5)
+    # queries that start later (a Python int): each chunk still sees every earlier key
+    start = 37
+    kv_seg = jnp.zeros((B, S + start), jnp.int32).at[:, :start].set(1).at[:, start:start + T].set(q_seg)
+    kl, vl = normal(6, (B, S + start, K, H)), normal(7, (B, S + start, K, H))
+    got = jax.jit(lambda q, k, v: ops.attention(q, k, v, q_seg, kv_segment_ids=kv_seg, q_start=start,
+                                                impl="xla"))(q, kl, vl)
+    want = reference(q, kl, vl, q_seg, kv_seg, start)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-6, rtol=1e-5)
     # and in training (packed conversations, self-attention): all rows, padding included
     seg = packed_segments([[T // 3, T // 2], [T - 5]], T)
     got = jax.jit(lambda q, k, v: ops.attention(q, k, v, seg, impl="xla"))(q, k[:, :T], v[:, :T])
