@@ -109,8 +109,7 @@ class LM:
         `one_shape`, spread evenly over the batches (all padded to one shape: the fewest prefilled rows). No
         answer runs past the model's positions: each is cut at min(its budget, max_position_embeddings - its
         prompt), at least 1."""
-        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        limits = [max(1, min(b, self.max_length - len(p))) for b, p in zip(budgets, prompts)]
+        limits = self._limits(prompts, max_new_tokens)
         out: list[list[int] | None] = [None] * len(prompts)
         stops = set(self.generator.stop_ids.tolist())
         for chunk, rows, new, shape in self._batches(prompts, limits):
@@ -126,11 +125,15 @@ class LM:
     def compile(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int], state=None) -> None:
         """Compile, without running, the programs `complete` would run for these prompts (`state`: as
         `Generator.compile`; a program already compiled is found in JAX's cache)."""
-        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        limits = [max(1, min(b, self.max_length - len(p))) for b, p in zip(budgets, prompts)]
+        limits = self._limits(prompts, max_new_tokens)
         for _, rows, new, shape in self._batches(prompts, limits):
             self.generator.compile(rows, max_new_tokens=new, state=state, sampling=GREEDY, share_prefixes=True,
                                    pad_to=shape)
+
+    def _limits(self, prompts, max_new_tokens: int | Sequence[int]) -> list[int]:
+        """Each prompt's budget, cut at its room under max_position_embeddings (at least 1)."""
+        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        return [max(1, min(b, self.max_length - len(p))) for b, p in zip(budgets, prompts)]
 
     def _batches(self, prompts, limits) -> list[tuple[list[int], list, int, tuple[int, int, int] | None]]:
         """(prompt indices, rows, max new tokens, pad_to) per batch of `complete`."""
